@@ -1,0 +1,161 @@
+// Package model holds banger's persistent records: images, kernels and VMs.
+// They are stored as JSON by package store and returned as JSON by the API,
+// so field names are part of both the on-disk format and the API.
+package model
+
+import (
+	"fmt"
+	"regexp"
+	"time"
+)
+
+// Image is a published root filesystem, ready to boot.
+type Image struct {
+	ID      string    `json:"id"`
+	Name    string    `json:"name"`
+	Ref     string    `json:"ref,omitempty"`    // OCI reference or catalog entry it came from
+	Source  string    `json:"source"`           // "oci", "catalog" or "import"
+	Digest  string    `json:"digest,omitempty"` // manifest digest for OCI images
+	Dir     string    `json:"dir"`              // <state>/images/<id>
+	RootFS  string    `json:"rootfs"`           // absolute path of rootfs.ext4
+	Size    int64     `json:"size"`             // apparent size of rootfs.ext4 in bytes
+	Kernel  string    `json:"kernel,omitempty"` // kernel record name staged beside the image
+	Boot    *BootArtifacts `json:"boot,omitempty"`
+	Layers  []string  `json:"layers,omitempty"` // layer blob digests, for cache pruning
+	Managed bool      `json:"managed"`
+	Created time.Time `json:"created"`
+	Notes   []string  `json:"notes,omitempty"` // e.g. "published without boot artifacts"
+}
+
+// BootArtifacts is the kernel triple staged beside an image.
+type BootArtifacts struct {
+	Kernel  string `json:"kernel"`            // path of the kernel image
+	Initrd  string `json:"initrd,omitempty"`  // path of the initrd
+	Modules string `json:"modules,omitempty"` // path of lib/modules/<version>
+	Version string `json:"version,omitempty"`
+}
+
+// Kernel is a kernel known to banger.
+type Kernel struct {
+	Name       string    `json:"name"`
+	Version    string    `json:"version"`
+	Arch       string    `json:"arch"`
+	Format     string    `json:"format"` // "bzImage" or "vmlinux"
+	Dir        string    `json:"dir"`
+	Kernel     Artifact  `json:"kernel"`
+	Initrd     *Artifact `json:"initrd,omitempty"`
+	Modules    *Artifact `json:"modules,omitempty"` // Path is the lib/modules/<version> dir; SHA256 covers a manifest of the tree
+	Source     string    `json:"source"`            // "catalog" or "import"
+	SourceRef  string    `json:"source_ref,omitempty"`
+	Created    time.Time `json:"created"`
+}
+
+// Artifact is one file (or tree) with its digest.
+type Artifact struct {
+	Path   string `json:"path"`
+	SHA256 string `json:"sha256"`
+	Size   int64  `json:"size"`
+}
+
+// VMState is where a VM is in its lifecycle.
+type VMState string
+
+// The VM states.
+const (
+	VMCreated  VMState = "created"
+	VMStarting VMState = "starting"
+	VMRunning  VMState = "running"
+	VMStopping VMState = "stopping"
+	VMStopped  VMState = "stopped"
+	VMError    VMState = "error"
+)
+
+// VM is one developer VM.
+type VM struct {
+	ID         string    `json:"id"`
+	Name       string    `json:"name"`
+	OwnerUID   uint32    `json:"owner_uid"`
+	Image      string    `json:"image"`  // image name
+	ImageID    string    `json:"image_id"`
+	Kernel     string    `json:"kernel"` // kernel name
+	CPUs       int       `json:"cpus"`
+	MemoryMiB  int       `json:"memory_mib"`
+	DiskBytes  int64     `json:"disk_bytes"`
+	VMM        string    `json:"vmm"`         // "firecracker" or "qemu"
+	DiskDriver string    `json:"disk_driver"` // "dm-snapshot", "reflink" or "copy"
+	IP         string    `json:"ip,omitempty"`
+	MAC        string    `json:"mac,omitempty"`
+	State      VMState   `json:"state"`
+	Reason     string    `json:"reason,omitempty"` // why the VM is in VMError
+	Created    time.Time `json:"created"`
+	StartedAt  time.Time `json:"started_at,omitzero"`
+	StoppedAt  time.Time `json:"stopped_at,omitzero"`
+	Runtime    Runtime   `json:"runtime"`
+	Recovery   Recovery  `json:"recovery,omitzero"`
+	FirstBoot  string    `json:"first_boot,omitempty"` // pending, running, done, failed (from the agent)
+	HostKey    string    `json:"host_key,omitempty"`   // pinned SSH host key, "ssh-ed25519 AAAA..."
+}
+
+// Runtime is what a started VM holds on the host. It mirrors the teardown
+// identity in the VM's handles.json so that cleanup works when that file is
+// missing or corrupt. Fields are written before the resource is created
+// (intent) and confirmed after.
+type Runtime struct {
+	Phase       string     `json:"phase,omitempty"` // last intent recorded, e.g. "tap:creating"
+	PID         int        `json:"pid,omitempty"`
+	PIDStart    uint64     `json:"pid_start,omitempty"` // field 22 of /proc/<pid>/stat
+	BootID      string     `json:"boot_id,omitempty"`
+	Cmdline     []string   `json:"cmdline,omitempty"`
+	RuntimeDir  string     `json:"runtime_dir,omitempty"`
+	APISocket   string     `json:"api_socket,omitempty"` // firecracker API or QEMU QMP
+	AgentSocket string     `json:"agent_socket,omitempty"`
+	ConsoleLog  string     `json:"console_log,omitempty"`
+	Tap         string     `json:"tap,omitempty"`
+	TapAlias    string     `json:"tap_alias,omitempty"`
+	Loops       []LoopDev  `json:"loops,omitempty"`
+	DMName      string     `json:"dm_name,omitempty"`
+	DMUUID      string     `json:"dm_uuid,omitempty"`
+	COWPath     string     `json:"cow_path,omitempty"`
+	DiskPath    string     `json:"disk_path,omitempty"` // what the VM boots from: dm device or disk file
+	VsockCID    uint32     `json:"vsock_cid,omitempty"`
+}
+
+// LoopDev is a loop device and the file behind it.
+type LoopDev struct {
+	Device      string `json:"device"` // /dev/loopN, a hint only
+	BackingFile string `json:"backing_file"`
+	ReadOnly    bool   `json:"read_only,omitempty"`
+}
+
+// Empty reports whether the runtime holds nothing to tear down.
+func (r Runtime) Empty() bool {
+	return r.PID == 0 && r.Tap == "" && len(r.Loops) == 0 && r.DMName == "" && r.COWPath == "" && r.RuntimeDir == ""
+}
+
+// Recovery records what the daemon did for the VM at its last start-up.
+type Recovery struct {
+	ReadoptedAt time.Time `json:"readopted_at,omitzero"`
+	CleanedAt   time.Time `json:"cleaned_at,omitzero"`
+	Removed     []string  `json:"removed,omitempty"`
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*$`)
+
+// MaxNameLen is the longest image, kernel or VM name.
+const MaxNameLen = 63
+
+// ValidateName checks an image, kernel or VM name: lowercase letters,
+// digits, '.', '_' and '-', starting with a letter or digit, at most
+// MaxNameLen bytes.
+func ValidateName(kind, name string) error {
+	if name == "" {
+		return fmt.Errorf("%s name is empty", kind)
+	}
+	if len(name) > MaxNameLen {
+		return fmt.Errorf("%s name %q is %d bytes long; the limit is %d", kind, name, len(name), MaxNameLen)
+	}
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("%s name %q is invalid: use lowercase letters, digits, '.', '_' and '-', starting with a letter or digit", kind, name)
+	}
+	return nil
+}
