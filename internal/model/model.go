@@ -11,20 +11,20 @@ import (
 
 // Image is a published root filesystem, ready to boot.
 type Image struct {
-	ID      string    `json:"id"`
-	Name    string    `json:"name"`
-	Ref     string    `json:"ref,omitempty"`    // OCI reference or catalog entry it came from
-	Source  string    `json:"source"`           // "oci", "catalog" or "import"
-	Digest  string    `json:"digest,omitempty"` // manifest digest for OCI images
-	Dir     string    `json:"dir"`              // <state>/images/<id>
-	RootFS  string    `json:"rootfs"`           // absolute path of rootfs.ext4
-	Size    int64     `json:"size"`             // apparent size of rootfs.ext4 in bytes
-	Kernel  string    `json:"kernel,omitempty"` // kernel record name staged beside the image
+	ID      string         `json:"id"`
+	Name    string         `json:"name"`
+	Ref     string         `json:"ref,omitempty"`    // OCI reference or catalog entry it came from
+	Source  string         `json:"source"`           // "oci", "catalog" or "import"
+	Digest  string         `json:"digest,omitempty"` // manifest digest for OCI images
+	Dir     string         `json:"dir"`              // <state>/images/<id>
+	RootFS  string         `json:"rootfs"`           // absolute path of rootfs.ext4
+	Size    int64          `json:"size"`             // apparent size of rootfs.ext4 in bytes
+	Kernel  string         `json:"kernel,omitempty"` // kernel record name staged beside the image
 	Boot    *BootArtifacts `json:"boot,omitempty"`
-	Layers  []string  `json:"layers,omitempty"` // layer blob digests, for cache pruning
-	Managed bool      `json:"managed"`
-	Created time.Time `json:"created"`
-	Notes   []string  `json:"notes,omitempty"` // e.g. "published without boot artifacts"
+	Layers  []string       `json:"layers,omitempty"` // layer blob digests, for cache pruning
+	Managed bool           `json:"managed"`
+	Created time.Time      `json:"created"`
+	Notes   []string       `json:"notes,omitempty"` // e.g. "published without boot artifacts"
 }
 
 // BootArtifacts is the kernel triple staged beside an image.
@@ -37,17 +37,17 @@ type BootArtifacts struct {
 
 // Kernel is a kernel known to banger.
 type Kernel struct {
-	Name       string    `json:"name"`
-	Version    string    `json:"version"`
-	Arch       string    `json:"arch"`
-	Format     string    `json:"format"` // "bzImage" or "vmlinux"
-	Dir        string    `json:"dir"`
-	Kernel     Artifact  `json:"kernel"`
-	Initrd     *Artifact `json:"initrd,omitempty"`
-	Modules    *Artifact `json:"modules,omitempty"` // Path is the lib/modules/<version> dir; SHA256 covers a manifest of the tree
-	Source     string    `json:"source"`            // "catalog" or "import"
-	SourceRef  string    `json:"source_ref,omitempty"`
-	Created    time.Time `json:"created"`
+	Name      string    `json:"name"`
+	Version   string    `json:"version"`
+	Arch      string    `json:"arch"`
+	Format    string    `json:"format"` // "bzImage" or "vmlinux"
+	Dir       string    `json:"dir"`
+	Kernel    Artifact  `json:"kernel"`
+	Initrd    *Artifact `json:"initrd,omitempty"`
+	Modules   *Artifact `json:"modules,omitempty"` // Path is the lib/modules/<version> dir; SHA256 covers a manifest of the tree
+	Source    string    `json:"source"`            // "catalog" or "import"
+	SourceRef string    `json:"source_ref,omitempty"`
+	Created   time.Time `json:"created"`
 }
 
 // Artifact is one file (or tree) with its digest.
@@ -75,7 +75,7 @@ type VM struct {
 	ID         string    `json:"id"`
 	Name       string    `json:"name"`
 	OwnerUID   uint32    `json:"owner_uid"`
-	Image      string    `json:"image"`  // image name
+	Image      string    `json:"image"` // image name
 	ImageID    string    `json:"image_id"`
 	Kernel     string    `json:"kernel"` // kernel name
 	CPUs       int       `json:"cpus"`
@@ -101,23 +101,23 @@ type VM struct {
 // missing or corrupt. Fields are written before the resource is created
 // (intent) and confirmed after.
 type Runtime struct {
-	Phase       string     `json:"phase,omitempty"` // last intent recorded, e.g. "tap:creating"
-	PID         int        `json:"pid,omitempty"`
-	PIDStart    uint64     `json:"pid_start,omitempty"` // field 22 of /proc/<pid>/stat
-	BootID      string     `json:"boot_id,omitempty"`
-	Cmdline     []string   `json:"cmdline,omitempty"`
-	RuntimeDir  string     `json:"runtime_dir,omitempty"`
-	APISocket   string     `json:"api_socket,omitempty"` // firecracker API or QEMU QMP
-	AgentSocket string     `json:"agent_socket,omitempty"`
-	ConsoleLog  string     `json:"console_log,omitempty"`
-	Tap         string     `json:"tap,omitempty"`
-	TapAlias    string     `json:"tap_alias,omitempty"`
-	Loops       []LoopDev  `json:"loops,omitempty"`
-	DMName      string     `json:"dm_name,omitempty"`
-	DMUUID      string     `json:"dm_uuid,omitempty"`
-	COWPath     string     `json:"cow_path,omitempty"`
-	DiskPath    string     `json:"disk_path,omitempty"` // what the VM boots from: dm device or disk file
-	VsockCID    uint32     `json:"vsock_cid,omitempty"`
+	Phase       string    `json:"phase,omitempty"` // last intent recorded, e.g. "tap:creating"
+	PID         int       `json:"pid,omitempty"`
+	PIDStart    uint64    `json:"pid_start,omitempty"` // field 22 of /proc/<pid>/stat
+	BootID      string    `json:"boot_id,omitempty"`
+	Cmdline     []string  `json:"cmdline,omitempty"`
+	RuntimeDir  string    `json:"runtime_dir,omitempty"`
+	APISocket   string    `json:"api_socket,omitempty"` // firecracker API or QEMU QMP
+	AgentSocket string    `json:"agent_socket,omitempty"`
+	ConsoleLog  string    `json:"console_log,omitempty"`
+	Tap         string    `json:"tap,omitempty"`
+	TapAlias    string    `json:"tap_alias,omitempty"`
+	Loops       []LoopDev `json:"loops,omitempty"`
+	DMName      string    `json:"dm_name,omitempty"`
+	DMUUID      string    `json:"dm_uuid,omitempty"`
+	COWPath     string    `json:"cow_path,omitempty"`
+	DiskPath    string    `json:"disk_path,omitempty"` // what the VM boots from: dm device or disk file
+	VsockCID    uint32    `json:"vsock_cid,omitempty"`
 }
 
 // LoopDev is a loop device and the file behind it.
