@@ -1,0 +1,95 @@
+package main
+
+import (
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/bangerdev/banger/internal/model"
+	"github.com/spf13/cobra"
+)
+
+func newVMCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "vm",
+		Aliases: []string{"vms"},
+		Short:   "Manage VMs",
+	}
+	cmd.AddCommand(
+		&cobra.Command{
+			Use:   "ls",
+			Short: "List VMs (yours; root sees all)",
+			Args:  exactArgs(0, "no arguments"),
+			RunE: func(c *cobra.Command, _ []string) error {
+				var vms []model.VM
+				if err := g.client().Do(c.Context(), "GET", "/vms", nil, &vms); err != nil {
+					return err
+				}
+				if g.output == "json" {
+					return printJSON(g.out, vms)
+				}
+				rows := make([][]string, 0, len(vms))
+				for _, v := range vms {
+					rows = append(rows, []string{v.Name, string(v.State), orDash(v.IP), orDash(v.VMM), orDash(v.DiskDriver), v.Image, ownerName(v.OwnerUID), uptime(v)})
+				}
+				return printTable(g.out, []string{"NAME", "STATE", "IP", "VMM", "DISK", "IMAGE", "OWNER", "UPTIME"}, rows)
+			},
+		},
+		&cobra.Command{
+			Use:   "inspect NAME",
+			Short: "Show a VM's record, runtime and recovery details",
+			Args:  exactArgs(1, "a VM name"),
+			RunE: func(c *cobra.Command, args []string) error {
+				var v model.VM
+				if err := g.client().Do(c.Context(), "GET", "/vms/"+url.PathEscape(args[0]), nil, &v); err != nil {
+					return err
+				}
+				if g.output == "json" {
+					return printJSON(g.out, v)
+				}
+				return printKV(g.out, vmPairs(v))
+			},
+		},
+	)
+	for _, f := range extraVMCommands {
+		cmd.AddCommand(f(g))
+	}
+	return cmd
+}
+
+// extraVMCommands lets later capabilities add VM subcommands.
+var extraVMCommands []func(g *globals) *cobra.Command
+
+func vmPairs(v model.VM) [][2]string {
+	pairs := [][2]string{
+		{"name", v.Name}, {"id", v.ID}, {"state", string(v.State)}, {"reason", v.Reason},
+		{"owner", ownerName(v.OwnerUID)}, {"image", v.Image}, {"kernel", v.Kernel},
+		{"vmm", v.VMM}, {"disk driver", v.DiskDriver},
+		{"cpus", strconv.Itoa(v.CPUs)}, {"memory", strconv.Itoa(v.MemoryMiB) + " MiB"}, {"disk", humanBytes(v.DiskBytes)},
+		{"ip", v.IP}, {"mac", v.MAC}, {"uptime", uptime(v)}, {"first boot", v.FirstBoot},
+		{"created", v.Created.Format(time.RFC3339)},
+	}
+	rt := v.Runtime
+	if rt.PID != 0 {
+		pairs = append(pairs, [2]string{"pid", strconv.Itoa(rt.PID)})
+	}
+	pairs = append(pairs, [][2]string{{"tap", rt.Tap}, {"dm device", rt.DMName}, {"disk path", rt.DiskPath}, {"console log", rt.ConsoleLog}}...)
+	for _, l := range rt.Loops {
+		pairs = append(pairs, [2]string{"loop", l.Device + " -> " + l.BackingFile})
+	}
+	if !v.Recovery.ReadoptedAt.IsZero() {
+		pairs = append(pairs, [2]string{"re-adopted at", v.Recovery.ReadoptedAt.Format(time.RFC3339)})
+	}
+	if !v.Recovery.CleanedAt.IsZero() {
+		pairs = append(pairs, [2]string{"last cleanup", v.Recovery.CleanedAt.Format(time.RFC3339) + " removed: " + orDash(strings.Join(v.Recovery.Removed, ", "))})
+	}
+	return pairs
+}
+
+func uptime(v model.VM) string {
+	if v.State != model.VMRunning || v.StartedAt.IsZero() {
+		return "-"
+	}
+	return humanDuration(time.Since(v.StartedAt))
+}

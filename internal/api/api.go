@@ -1,0 +1,92 @@
+// Package api is the contract between the banger CLI and the daemon:
+// HTTP/JSON over a Unix socket under /v1/, JSON errors with stable codes, and
+// NDJSON streams of progress events for long operations. It holds the wire
+// types and the client; package daemon holds the server.
+package api
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/bangerdev/banger/internal/progress"
+)
+
+// Prefix is the path prefix of this API version.
+const Prefix = "/v1"
+
+// ErrorCode is a stable, machine-readable error class.
+type ErrorCode string
+
+// The error codes. Their strings are part of the API.
+const (
+	CodeNotFound    ErrorCode = "not_found"
+	CodeConflict    ErrorCode = "conflict"
+	CodeInvalid     ErrorCode = "invalid_input"
+	CodeForbidden   ErrorCode = "forbidden"
+	CodeInternal    ErrorCode = "internal"
+	CodeUnavailable ErrorCode = "unavailable" // the daemon cannot be reached
+	CodeCanceled    ErrorCode = "canceled"
+)
+
+// Error is the JSON body of every failed request, and the error the client
+// returns for it.
+type Error struct {
+	Code    ErrorCode `json:"code"`
+	Message string    `json:"message"`
+}
+
+func (e *Error) Error() string { return e.Message }
+
+// Is lets errors.Is(err, &api.Error{Code: c}) match on the code alone.
+func (e *Error) Is(target error) bool {
+	var t *Error
+	if errors.As(target, &t) {
+		return t.Code == e.Code && (t.Message == "" || t.Message == e.Message)
+	}
+	return false
+}
+
+// Errorf makes an *Error with the given code.
+func Errorf(code ErrorCode, format string, args ...any) *Error {
+	return &Error{Code: code, Message: fmt.Sprintf(format, args...)}
+}
+
+// CodeOf returns the code of err, CodeInternal when err is not an *Error.
+func CodeOf(err error) ErrorCode {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return CodeInternal
+}
+
+// StreamLine is one line of an NDJSON response stream: progress events,
+// then exactly one result or error line.
+type StreamLine struct {
+	Event  *progress.Event `json:"event,omitempty"`
+	Result json.RawMessage `json:"result,omitempty"`
+	Error  *Error          `json:"error,omitempty"`
+}
+
+// StreamContentType is the content type of streamed responses.
+const StreamContentType = "application/x-ndjson"
+
+// VersionInfo answers GET /v1/version.
+type VersionInfo struct {
+	Version       string `json:"version"`
+	Commit        string `json:"commit,omitempty"`
+	GoVersion     string `json:"go_version"`
+	PID           int    `json:"pid"`
+	SchemaVersion int    `json:"schema_version"`
+	StateDir      string `json:"state_dir"`
+	CacheDir      string `json:"cache_dir"`
+	RuntimeDir    string `json:"runtime_dir"`
+	CallerUID     uint32 `json:"caller_uid"`
+}
+
+// DeleteResult answers a delete.
+type DeleteResult struct {
+	Deleted string `json:"deleted"`
+	Freed   int64  `json:"freed_bytes,omitempty"`
+}

@@ -1,0 +1,224 @@
+// Package daemon is banger's root daemon: it owns the state store and every
+// host resource, and serves the API of package api on a Unix socket.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/user"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/lockfile"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// Version is the banger version, set by the build (-ldflags -X).
+var Version = "dev"
+
+// Options configure a daemon.
+type Options struct {
+	Config config.Config
+	Logger *slog.Logger
+}
+
+// Daemon is a running banger daemon.
+type Daemon struct {
+	cfg   config.Config
+	log   *slog.Logger
+	lock  *lockfile.Lock
+	store *store.Store
+	mux   *http.ServeMux
+
+	// vmLocks serializes operations on one VM.
+	vmLocksMu sync.Mutex
+	vmLocks   map[string]*sync.Mutex
+}
+
+// New prepares a daemon: it creates the state, cache and runtime dirs, takes
+// the single-daemon lock, opens the store and runs start-up recovery. It does
+// not listen yet; call Serve.
+func New(ctx context.Context, opts Options) (*Daemon, error) {
+	cfg := opts.Config
+	if err := cfg.Validate(); err != nil {
+		return nil, api.Errorf(api.CodeInvalid, "%v", err)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	for _, dir := range []string{cfg.StateDir, cfg.CacheDir, cfg.RuntimeDir, cfg.ImagesDir(), cfg.KernelsDir(), cfg.VMsDir()} {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("create %s: %w", dir, err)
+		}
+	}
+	lock, err := lockfile.Acquire(cfg.LockPath())
+	if err != nil {
+		return nil, err
+	}
+	st, err := store.Open(cfg.DBPath(), 5*time.Second)
+	if err != nil {
+		_ = lock.Release()
+		return nil, err
+	}
+	d := &Daemon{cfg: cfg, log: log, lock: lock, store: st, vmLocks: map[string]*sync.Mutex{}}
+	d.mux = d.routes()
+	if err := d.recover(ctx); err != nil {
+		d.close()
+		return nil, fmt.Errorf("start-up recovery: %w", err)
+	}
+	return d, nil
+}
+
+// Store returns the daemon's state store (for tests and benchmarks).
+func (d *Daemon) Store() *store.Store { return d.store }
+
+// Handler returns the API handler (for in-process tests).
+func (d *Daemon) Handler() http.Handler { return d.mux }
+
+func (d *Daemon) close() {
+	if err := d.store.Close(); err != nil {
+		d.log.Error("close store", "err", err)
+	}
+	if err := d.lock.Release(); err != nil {
+		d.log.Error("release lock", "err", err)
+	}
+}
+
+// Listen creates the API socket: stale sockets are replaced, the socket is
+// mode 0660 and, when the configured group exists, owned by that group.
+func (d *Daemon) Listen() (net.Listener, error) {
+	sock := d.cfg.Socket
+	if err := os.MkdirAll(filepath.Dir(sock), 0o755); err != nil {
+		return nil, fmt.Errorf("create socket dir: %w", err)
+	}
+	// We hold the state lock, so a socket here is a leftover of a daemon that
+	// died; but refuse to remove anything that is not a socket.
+	if fi, err := os.Lstat(sock); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("socket path %s exists and is not a socket: remove it or choose another --socket", sock)
+		}
+		if err := os.Remove(sock); err != nil {
+			return nil, fmt.Errorf("remove stale socket %s: %w", sock, err)
+		}
+	}
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", sock, err)
+	}
+	if err := os.Chmod(sock, 0o660); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod socket: %w", err)
+	}
+	if d.cfg.SocketGroup != "" {
+		if g, err := user.LookupGroup(d.cfg.SocketGroup); err == nil {
+			gid, _ := strconv.Atoi(g.Gid)
+			if err := os.Chown(sock, -1, gid); err != nil {
+				d.log.Warn("cannot give the socket to its group", "group", d.cfg.SocketGroup, "err", err)
+			}
+		} else {
+			d.log.Info("socket group does not exist; only root can use the socket", "group", d.cfg.SocketGroup)
+		}
+	}
+	return ln, nil
+}
+
+// Serve answers API requests on ln until ctx is done, then shuts down: it
+// stops accepting, waits briefly for requests in flight, removes the socket,
+// closes the store and releases the lock.
+func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
+	srv := &http.Server{
+		Handler:           d.logRequests(d.mux),
+		ConnContext:       connContext,
+		ReadHeaderTimeout: 10 * time.Second,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+	}
+	if ul, ok := ln.(*net.UnixListener); ok {
+		ul.SetUnlinkOnClose(true)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	d.log.Info("banger daemon listening", "socket", d.cfg.Socket, "state_dir", d.cfg.StateDir, "version", Version, "pid", os.Getpid())
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutdownCtx)
+	_ = os.Remove(d.cfg.Socket)
+	d.close()
+	d.log.Info("banger daemon stopped")
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+func (d *Daemon) logRequests(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		h.ServeHTTP(w, r)
+		d.log.Debug("request", "method", r.Method, "path", r.URL.Path, "uid", CallerFrom(r.Context()).UID, "duration", time.Since(start))
+	})
+}
+
+func (d *Daemon) routes() *http.ServeMux {
+	m := http.NewServeMux()
+	p := api.Prefix
+	m.HandleFunc("GET "+p+"/version", d.handleVersion)
+
+	m.HandleFunc("GET "+p+"/images", d.handleImageList)
+	m.HandleFunc("GET "+p+"/images/{name}", d.handleImageGet)
+	m.HandleFunc("DELETE "+p+"/images/{name}", d.handleImageDelete)
+
+	m.HandleFunc("GET "+p+"/kernels", d.handleKernelList)
+	m.HandleFunc("GET "+p+"/kernels/{name}", d.handleKernelGet)
+	m.HandleFunc("DELETE "+p+"/kernels/{name}", d.handleKernelDelete)
+
+	m.HandleFunc("GET "+p+"/vms", d.handleVMList)
+	m.HandleFunc("GET "+p+"/vms/{name}", d.handleVMGet)
+
+	for _, r := range extraRoutes {
+		r(d, m)
+	}
+	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		d.writeError(w, r, api.Errorf(api.CodeNotFound, "no API endpoint %s %s (is the CLI newer than the daemon?)", r.Method, r.URL.Path))
+	})
+	return m
+}
+
+// extraRoutes lets the files for later capabilities add their endpoints.
+var extraRoutes []func(d *Daemon, m *http.ServeMux)
+
+func (d *Daemon) handleVersion(w http.ResponseWriter, r *http.Request) {
+	v, _ := d.store.SchemaVersion()
+	writeJSON(w, http.StatusOK, api.VersionInfo{
+		Version: Version, GoVersion: runtime.Version(), PID: os.Getpid(), SchemaVersion: v,
+		StateDir: d.cfg.StateDir, CacheDir: d.cfg.CacheDir, RuntimeDir: d.cfg.RuntimeDir,
+		CallerUID: CallerFrom(r.Context()).UID,
+	})
+}
+
+// vmLock returns the mutex serializing operations on the VM with id.
+func (d *Daemon) vmLock(id string) *sync.Mutex {
+	d.vmLocksMu.Lock()
+	defer d.vmLocksMu.Unlock()
+	m, ok := d.vmLocks[id]
+	if !ok {
+		m = &sync.Mutex{}
+		d.vmLocks[id] = m
+	}
+	return m
+}

@@ -1,0 +1,470 @@
+// Package store is banger's state store: image, kernel and VM records and the
+// guest IP leases, in one bbolt file (<state>/banger.db).
+//
+// bbolt was chosen over SQLite because banger's records are a handful of
+// documents looked up by name or id, never joined or queried ad hoc; bbolt
+// is pure Go (no cgo, so the daemon builds static), has serializable
+// read-write transactions, and its copy-on-write B+tree with fsync on commit
+// means a kill -9 at any moment leaves the last committed state. See
+// docs/internals.md.
+package store
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/bangerdev/banger/internal/model"
+	bolt "go.etcd.io/bbolt"
+)
+
+// Sentinel errors; callers test them with errors.Is.
+var (
+	ErrNotFound = errors.New("not found")
+	ErrConflict = errors.New("already exists")
+	ErrFull     = errors.New("no free address in the subnet")
+)
+
+var (
+	bMeta       = []byte("meta")
+	bImages     = []byte("images")      // id -> Image JSON
+	bImageNames = []byte("image_names") // name -> id
+	bKernels    = []byte("kernels")     // name -> Kernel JSON
+	bVMs        = []byte("vms")         // id -> VM JSON
+	bVMNames    = []byte("vm_names")    // name -> id
+	bLeases     = []byte("leases")      // ip -> vm id
+	kSchema     = []byte("schema_version")
+)
+
+// Store is an open state store. Its methods are safe for concurrent use.
+type Store struct {
+	db *bolt.DB
+}
+
+// Open opens (creating if needed) the store at path and migrates it to the
+// current schema. It waits at most timeout for bbolt's file lock.
+func Open(path string, timeout time.Duration) (*Store, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: timeout})
+	if err != nil {
+		return nil, fmt.Errorf("open state store %s: %w", path, err)
+	}
+	s := &Store{db: db}
+	if err := s.migrate(); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("migrate state store %s: %w", path, err)
+	}
+	return s, nil
+}
+
+// Close closes the store.
+func (s *Store) Close() error { return s.db.Close() }
+
+// SchemaVersion returns the schema version the store is at.
+func (s *Store) SchemaVersion() (int, error) {
+	var v int
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v = schemaVersion(tx)
+		return nil
+	})
+	return v, err
+}
+
+func schemaVersion(tx *bolt.Tx) int {
+	b := tx.Bucket(bMeta)
+	if b == nil {
+		return 0
+	}
+	raw := b.Get(kSchema)
+	if len(raw) != 8 {
+		return 0
+	}
+	return int(binary.BigEndian.Uint64(raw))
+}
+
+// migrations[i] moves the schema from version i to i+1. Append only.
+var migrations = []func(tx *bolt.Tx) error{
+	// 0 -> 1: the initial buckets.
+	func(tx *bolt.Tx) error {
+		for _, name := range [][]byte{bMeta, bImages, bImageNames, bKernels, bVMs, bVMNames, bLeases} {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		return nil
+	},
+}
+
+// CurrentSchema is the schema version this build writes.
+var CurrentSchema = len(migrations)
+
+func (s *Store) migrate() error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		v := schemaVersion(tx)
+		if v > len(migrations) {
+			return fmt.Errorf("store schema version %d is newer than this banger understands (%d): upgrade banger", v, len(migrations))
+		}
+		for ; v < len(migrations); v++ {
+			if err := migrations[v](tx); err != nil {
+				return fmt.Errorf("migration %d->%d: %w", v, v+1, err)
+			}
+			b, err := tx.CreateBucketIfNotExists(bMeta)
+			if err != nil {
+				return err
+			}
+			var raw [8]byte
+			binary.BigEndian.PutUint64(raw[:], uint64(v+1))
+			if err := b.Put(kSchema, raw[:]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func put(b *bolt.Bucket, key string, v any) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return b.Put([]byte(key), raw)
+}
+
+func get(b *bolt.Bucket, key string, v any) error {
+	raw := b.Get([]byte(key))
+	if raw == nil {
+		return ErrNotFound
+	}
+	if err := json.Unmarshal(raw, v); err != nil {
+		return fmt.Errorf("decode record %q: %w", key, err)
+	}
+	return nil
+}
+
+// ---- images ----
+
+// PutImage stores img. A different image (another id) with the same name is
+// ErrConflict unless replace is true, in which case the old record is
+// removed and returned.
+func (s *Store) PutImage(img model.Image, replace bool) (old *model.Image, err error) {
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		names, imgs := tx.Bucket(bImageNames), tx.Bucket(bImages)
+		if id := names.Get([]byte(img.Name)); id != nil && string(id) != img.ID {
+			if !replace {
+				return fmt.Errorf("image %q: %w", img.Name, ErrConflict)
+			}
+			var o model.Image
+			if err := get(imgs, string(id), &o); err == nil {
+				old = &o
+			}
+			if err := imgs.Delete(id); err != nil {
+				return err
+			}
+		}
+		if err := names.Put([]byte(img.Name), []byte(img.ID)); err != nil {
+			return err
+		}
+		return put(imgs, img.ID, img)
+	})
+	return old, err
+}
+
+// GetImage returns the image with the given name or id.
+func (s *Store) GetImage(nameOrID string) (model.Image, error) {
+	var img model.Image
+	err := s.db.View(func(tx *bolt.Tx) error {
+		id := tx.Bucket(bImageNames).Get([]byte(nameOrID))
+		if id == nil {
+			id = []byte(nameOrID)
+		}
+		if err := get(tx.Bucket(bImages), string(id), &img); err != nil {
+			return fmt.Errorf("image %q: %w", nameOrID, err)
+		}
+		return nil
+	})
+	return img, err
+}
+
+// ListImages returns every image.
+func (s *Store) ListImages() ([]model.Image, error) {
+	var out []model.Image
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bImages).ForEach(func(k, v []byte) error {
+			var img model.Image
+			if err := json.Unmarshal(v, &img); err != nil {
+				return fmt.Errorf("decode image %q: %w", k, err)
+			}
+			out = append(out, img)
+			return nil
+		})
+	})
+	return out, err
+}
+
+// DeleteImage removes the image record with the given name.
+func (s *Store) DeleteImage(name string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		names := tx.Bucket(bImageNames)
+		id := names.Get([]byte(name))
+		if id == nil {
+			return fmt.Errorf("image %q: %w", name, ErrNotFound)
+		}
+		if err := tx.Bucket(bImages).Delete(id); err != nil {
+			return err
+		}
+		return names.Delete([]byte(name))
+	})
+}
+
+// ---- kernels ----
+
+// PutKernel stores k; an existing kernel of that name is ErrConflict unless
+// replace is true.
+func (s *Store) PutKernel(k model.Kernel, replace bool) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bKernels)
+		if b.Get([]byte(k.Name)) != nil && !replace {
+			return fmt.Errorf("kernel %q: %w", k.Name, ErrConflict)
+		}
+		return put(b, k.Name, k)
+	})
+}
+
+// GetKernel returns the kernel with the given name.
+func (s *Store) GetKernel(name string) (model.Kernel, error) {
+	var k model.Kernel
+	err := s.db.View(func(tx *bolt.Tx) error {
+		if err := get(tx.Bucket(bKernels), name, &k); err != nil {
+			return fmt.Errorf("kernel %q: %w", name, err)
+		}
+		return nil
+	})
+	return k, err
+}
+
+// ListKernels returns every kernel.
+func (s *Store) ListKernels() ([]model.Kernel, error) {
+	var out []model.Kernel
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bKernels).ForEach(func(k, v []byte) error {
+			var kr model.Kernel
+			if err := json.Unmarshal(v, &kr); err != nil {
+				return fmt.Errorf("decode kernel %q: %w", k, err)
+			}
+			out = append(out, kr)
+			return nil
+		})
+	})
+	return out, err
+}
+
+// DeleteKernel removes the kernel record with the given name.
+func (s *Store) DeleteKernel(name string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bKernels)
+		if b.Get([]byte(name)) == nil {
+			return fmt.Errorf("kernel %q: %w", name, ErrNotFound)
+		}
+		return b.Delete([]byte(name))
+	})
+}
+
+// ---- VMs and leases ----
+
+// CreateVM stores a new VM. When subnet is valid it allocates the VM's guest
+// IP from it (skipping the network address, the gateway - the first host
+// address - and the broadcast address) in the same transaction, so a crash
+// can never leave a lease without a VM or a VM without its lease.
+func (s *Store) CreateVM(vm *model.VM, subnet netip.Prefix) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		names, vms := tx.Bucket(bVMNames), tx.Bucket(bVMs)
+		if names.Get([]byte(vm.Name)) != nil {
+			return fmt.Errorf("vm %q: %w", vm.Name, ErrConflict)
+		}
+		if vms.Get([]byte(vm.ID)) != nil {
+			return fmt.Errorf("vm id %q: %w", vm.ID, ErrConflict)
+		}
+		if subnet.IsValid() {
+			ip, err := allocate(tx.Bucket(bLeases), subnet, vm.ID)
+			if err != nil {
+				return err
+			}
+			vm.IP = ip.String()
+		}
+		if err := names.Put([]byte(vm.Name), []byte(vm.ID)); err != nil {
+			return err
+		}
+		return put(vms, vm.ID, vm)
+	})
+}
+
+func allocate(leases *bolt.Bucket, subnet netip.Prefix, vmID string) (netip.Addr, error) {
+	subnet = subnet.Masked()
+	if !subnet.Addr().Is4() || subnet.Bits() > 30 {
+		return netip.Addr{}, fmt.Errorf("subnet %s cannot hold guests: use an IPv4 prefix of /30 or shorter", subnet)
+	}
+	gw := subnet.Addr().Next()
+	for ip := gw.Next(); subnet.Contains(ip); ip = ip.Next() {
+		if !subnet.Contains(ip.Next()) { // broadcast
+			break
+		}
+		if leases.Get([]byte(ip.String())) == nil {
+			return ip, leases.Put([]byte(ip.String()), []byte(vmID))
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("subnet %s: %w", subnet, ErrFull)
+}
+
+// UpdateVM applies fn to the VM with the given id (or name) in one
+// transaction and stores the result. fn must not change ID or Name.
+func (s *Store) UpdateVM(idOrName string, fn func(*model.VM) error) (model.VM, error) {
+	var vm model.VM
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		id := resolveVM(tx, idOrName)
+		b := tx.Bucket(bVMs)
+		if err := get(b, id, &vm); err != nil {
+			return fmt.Errorf("vm %q: %w", idOrName, err)
+		}
+		oldID, oldName := vm.ID, vm.Name
+		if err := fn(&vm); err != nil {
+			return err
+		}
+		if vm.ID != oldID || vm.Name != oldName {
+			return errors.New("UpdateVM: id and name cannot change")
+		}
+		return put(b, vm.ID, vm)
+	})
+	return vm, err
+}
+
+func resolveVM(tx *bolt.Tx, idOrName string) string {
+	if id := tx.Bucket(bVMNames).Get([]byte(idOrName)); id != nil {
+		return string(id)
+	}
+	return idOrName
+}
+
+// GetVM returns the VM with the given name or id.
+func (s *Store) GetVM(idOrName string) (model.VM, error) {
+	var vm model.VM
+	err := s.db.View(func(tx *bolt.Tx) error {
+		if err := get(tx.Bucket(bVMs), resolveVM(tx, idOrName), &vm); err != nil {
+			return fmt.Errorf("vm %q: %w", idOrName, err)
+		}
+		return nil
+	})
+	return vm, err
+}
+
+// ListVMs returns every VM, or only those owned by owner when owner is not nil.
+func (s *Store) ListVMs(owner *uint32) ([]model.VM, error) {
+	var out []model.VM
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bVMs).ForEach(func(k, v []byte) error {
+			var vm model.VM
+			if err := json.Unmarshal(v, &vm); err != nil {
+				return fmt.Errorf("decode vm %q: %w", k, err)
+			}
+			if owner == nil || vm.OwnerUID == *owner {
+				out = append(out, vm)
+			}
+			return nil
+		})
+	})
+	return out, err
+}
+
+// DeleteVM removes the VM record and releases its IP lease in one
+// transaction.
+func (s *Store) DeleteVM(idOrName string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		id := resolveVM(tx, idOrName)
+		var vm model.VM
+		if err := get(tx.Bucket(bVMs), id, &vm); err != nil {
+			return fmt.Errorf("vm %q: %w", idOrName, err)
+		}
+		if vm.IP != "" {
+			leases := tx.Bucket(bLeases)
+			if string(leases.Get([]byte(vm.IP))) == vm.ID {
+				if err := leases.Delete([]byte(vm.IP)); err != nil {
+					return err
+				}
+			}
+		}
+		if err := tx.Bucket(bVMNames).Delete([]byte(vm.Name)); err != nil {
+			return err
+		}
+		return tx.Bucket(bVMs).Delete([]byte(id))
+	})
+}
+
+// Leases returns the IP -> VM id lease table.
+func (s *Store) Leases() (map[string]string, error) {
+	out := map[string]string{}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bLeases).ForEach(func(k, v []byte) error {
+			out[string(k)] = string(v)
+			return nil
+		})
+	})
+	return out, err
+}
+
+// Check verifies the store's internal consistency: every name index entry
+// points at a record with that name, every record is indexed, and every
+// lease belongs to a VM that holds that IP. It returns every problem found.
+func (s *Store) Check() error {
+	var errs []error
+	err := s.db.View(func(tx *bolt.Tx) error {
+		check := func(kind string, names, recs *bolt.Bucket, nameOf func([]byte) (string, error)) {
+			_ = names.ForEach(func(n, id []byte) error {
+				raw := recs.Get(id)
+				if raw == nil {
+					errs = append(errs, fmt.Errorf("%s name %q points at missing id %q", kind, n, id))
+					return nil
+				}
+				if got, err := nameOf(raw); err != nil || got != string(n) {
+					errs = append(errs, fmt.Errorf("%s name %q points at id %q named %q (%v)", kind, n, id, got, err))
+				}
+				return nil
+			})
+			_ = recs.ForEach(func(id, raw []byte) error {
+				n, err := nameOf(raw)
+				if err != nil {
+					errs = append(errs, fmt.Errorf("%s %q: %w", kind, id, err))
+					return nil
+				}
+				if string(names.Get([]byte(n))) != string(id) {
+					errs = append(errs, fmt.Errorf("%s %q (%s) is not indexed by name", kind, id, n))
+				}
+				return nil
+			})
+		}
+		check("image", tx.Bucket(bImageNames), tx.Bucket(bImages), func(raw []byte) (string, error) {
+			var v model.Image
+			err := json.Unmarshal(raw, &v)
+			return v.Name, err
+		})
+		check("vm", tx.Bucket(bVMNames), tx.Bucket(bVMs), func(raw []byte) (string, error) {
+			var v model.VM
+			err := json.Unmarshal(raw, &v)
+			return v.Name, err
+		})
+		_ = tx.Bucket(bLeases).ForEach(func(ip, id []byte) error {
+			var vm model.VM
+			if err := get(tx.Bucket(bVMs), string(id), &vm); err != nil {
+				errs = append(errs, fmt.Errorf("lease %s belongs to missing vm %q", ip, id))
+			} else if vm.IP != string(ip) {
+				errs = append(errs, fmt.Errorf("lease %s belongs to vm %q which holds %q", ip, id, vm.IP))
+			}
+			return nil
+		})
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return errors.Join(errs...)
+}
