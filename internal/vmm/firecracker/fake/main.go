@@ -1,0 +1,76 @@
+package fake
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+)
+
+// Main runs a fake Firecracker process with the command-line arguments args
+// (without the program name) and returns its exit status. It is the body of
+// cmd/banger-fake-firecracker, and of test binaries that re-execute
+// themselves as the fake.
+//
+//	--api-sock PATH   the API socket (required, as for firecracker)
+//	--id ID           accepted and ignored, as firecracker's --id
+//	--check-tap       PUT /network-interfaces requires /sys/class/net/<tap>
+//	--agent-echo      guest vsock ports echo what they receive
+//	--agent-exec PROG each guest vsock connection runs PROG [ARGS after --]
+//	                  with the connection on stdin and stdout and
+//	                  BANGER_VSOCK_PORT set
+func Main(args []string) int {
+	fs := flag.NewFlagSet("banger-fake-firecracker", flag.ContinueOnError)
+	apiSock := fs.String("api-sock", "", "path of the API Unix socket")
+	_ = fs.String("id", "", "instance id (ignored)")
+	checkTap := fs.Bool("check-tap", false, "require the tap named in PUT /network-interfaces to exist")
+	echo := fs.Bool("agent-echo", false, "guest vsock ports echo their input")
+	agentExec := fs.String("agent-exec", "", "program that serves each guest vsock connection on stdin/stdout")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *apiSock == "" {
+		fmt.Fprintln(os.Stderr, "banger-fake-firecracker: --api-sock is required")
+		return 2
+	}
+	opts := Options{APISock: *apiSock, Console: os.Stdout, CheckTap: *checkTap}
+	switch {
+	case *agentExec != "":
+		opts.Agent = execAgent(*agentExec, fs.Args())
+	case *echo:
+		opts.Agent = func(_ uint32, c net.Conn) {
+			defer c.Close()
+			_, _ = io.Copy(c, c)
+		}
+	}
+	srv, err := New(opts)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "banger-fake-firecracker:", err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	fmt.Printf("banger-fake-firecracker: API on %s (pid %d)\n", *apiSock, os.Getpid())
+	if err := srv.Serve(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "banger-fake-firecracker:", err)
+		return 1
+	}
+	return 0
+}
+
+func execAgent(prog string, args []string) AgentHandler {
+	return func(port uint32, c net.Conn) {
+		defer c.Close()
+		cmd := exec.Command(prog, args...) //nolint:gosec // test tool: runs what its operator names
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = c, c, os.Stderr
+		cmd.Env = append(os.Environ(), fmt.Sprintf("BANGER_VSOCK_PORT=%d", port))
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintf(os.Stderr, "banger-fake-firecracker: agent on port %d: %v\n", port, err)
+		}
+	}
+}
