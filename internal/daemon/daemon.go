@@ -21,6 +21,7 @@ import (
 	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/lockfile"
 	"github.com/bangerdev/banger/internal/store"
+	"golang.org/x/sys/unix"
 )
 
 // Version is the banger version, set by the build (-ldflags -X).
@@ -112,7 +113,11 @@ func (d *Daemon) Listen() (net.Listener, error) {
 			return nil, fmt.Errorf("remove stale socket %s: %w", sock, err)
 		}
 	}
+	// Create the socket owner-only, then open it to the group: there is
+	// never a moment when another user could connect.
+	oldMask := unix.Umask(0o177)
 	ln, err := net.Listen("unix", sock)
+	unix.Umask(oldMask)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", sock, err)
 	}

@@ -151,6 +151,13 @@ func get(b *bolt.Bucket, key string, v any) error {
 func (s *Store) PutImage(img model.Image, replace bool) (old *model.Image, err error) {
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		names, imgs := tx.Bucket(bImageNames), tx.Bucket(bImages)
+		// Re-putting an id under a new name drops the old name's index.
+		var prev model.Image
+		if get(imgs, img.ID, &prev) == nil && prev.Name != img.Name {
+			if err := names.Delete([]byte(prev.Name)); err != nil {
+				return err
+			}
+		}
 		if id := names.Get([]byte(img.Name)); id != nil && string(id) != img.ID {
 			if !replace {
 				return fmt.Errorf("image %q: %w", img.Name, ErrConflict)

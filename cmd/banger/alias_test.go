@@ -1,0 +1,5 @@
+package main
+
+import "github.com/bangerdev/banger/internal/config"
+
+type cfgT = config.Config
