@@ -1,0 +1,208 @@
+// Package agent is banger's guest agent: the wire protocol, the host-side
+// client the daemon uses to reach a VM, and the guest-side server that
+// cmd/banger-vsock-agent runs inside the VM.
+//
+// # Wire format
+//
+// Every message is one frame:
+//
+//	magic "BNGA" | length uint32 BE | crc32c(payload) uint32 BE | payload
+//
+// The payload is a JSON object carrying the protocol version ("v"), a
+// request id ("id") and an operation ("op"). A payload is at most
+// MaxFrameSize bytes; both ends refuse a larger frame before reading it.
+// Neither end trusts the other: the host treats everything a guest says as
+// untrusted input, and the agent validates every request.
+//
+// On connection-oriented transports (vsock, Firecracker's vsock Unix socket)
+// a malformed frame ends the connection. A virtio-serial port is one byte
+// stream that outlives host connections, so there the reader resynchronises:
+// it discards bytes until a valid magic, length and checksum line up, and
+// drops a half-received frame that does not complete in time. The host
+// opens every session with a "hello" carrying a random nonce and ignores
+// every frame until the agent echoes that nonce, so replies meant for an
+// earlier host connection are never mistaken for its own.
+//
+// # Operations
+//
+//   - hello: echoes the nonce; confirms the protocol version.
+//   - health: agent version, uptime, hostname.
+//   - status: first-boot state and log tail, IPv4 addresses, SSH host key.
+//   - authorize_key: installs one SSH public key into root's authorized_keys.
+//
+// # Transports
+//
+// The agent listens on AF_VSOCK port DefaultPort when /dev/vsock exists and
+// on the virtio-serial port named SerialPortName when it exists. The host
+// reaches it through Firecracker's vsock Unix socket (TransportVsockUDS), a
+// kernel AF_VSOCK socket (TransportVsock) or QEMU's virtio-serial Unix-socket
+// chardev (TransportVirtioSerial).
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// ProtocolVersion is the version of the wire protocol this package speaks.
+// Both ends refuse a message with another version.
+const ProtocolVersion = 1
+
+// DefaultPort is the AF_VSOCK port the agent listens on.
+const DefaultPort uint32 = 1024
+
+// SerialPortName is the name of the virtio-serial port the agent serves on
+// (QEMU: -device virtserialport,name=org.banger.agent).
+const SerialPortName = "org.banger.agent"
+
+// MaxFrameSize is the largest payload either end accepts, in bytes.
+const MaxFrameSize = 64 << 10
+
+// Operation names.
+const (
+	OpHello        = "hello"
+	OpHealth       = "health"
+	OpStatus       = "status"
+	OpAuthorizeKey = "authorize_key"
+)
+
+// Error codes an agent returns in Response.Error.
+const (
+	CodeVersionMismatch = "version_mismatch"
+	CodeUnknownOp       = "unknown_op"
+	CodeInvalidArgument = "invalid_argument"
+	CodeInternal        = "internal"
+)
+
+// Sentinel errors. Errors from this package wrap one of these when the
+// cause is of that kind; test with errors.Is.
+var (
+	// ErrVersionMismatch: the peer speaks another protocol version.
+	ErrVersionMismatch = errors.New("agent protocol version mismatch")
+	// ErrFrameTooLarge: a frame exceeds MaxFrameSize.
+	ErrFrameTooLarge = errors.New("agent frame too large")
+	// ErrBadFrame: a frame has a wrong magic, checksum or payload.
+	ErrBadFrame = errors.New("malformed agent frame")
+	// ErrUnknownOp: the agent does not know the operation.
+	ErrUnknownOp = errors.New("unknown agent operation")
+	// ErrInvalidArgument: the agent rejected a request's argument.
+	ErrInvalidArgument = errors.New("invalid agent request argument")
+	// ErrUnknownTransport: Dial was given a transport it does not know.
+	ErrUnknownTransport = errors.New("unknown agent transport")
+	// ErrConnectRefused: Firecracker closed the vsock Unix socket instead of
+	// answering CONNECT with OK (nobody listens on the guest port yet).
+	ErrConnectRefused = errors.New("vsock connect refused")
+)
+
+// Request is the payload of a host-to-agent frame.
+type Request struct {
+	V     int    `json:"v"`
+	ID    uint64 `json:"id"`
+	Op    string `json:"op"`
+	Nonce string `json:"nonce,omitempty"` // hello
+	Key   string `json:"key,omitempty"`   // authorize_key: one authorized_keys line
+}
+
+// Response is the payload of an agent-to-host frame. Exactly one of Error
+// or the result matching Op is set.
+type Response struct {
+	V      int           `json:"v"`
+	ID     uint64        `json:"id"`
+	Op     string        `json:"op,omitempty"`
+	Error  *RemoteError  `json:"error,omitempty"`
+	Hello  *Hello        `json:"hello,omitempty"`
+	Health *Health       `json:"health,omitempty"`
+	Status *Status       `json:"status,omitempty"`
+	Key    *AuthorizeKey `json:"authorize_key,omitempty"`
+}
+
+// RemoteError is an error reported by the agent.
+type RemoteError struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// Error implements error.
+func (e *RemoteError) Error() string { return fmt.Sprintf("agent: %s (%s)", e.Message, e.Code) }
+
+// Unwrap maps the code onto this package's sentinel errors.
+func (e *RemoteError) Unwrap() error {
+	switch e.Code {
+	case CodeVersionMismatch:
+		return ErrVersionMismatch
+	case CodeUnknownOp:
+		return ErrUnknownOp
+	case CodeInvalidArgument:
+		return ErrInvalidArgument
+	}
+	return nil
+}
+
+// Hello is the reply to OpHello.
+type Hello struct {
+	Nonce string `json:"nonce"`
+}
+
+// Health is the reply to OpHealth.
+type Health struct {
+	// AgentVersion is the agent binary's version string.
+	AgentVersion string `json:"agent_version"`
+	// Uptime is how long the agent has been running.
+	Uptime time.Duration `json:"uptime_ns"`
+	// Hostname is the guest's hostname.
+	Hostname string `json:"hostname"`
+}
+
+// FirstBootState is the progress of the guest's first-boot service.
+type FirstBootState string
+
+// First-boot states. The first-boot service writes one of pending, running,
+// done or failed to FirstBootStatusFile; the agent falls back to
+// FirstBootMarkerFile when that file is absent (marker present: pending;
+// absent: done) and reports unknown for any other content.
+const (
+	FirstBootPending FirstBootState = "pending"
+	FirstBootRunning FirstBootState = "running"
+	FirstBootDone    FirstBootState = "done"
+	FirstBootFailed  FirstBootState = "failed"
+	FirstBootUnknown FirstBootState = "unknown"
+)
+
+// Guest paths the agent reads and writes, relative to the guest root.
+const (
+	FirstBootStatusFile = "var/lib/banger/first-boot-status"
+	FirstBootMarkerFile = "var/lib/banger/first-boot-pending"
+	FirstBootLogFile    = "var/log/banger-first-boot.log"
+	HostKeyFile         = "etc/ssh/ssh_host_ed25519_key.pub"
+	AuthorizedKeysFile  = "root/.ssh/authorized_keys"
+)
+
+// FirstBootLogLines is how many trailing lines of the first-boot log Status
+// carries; each line is cut to maxLogLineBytes.
+const FirstBootLogLines = 20
+
+// Status is the reply to OpStatus.
+type Status struct {
+	FirstBoot    FirstBootState `json:"first_boot"`
+	FirstBootLog []string       `json:"first_boot_log,omitempty"`
+	// Addresses are the guest's IPv4 addresses outside loopback.
+	Addresses []InterfaceAddr `json:"addresses,omitempty"`
+	// HostKey is the guest's ed25519 SSH host key in authorized_keys
+	// format, empty when sshd has not generated one yet. It comes from the
+	// guest: validate it before pinning it (sshkeys.KnownHostsLine does).
+	HostKey string `json:"host_key,omitempty"`
+}
+
+// InterfaceAddr is an IPv4 address on a guest interface.
+type InterfaceAddr struct {
+	Interface string `json:"interface"`
+	// CIDR is the address with its prefix length, e.g. "10.0.0.2/24".
+	CIDR string `json:"cidr"`
+}
+
+// AuthorizeKey is the reply to OpAuthorizeKey.
+type AuthorizeKey struct {
+	// Added is false when the key was already authorized.
+	Added bool `json:"added"`
+}
