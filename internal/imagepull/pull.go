@@ -1,0 +1,299 @@
+package imagepull
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/bangerdev/banger/internal/progress"
+)
+
+// ErrPlatformNotFound is wrapped when an image has no linux/amd64 variant.
+var ErrPlatformNotFound = errors.New("image has no linux/amd64 variant")
+
+// ErrNotAnImage is wrapped when a reference names an artifact that is not a
+// container image (unknown config or layer media type).
+var ErrNotAnImage = errors.New("not a container image")
+
+// Platform is the only platform banger pulls: its kernels are x86_64.
+var Platform = v1.Platform{OS: "linux", Architecture: "amd64"}
+
+// PullOptions configure Pull.
+type PullOptions struct {
+	// Cache holds the layer blobs. Required.
+	Cache *Cache
+	// Keychain finds registry credentials. Nil means authn.DefaultKeychain;
+	// the daemon passes UserKeychain(home of the calling user).
+	Keychain authn.Keychain
+	// Progress receives "resolve" and per-layer "download" events.
+	Progress progress.Func
+	// Transport overrides the HTTP transport (tests). Nil means
+	// remote.DefaultTransport.
+	Transport http.RoundTripper
+}
+
+// Layer describes one layer blob of an image.
+type Layer struct {
+	Digest    string `json:"digest"`     // "sha256:<hex>" of the compressed blob
+	Size      int64  `json:"size"`       // compressed size in bytes
+	MediaType string `json:"media_type"` // e.g. application/vnd.oci.image.layer.v1.tar+gzip
+}
+
+// Image is a resolved linux/amd64 image whose layers can be read through the
+// cache. It is a LayerSource for Flatten.
+type Image struct {
+	// Ref is the reference as parsed, e.g. "index.docker.io/library/debian:bookworm".
+	Ref string
+	// Digest is the digest of the linux/amd64 image manifest that was pulled.
+	Digest string
+	// IndexDigest is the digest of the index Ref resolved to, when it was
+	// an index (multi-platform image); empty otherwise.
+	IndexDigest string
+
+	layers   []Layer
+	remote   []v1.Layer
+	cache    *Cache
+	progress progress.Func
+}
+
+// Layers returns the image's layers, oldest (base) first.
+func (im *Image) Layers() []Layer { return slices.Clone(im.layers) }
+
+// LayerDigests returns the digests of the image's layers, oldest first, as
+// recorded in model.Image.Layers for cache pruning.
+func (im *Image) LayerDigests() []string {
+	out := make([]string, len(im.layers))
+	for i, l := range im.layers {
+		out[i] = l.Digest
+	}
+	return out
+}
+
+// Pull resolves ref (an OCI reference, see ParseReference) to its linux/amd64
+// image manifest and returns the image. It fetches manifests and the config
+// only; layer blobs are downloaded into opts.Cache lazily, when OpenLayer
+// (that is, Flatten) first reads them.
+func Pull(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
+	if opts.Cache == nil {
+		return nil, errors.New("pull: no layer cache configured")
+	}
+	r, err := ParseReference(ref)
+	if err != nil {
+		return nil, err
+	}
+	kc := opts.Keychain
+	if kc == nil {
+		kc = authn.DefaultKeychain
+	}
+	ropts := []remote.Option{
+		remote.WithContext(ctx),
+		remote.WithAuthFromKeychain(kc),
+		remote.WithPlatform(Platform),
+		remote.WithUserAgent("banger"),
+	}
+	if opts.Transport != nil {
+		ropts = append(ropts, remote.WithTransport(opts.Transport))
+	}
+	opts.Progress.Report(progress.Event{Phase: "resolve", Item: r.String()})
+
+	desc, err := remote.Get(r, ropts...)
+	if err != nil {
+		return nil, fmt.Errorf("resolve %s: %w", r, err)
+	}
+	im := &Image{Ref: r.String(), cache: opts.Cache, progress: opts.Progress}
+	var img v1.Image
+	switch {
+	case desc.MediaType.IsIndex():
+		im.IndexDigest = desc.Digest.String()
+		img, err = pickPlatform(r, desc)
+	case desc.MediaType.IsImage():
+		img, err = desc.Image()
+	default:
+		err = fmt.Errorf("%s is a %q: %w", r, desc.MediaType, ErrNotAnImage)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := im.load(r, img); err != nil {
+		return nil, err
+	}
+	opts.Progress.Report(progress.Event{Phase: "resolve", Item: r.String(), Message: im.Digest, Done: true})
+	return im, nil
+}
+
+// pickPlatform returns the linux/amd64 image of an index, or an error that
+// lists the platforms the index has.
+func pickPlatform(r name.Reference, desc *remote.Descriptor) (v1.Image, error) {
+	idx, err := desc.ImageIndex()
+	if err != nil {
+		return nil, fmt.Errorf("read index %s: %w", r, err)
+	}
+	m, err := idx.IndexManifest()
+	if err != nil {
+		return nil, fmt.Errorf("read index %s: %w", r, err)
+	}
+	var have []string
+	for _, d := range m.Manifests {
+		if d.Platform == nil {
+			continue
+		}
+		if d.MediaType.IsImage() && d.Platform.Satisfies(Platform) {
+			img, err := idx.Image(d.Digest)
+			if err != nil {
+				return nil, fmt.Errorf("read %s image of %s: %w", Platform, r, err)
+			}
+			return img, nil
+		}
+		if p := d.Platform.String(); p != "unknown/unknown" && !slices.Contains(have, p) {
+			have = append(have, p)
+		}
+	}
+	if len(have) == 0 {
+		return nil, fmt.Errorf("%s: %w; the index names no platforms", r, ErrPlatformNotFound)
+	}
+	return nil, fmt.Errorf("%s: %w; it has %s", r, ErrPlatformNotFound, strings.Join(have, ", "))
+}
+
+// load fills im from a single-platform image.
+func (im *Image) load(r name.Reference, img v1.Image) error {
+	d, err := img.Digest()
+	if err != nil {
+		return fmt.Errorf("digest of %s: %w", r, err)
+	}
+	im.Digest = d.String()
+	mf, err := img.Manifest()
+	if err != nil {
+		return fmt.Errorf("read manifest of %s: %w", r, err)
+	}
+	switch mf.Config.MediaType {
+	case types.DockerConfigJSON, types.OCIConfigJSON, "":
+	default:
+		return fmt.Errorf("%s has config type %q: %w", r, mf.Config.MediaType, ErrNotAnImage)
+	}
+	cfg, err := img.ConfigFile()
+	if err != nil {
+		return fmt.Errorf("read config of %s: %w", r, err)
+	}
+	// A single-platform manifest can still be for another platform.
+	if cfg.OS != "" && (cfg.OS != Platform.OS || cfg.Architecture != Platform.Architecture) {
+		got := cfg.OS + "/" + cfg.Architecture
+		if cfg.Variant != "" {
+			got += "/" + cfg.Variant
+		}
+		return fmt.Errorf("%s: %w; it has %s", r, ErrPlatformNotFound, got)
+	}
+	layers, err := img.Layers()
+	if err != nil {
+		return fmt.Errorf("list layers of %s: %w", r, err)
+	}
+	if len(layers) != len(mf.Layers) {
+		return fmt.Errorf("%s: manifest lists %d layers, image has %d", r, len(mf.Layers), len(layers))
+	}
+	for i, l := range mf.Layers {
+		switch l.MediaType {
+		case types.DockerLayer, types.OCILayer, types.OCILayerZStd, types.OCIUncompressedLayer, types.DockerUncompressedLayer:
+		default:
+			return fmt.Errorf("%s: layer %d (%s) has media type %q: %w", r, i, l.Digest, l.MediaType, ErrNotAnImage)
+		}
+		if _, err := digestHex(l.Digest.String()); err != nil {
+			return fmt.Errorf("%s: layer %d: %w", r, i, err)
+		}
+		im.layers = append(im.layers, Layer{Digest: l.Digest.String(), Size: l.Size, MediaType: string(l.MediaType)})
+	}
+	im.remote = layers
+	return nil
+}
+
+// OpenLayer returns the uncompressed tar stream of layer i (oldest is 0),
+// downloading its blob into the cache first when it is not there. Close
+// reports a blob whose content does not match its digest (ErrDigestMismatch);
+// callers must check it before trusting what they read.
+func (im *Image) OpenLayer(ctx context.Context, i int) (io.ReadCloser, error) {
+	if i < 0 || i >= len(im.layers) {
+		return nil, fmt.Errorf("layer %d out of range (image has %d)", i, len(im.layers))
+	}
+	l := im.layers[i]
+	rl := im.remote[i]
+	blob, err := im.cache.OpenBlob(ctx, l.Digest, l.Size, func(context.Context) (io.ReadCloser, error) {
+		return rl.Compressed()
+	}, im.progress)
+	if err != nil {
+		return nil, fmt.Errorf("layer %d (%s): %w", i, l.Digest, err)
+	}
+	rc, err := decompress(blob)
+	if err != nil {
+		blob.Close()
+		return nil, fmt.Errorf("layer %d (%s): %w", i, l.Digest, err)
+	}
+	return rc, nil
+}
+
+// Prefetch downloads layer i into the cache if it is not there (see
+// Prefetcher).
+func (im *Image) Prefetch(ctx context.Context, i int) error {
+	if i < 0 || i >= len(im.layers) {
+		return fmt.Errorf("layer %d out of range (image has %d)", i, len(im.layers))
+	}
+	l, rl := im.layers[i], im.remote[i]
+	return im.cache.Ensure(ctx, l.Digest, l.Size, func(context.Context) (io.ReadCloser, error) {
+		return rl.Compressed()
+	}, im.progress)
+}
+
+// decompress sniffs the blob's compression (gzip, zstd or none) from its
+// first bytes rather than trusting the media type.
+func decompress(blob io.ReadCloser) (io.ReadCloser, error) {
+	br := bufio.NewReaderSize(blob, 1<<20)
+	magic, err := br.Peek(4)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("read layer: %w", err)
+	}
+	switch {
+	case len(magic) >= 2 && magic[0] == 0x1f && magic[1] == 0x8b:
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			return nil, fmt.Errorf("gunzip layer: %w", err)
+		}
+		return &layerReader{Reader: zr, zclose: zr.Close, blob: blob}, nil
+	case len(magic) == 4 && magic[0] == 0x28 && magic[1] == 0xb5 && magic[2] == 0x2f && magic[3] == 0xfd:
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return nil, fmt.Errorf("unzstd layer: %w", err)
+		}
+		return &layerReader{Reader: zr, zclose: func() error { zr.Close(); return nil }, blob: blob}, nil
+	default:
+		return &layerReader{Reader: br, blob: blob}, nil
+	}
+}
+
+// layerReader is a decompressed layer whose Close also closes (and so
+// verifies) the compressed blob.
+type layerReader struct {
+	io.Reader
+	zclose func() error
+	blob   io.ReadCloser
+}
+
+func (l *layerReader) Close() error {
+	var zerr error
+	if l.zclose != nil {
+		zerr = l.zclose()
+	}
+	if err := l.blob.Close(); err != nil {
+		return err
+	}
+	return zerr
+}
