@@ -1,0 +1,399 @@
+// Command banger-init is the /init of the initramfs banger generates
+// (package internal/kernels/initramfs). It runs as PID 1 in the guest:
+//
+//  1. mounts proc, sysfs and devtmpfs;
+//  2. loads the modules listed in /etc/banger/modules, in order
+//     (finit_module; a module already loaded is fine);
+//  3. reads root=, rootfstype=, rootflags=, ro/rw, init= and
+//     banger.rootwait= from /proc/cmdline;
+//  4. waits for the root block device, mounts it on /newroot, moves /dev,
+//     /proc and /sys under it;
+//  5. deletes the initramfs contents (as busybox switch_root does, so the
+//     memory is freed), makes /newroot the root (mount --move, chroot) and
+//     executes the real init.
+//
+// Kernel command line (defaults in brackets): root=/dev/NAME [/dev/vda]
+// (only device paths; UUID= and LABEL= need udev), rootfstype= [ext4],
+// rootflags= [none], ro or rw [ro, as the kernel does], init= [/sbin/init],
+// banger.rootwait=SECONDS [10], banger.debug (print each step).
+//
+// Every failure prints exactly one line to the console,
+//
+//	banger-init: <what failed>: <why>
+//
+// and powers the guest off, so the VM monitor exits instead of hanging.
+// The program refuses to run unless it is PID 1.
+//
+// Build it static: CGO_ENABLED=0 go build ./cmd/banger-init.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// modulesList is initramfs.ModulesListPath, rooted.
+const modulesList = "/etc/banger/modules"
+
+const newRoot = "/newroot"
+
+var (
+	console io.Writer = os.Stdout
+	debug   bool
+	start   = time.Now()
+)
+
+// stepError is a failure of one boot step.
+type stepError struct {
+	what string
+	err  error
+}
+
+func (e *stepError) Error() string { return e.what + ": " + e.err.Error() }
+func (e *stepError) Unwrap() error { return e.err }
+
+func fail(what string, err error) error { return &stepError{what: what, err: err} }
+
+func main() {
+	if os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "banger-init: refusing to run: not PID 1 (this is the init of banger's guest initramfs)")
+		os.Exit(2)
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			powerOff(fmt.Sprintf("banger-init: internal error: %v", r))
+		}
+	}()
+	err := run()
+	// run only returns on failure: success ends in exec.
+	if err == nil {
+		err = errors.New("init returned without executing the real init")
+	}
+	powerOff("banger-init: " + oneLine(err.Error()))
+}
+
+func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
+
+// powerOff prints msg and powers the guest off. If that fails, exiting
+// PID 1 panics the kernel, which with panic=N reboots and with QEMU's
+// -no-reboot exits: still no hang.
+func powerOff(msg string) {
+	fmt.Fprintln(console, msg)
+	unix.Sync()
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); err != nil {
+		fmt.Fprintf(console, "banger-init: power off: %v\n", err)
+	}
+	os.Exit(1)
+}
+
+func logf(format string, args ...any) {
+	if debug {
+		fmt.Fprintf(console, "banger-init: [%6dms] %s\n", time.Since(start).Milliseconds(), fmt.Sprintf(format, args...))
+	}
+}
+
+type config struct {
+	root      string
+	fstype    string
+	flags     uintptr
+	data      string
+	init      string
+	rootwait  time.Duration
+	initArgs  []string
+	debugMode bool
+}
+
+func run() error {
+	if err := mountEarly(); err != nil {
+		return err
+	}
+	cmdline, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return fail("read /proc/cmdline", err)
+	}
+	cfg, err := parseCmdline(string(cmdline))
+	if err != nil {
+		return fail("parse kernel command line", err)
+	}
+	debug = cfg.debugMode
+	logf("cmdline: %s", strings.TrimSpace(string(cmdline)))
+	if err := loadModules(); err != nil {
+		return err
+	}
+	if err := waitForDevice(cfg.root, cfg.rootwait); err != nil {
+		return err
+	}
+	if err := unix.Mount(cfg.root, newRoot, cfg.fstype, cfg.flags, cfg.data); err != nil {
+		return fail(fmt.Sprintf("mount root %s (%s) on %s", cfg.root, cfg.fstype, newRoot), err)
+	}
+	logf("mounted %s (%s) on %s", cfg.root, cfg.fstype, newRoot)
+	if err := checkInit(cfg.init); err != nil {
+		return err
+	}
+	return switchRoot(cfg)
+}
+
+// mountEarly mounts proc, sysfs and devtmpfs, and makes sure the console
+// is open on fds 0-2.
+func mountEarly() error {
+	for _, m := range []struct{ src, dir, fstype string }{
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"},
+	} {
+		if err := os.MkdirAll(m.dir, 0o755); err != nil {
+			return fail("create "+m.dir, err)
+		}
+		err := unix.Mount(m.src, m.dir, m.fstype, unix.MS_NOSUID|unix.MS_NOEXEC, "")
+		if err != nil && !errors.Is(err, unix.EBUSY) {
+			return fail("mount "+m.fstype+" on "+m.dir, err)
+		}
+	}
+	// The kernel opens /dev/console for init only if the node existed in
+	// the initramfs; reopen it from devtmpfs when fd 1 is not a console.
+	if _, err := unix.FcntlInt(1, unix.F_GETFD, 0); err != nil {
+		if fd, err := unix.Open("/dev/console", unix.O_RDWR|unix.O_NOCTTY, 0); err == nil {
+			for i := 0; i <= 2; i++ {
+				_ = unix.Dup2(fd, i)
+			}
+			if fd > 2 {
+				_ = unix.Close(fd)
+			}
+		}
+	}
+	return nil
+}
+
+// parseCmdline reads the parameters banger-init honours. Values may be
+// double-quoted; words after "--" go to the real init.
+func parseCmdline(s string) (config, error) {
+	cfg := config{root: "/dev/vda", fstype: "ext4", flags: unix.MS_RDONLY, init: "/sbin/init", rootwait: 10 * time.Second}
+	words := splitCmdline(s)
+	for i, w := range words {
+		if w == "--" {
+			cfg.initArgs = words[i+1:]
+			break
+		}
+		key, val, _ := strings.Cut(w, "=")
+		switch key {
+		case "root":
+			cfg.root = val
+		case "rootfstype":
+			cfg.fstype = val
+		case "rootflags":
+			cfg.data = val
+		case "ro":
+			cfg.flags |= unix.MS_RDONLY
+		case "rw":
+			cfg.flags &^= unix.MS_RDONLY
+		case "init":
+			cfg.init = val
+		case "banger.rootwait":
+			secs, err := strconv.ParseFloat(val, 64)
+			if err != nil || secs < 0 || secs > 3600 {
+				return cfg, fmt.Errorf("banger.rootwait=%q: want seconds between 0 and 3600", val)
+			}
+			cfg.rootwait = time.Duration(secs * float64(time.Second))
+		case "banger.debug":
+			cfg.debugMode = true
+		}
+	}
+	if !strings.HasPrefix(cfg.root, "/dev/") || strings.Contains(cfg.root, "..") {
+		return cfg, fmt.Errorf("root=%q: only /dev/<name> device paths are supported (no udev for UUID= or LABEL=)", cfg.root)
+	}
+	if !strings.HasPrefix(cfg.init, "/") {
+		return cfg, fmt.Errorf("init=%q: must be an absolute path", cfg.init)
+	}
+	if cfg.fstype == "" {
+		return cfg, errors.New("rootfstype= is empty")
+	}
+	return cfg, nil
+}
+
+func splitCmdline(s string) []string {
+	var words []string
+	var cur strings.Builder
+	inQuote, have := false, false
+	for _, r := range s {
+		switch {
+		case r == '"':
+			inQuote = !inQuote
+			have = true
+		case (r == ' ' || r == '\n' || r == '\t') && !inQuote:
+			if have {
+				words = append(words, cur.String())
+				cur.Reset()
+				have = false
+			}
+		default:
+			cur.WriteRune(r)
+			have = true
+		}
+	}
+	if have {
+		words = append(words, cur.String())
+	}
+	return words
+}
+
+// loadModules loads every module named in the list file, in order.
+func loadModules() error {
+	data, err := os.ReadFile(modulesList)
+	if err != nil {
+		return fail("read module list "+modulesList, err)
+	}
+	n := 0
+	for _, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		name := strings.TrimSuffix(filepath.Base(line), ".ko")
+		f, err := os.Open(line)
+		if err != nil {
+			return fail("load module "+name, err)
+		}
+		err = unix.FinitModule(int(f.Fd()), "", 0)
+		_ = f.Close()
+		if err != nil && !errors.Is(err, unix.EEXIST) {
+			return fail("load module "+name+" ("+line+")", err)
+		}
+		n++
+	}
+	logf("loaded %d modules", n)
+	return nil
+}
+
+// waitForDevice polls until dev is a block device, for at most wait.
+func waitForDevice(dev string, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		var st unix.Stat_t
+		err := unix.Stat(dev, &st)
+		if err == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK {
+			logf("root device %s is present", dev)
+			return nil
+		}
+		if err == nil {
+			return fail("wait for root device "+dev, errors.New("exists but is not a block device"))
+		}
+		if time.Now().After(deadline) {
+			return fail("wait for root device "+dev, fmt.Errorf("not present after %s (block devices: %s); check root= and banger.rootwait=", wait, blockDevices()))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func blockDevices() string {
+	ents, err := os.ReadDir("/sys/class/block")
+	if err != nil || len(ents) == 0 {
+		return "none"
+	}
+	names := make([]string, 0, len(ents))
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return strings.Join(names, ", ")
+}
+
+// checkInit makes sure the real init exists inside the new root, resolving
+// symlinks relative to it, before anything is torn down.
+func checkInit(init string) error {
+	dir, err := unix.Open(newRoot, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return fail("open "+newRoot, err)
+	}
+	defer unix.Close(dir)
+	fd, err := unix.Openat2(dir, strings.TrimPrefix(init, "/"), &unix.OpenHow{Flags: unix.O_PATH, Resolve: unix.RESOLVE_IN_ROOT})
+	if errors.Is(err, unix.ENOSYS) {
+		return nil // old kernel: exec will tell
+	}
+	if err != nil {
+		return fail("find init "+init+" in the root file system", err)
+	}
+	var st unix.Stat_t
+	serr := unix.Fstat(fd, &st)
+	_ = unix.Close(fd)
+	if serr == nil && (st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&0o111 == 0) {
+		return fail("find init "+init+" in the root file system", errors.New("not an executable file"))
+	}
+	return nil
+}
+
+// switchRoot moves the early mounts under the new root, frees the
+// initramfs, makes the new root "/" and executes the real init.
+func switchRoot(cfg config) error {
+	for _, d := range []string{"/dev", "/proc", "/sys"} {
+		target := newRoot + d
+		if st, err := os.Stat(target); err == nil && st.IsDir() {
+			if err := unix.Mount(d, target, "", unix.MS_MOVE, ""); err != nil {
+				return fail("move "+d+" to "+target, err)
+			}
+		} else if err := unix.Unmount(d, unix.MNT_DETACH); err != nil {
+			return fail("unmount "+d, err)
+		}
+	}
+	if err := os.Chdir(newRoot); err != nil {
+		return fail("chdir "+newRoot, err)
+	}
+	freeInitramfs()
+	if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
+		return fail("move "+newRoot+" to /", err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fail("chroot "+newRoot, err)
+	}
+	if err := os.Chdir("/"); err != nil {
+		return fail("chdir / in the new root", err)
+	}
+	logf("executing %s", cfg.init)
+	argv := append([]string{cfg.init}, cfg.initArgs...)
+	err := unix.Exec(cfg.init, argv, os.Environ())
+	return fail("execute init "+cfg.init, err)
+}
+
+// freeInitramfs deletes the initramfs contents, staying on its file
+// system, when "/" is a ramfs or tmpfs (as busybox switch_root does).
+// Failures are ignored: they only cost memory.
+func freeInitramfs() {
+	var sfs unix.Statfs_t
+	if err := unix.Statfs("/", &sfs); err != nil {
+		return
+	}
+	if sfs.Type != unix.RAMFS_MAGIC && sfs.Type != unix.TMPFS_MAGIC {
+		return
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat("/", &st); err != nil {
+		return
+	}
+	removeTree("/", st.Dev)
+}
+
+func removeTree(dir string, dev uint64) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil || st.Dev != dev {
+			continue // another mount, e.g. /newroot
+		}
+		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+			removeTree(p, dev)
+			_ = unix.Rmdir(p)
+		} else {
+			_ = unix.Unlink(p)
+		}
+	}
+}
