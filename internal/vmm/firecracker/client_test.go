@@ -109,7 +109,9 @@ func TestClientContract(t *testing.T) {
 			},
 		},
 		"PutNetworkInterface": {
-			func(c *Client) error { return c.PutNetworkInterface(ctx, NetworkInterface{IfaceID: "eth0", HostDevName: "tap0"}) },
+			func(c *Client) error {
+				return c.PutNetworkInterface(ctx, NetworkInterface{IfaceID: "eth0", HostDevName: "tap0"})
+			},
 			func(c *Client) error {
 				return c.PutNetworkInterface(ctx, NetworkInterface{IfaceID: "eth0", HostDevName: "bgr-tap0", GuestMAC: "06:00:ac:10:00:02"})
 			},

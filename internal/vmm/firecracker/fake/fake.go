@@ -219,10 +219,10 @@ func (s *Server) handle(opID string, params map[string]string, doc map[string]an
 		if f := preBoot(); f != nil {
 			return nil, f
 		}
-		for _, k := range []string{"kernel_image_path", "initrd_path"} {
+		for k, what := range map[string]string{"kernel_image_path": "kernel", "initrd_path": "initrd"} {
 			if p, ok := doc[k].(string); ok {
 				if err := readable(p); err != nil {
-					return nil, badRequest("The %s file cannot be opened: %v", strings.TrimSuffix(k, "_path"), err)
+					return nil, badRequest("The %s file cannot be opened: %v", what, err)
 				}
 			}
 		}

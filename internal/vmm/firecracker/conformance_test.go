@@ -1,0 +1,81 @@
+package firecracker_test
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/firecracker"
+	"github.com/bangerdev/banger/internal/vmm/firecracker/fake"
+	"github.com/bangerdev/banger/internal/vmm/vmmtest"
+)
+
+// The test binary doubles as the fake Firecracker: the backend under test
+// starts os.Executable() with BANGER_FAKE_FIRECRACKER=1.
+func TestMain(m *testing.M) {
+	if os.Getenv("BANGER_FAKE_FIRECRACKER") == "1" {
+		os.Exit(fake.Main(os.Args[1:]))
+	}
+	os.Exit(m.Run())
+}
+
+func fakeMonitor(t *testing.T) func() vmm.Monitor {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("BANGER_FAKE_FIRECRACKER", "1")
+	return func() vmm.Monitor {
+		m := firecracker.New()
+		m.Binary = self
+		m.Args = []string{"--agent-echo"}
+		m.TermWait = 2 * time.Second
+		return m
+	}
+}
+
+func fakeSpec(t *testing.T) vmm.Spec {
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "vmlinux")
+	disk := filepath.Join(dir, "rootfs.img")
+	for _, f := range []string{kernel, disk} {
+		if err := os.WriteFile(f, []byte("not really"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return vmm.Spec{
+		VMID: "01TEST", Name: "conformance", CPUs: 2, MemoryMiB: 256,
+		Kernel: kernel, Cmdline: "console=ttyS0 reboot=k panic=1",
+		Disk: disk, Tap: "bgr-test0", MAC: "06:00:0a:00:00:02",
+		RuntimeDir: filepath.Join(dir, "run"), ConsoleLog: filepath.Join(dir, "console.log"),
+	}
+}
+
+// TestConformanceFake runs the shared suite against the Firecracker backend
+// driving the fake Firecracker (no root, no KVM needed).
+func TestConformanceFake(t *testing.T) {
+	vmmtest.RunConfig(t, vmmtest.Config{
+		New:          fakeMonitor(t),
+		Spec:         fakeSpec,
+		WantGraceful: true, // the fake honours SendCtrlAltDel
+		Graceful:     5 * time.Second,
+	})
+}
+
+func TestStartSurfacesAPIFault(t *testing.T) {
+	m := fakeMonitor(t)()
+	spec := fakeSpec(t)
+	spec.Disk = filepath.Join(t.TempDir(), "missing.img")
+	h, err := m.Start(t.Context(), spec)
+	if err == nil {
+		_, _ = m.Stop(t.Context(), h, 0)
+		t.Fatal("Start with a missing disk succeeded")
+	}
+	var apiErr *firecracker.APIError
+	if !asAPIError(err, &apiErr) || apiErr.Path != "/drives/rootfs" {
+		t.Fatalf("Start error = %v, want an APIError for /drives/rootfs", err)
+	}
+}
