@@ -20,7 +20,7 @@ import (
 // Guest-side limits on what the agent reads from the guest filesystem.
 const (
 	maxLogLineBytes    = 512
-	logTailBytes       = 16 << 10
+	logTailBytes       = 256 << 10
 	maxHostKeyBytes    = 4 << 10
 	maxAuthorizedBytes = 1 << 20
 )

@@ -67,8 +67,8 @@ func (l *vsockListener) Accept() (net.Conn, error) {
 		return nil, fmt.Errorf("vsock accept: %w", err)
 	}
 	var (
-		nfd int
-		sa  unix.Sockaddr
+		nfd  int
+		sa   unix.Sockaddr
 		aerr error
 	)
 	err = rc.Read(func(fd uintptr) bool {
