@@ -216,7 +216,7 @@ type inodeInfo struct {
 }
 
 var (
-	statUserRE = regexp.MustCompile(`User: +([0-9]+) +Group: +([0-9]+)`)
+	statUserRE = regexp.MustCompile(`User: +(-?[0-9]+) +Group: +(-?[0-9]+)`)
 	statDevRE  = regexp.MustCompile(`Device major/minor number: ([0-9]+):([0-9]+)`)
 	statLinkRE = regexp.MustCompile(`^Fast link dest: "(.*)"$`)
 	statModeRE = regexp.MustCompile(`Mode: +([0-7]+)`)
@@ -254,8 +254,8 @@ func statPaths(t *testing.T, img string, paths ...string) map[string]inodeInfo {
 			info.Mode = uint32(mode)
 			for _, l := range b.body {
 				if m := statUserRE.FindStringSubmatch(l); m != nil {
-					info.UID, _ = strconv.Atoi(m[1])
-					info.GID, _ = strconv.Atoi(m[2])
+					// debugfs prints ids as signed 32-bit numbers.
+					info.UID, info.GID = unsigned32(m[1]), unsigned32(m[2])
 				}
 				if m := statDevRE.FindStringSubmatch(l); m != nil {
 					maj, _ := strconv.ParseInt(m[1], 16, 32)
@@ -270,6 +270,11 @@ func statPaths(t *testing.T, img string, paths ...string) map[string]inodeInfo {
 		out[paths[i]] = info
 	}
 	return out
+}
+
+func unsigned32(s string) int {
+	n, _ := strconv.ParseInt(s, 10, 64)
+	return int(uint32(n)) // #nosec G115 -- wraps a signed 32-bit id on purpose
 }
 
 // e2fsckClean fails the test unless e2fsck -fn finds nothing to fix.
