@@ -8,12 +8,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/bangerdev/banger/internal/daemon/daemontest"
 	"github.com/bangerdev/banger/internal/model"
+	"github.com/bangerdev/banger/internal/store"
 )
 
 // TestMain lets the test binary run as the banger program itself, so that
@@ -101,7 +103,7 @@ func TestCLIRoundTrips(t *testing.T) {
 		contains []string // in stdout
 		errHas   string   // in stderr
 	}{
-		{args: []string{"version"}, contains: []string{"client:", "daemon:", "schema 1"}},
+		{args: []string{"version"}, contains: []string{"client:", "daemon:", "schema " + strconv.Itoa(store.CurrentSchema)}},
 		{args: []string{"image", "ls"}, contains: []string{"debian-bookworm", "oci", "1.0 GiB", "generic-6.1"}},
 		{args: []string{"image", "inspect", "debian-bookworm"}, contains: []string{"rootfs:", "rootfs.ext4", "docker.io/library/debian:bookworm"}},
 		{args: []string{"image", "inspect", "nope"}, code: exitNotFound, errHas: `image "nope": not found`},

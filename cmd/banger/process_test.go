@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/daemon/daemontest"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/testutil"
@@ -205,7 +206,7 @@ func TestPeerCredentials(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("vm ls as uid %d: exit %d: %s", uid, code, errOut)
 	}
-	var vms []model.VM
+	var vms []api.VMSummary
 	if err := json.Unmarshal([]byte(out), &vms); err != nil {
 		t.Fatal(err)
 	}

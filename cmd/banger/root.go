@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -89,8 +88,6 @@ func exactArgs(n int, what string) cobra.PositionalArgs {
 		return nil
 	}
 }
-
-var errSilent = errors.New("")
 
 func warnf(g *globals, format string, args ...any) {
 	fmt.Fprintf(g.errOut, format+"\n", args...)

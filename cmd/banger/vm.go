@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/spf13/cobra"
 )
@@ -22,7 +23,7 @@ func newVMCmd(g *globals) *cobra.Command {
 			Short: "List VMs (yours; root sees all)",
 			Args:  exactArgs(0, "no arguments"),
 			RunE: func(c *cobra.Command, _ []string) error {
-				var vms []model.VM
+				var vms []api.VMSummary
 				if err := g.client().Do(c.Context(), "GET", "/vms", nil, &vms); err != nil {
 					return err
 				}
@@ -31,7 +32,8 @@ func newVMCmd(g *globals) *cobra.Command {
 				}
 				rows := make([][]string, 0, len(vms))
 				for _, v := range vms {
-					rows = append(rows, []string{v.Name, string(v.State), orDash(v.IP), orDash(v.VMM), orDash(v.DiskDriver), v.Image, ownerName(v.OwnerUID), uptime(v)})
+					rows = append(rows, []string{v.Name, string(v.State), orDash(v.IP), orDash(v.VMM), orDash(v.DiskDriver), v.Image, ownerName(v.OwnerUID),
+						uptime(model.VM{State: v.State, StartedAt: v.StartedAt})})
 				}
 				return printTable(g.out, []string{"NAME", "STATE", "IP", "VMM", "DISK", "IMAGE", "OWNER", "UPTIME"}, rows)
 			},

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
 )
 
@@ -90,3 +91,7 @@ type DeleteResult struct {
 	Deleted string `json:"deleted"`
 	Freed   int64  `json:"freed_bytes,omitempty"`
 }
+
+// VMSummary is one row of GET /v1/vms: what `banger vm ls` shows. The full
+// record (runtime, recovery) is GET /v1/vms/{name}.
+type VMSummary = model.VMSummary

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -170,16 +171,15 @@ func (d *Daemon) handleVMList(w http.ResponseWriter, r *http.Request) {
 	if !c.Root() {
 		owner = &c.UID
 	}
-	vms, err := d.store.ListVMs(owner)
+	sums, err := d.store.VMSummaries(owner)
 	if err != nil {
 		d.writeError(w, r, err)
 		return
 	}
-	sort.Slice(vms, func(i, j int) bool { return vms[i].Name < vms[j].Name })
-	if vms == nil {
-		vms = []model.VM{}
+	if sums == nil {
+		sums = []json.RawMessage{}
 	}
-	writeJSON(w, http.StatusOK, vms)
+	writeJSONCompact(w, http.StatusOK, sums)
 }
 
 func (d *Daemon) handleVMGet(w http.ResponseWriter, r *http.Request) {

@@ -159,3 +159,24 @@ func ValidateName(kind, name string) error {
 	}
 	return nil
 }
+
+// VMSummary is the part of a VM record a listing shows.
+type VMSummary struct {
+	ID         string    `json:"id"`
+	Name       string    `json:"name"`
+	State      VMState   `json:"state"`
+	Reason     string    `json:"reason,omitempty"`
+	IP         string    `json:"ip,omitempty"`
+	VMM        string    `json:"vmm,omitempty"`
+	DiskDriver string    `json:"disk_driver,omitempty"`
+	Image      string    `json:"image"`
+	OwnerUID   uint32    `json:"owner_uid"`
+	Created    time.Time `json:"created"`
+	StartedAt  time.Time `json:"started_at,omitzero"`
+}
+
+// Summary returns the listing fields of vm.
+func (vm VM) Summary() VMSummary {
+	return VMSummary{ID: vm.ID, Name: vm.Name, State: vm.State, Reason: vm.Reason, IP: vm.IP, VMM: vm.VMM,
+		DiskDriver: vm.DiskDriver, Image: vm.Image, OwnerUID: vm.OwnerUID, Created: vm.Created, StartedAt: vm.StartedAt}
+}

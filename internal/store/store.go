@@ -29,14 +29,15 @@ var (
 )
 
 var (
-	bMeta       = []byte("meta")
-	bImages     = []byte("images")      // id -> Image JSON
-	bImageNames = []byte("image_names") // name -> id
-	bKernels    = []byte("kernels")     // name -> Kernel JSON
-	bVMs        = []byte("vms")         // id -> VM JSON
-	bVMNames    = []byte("vm_names")    // name -> id
-	bLeases     = []byte("leases")      // ip -> vm id
-	kSchema     = []byte("schema_version")
+	bMeta        = []byte("meta")
+	bImages      = []byte("images")       // id -> Image JSON
+	bImageNames  = []byte("image_names")  // name -> id
+	bKernels     = []byte("kernels")      // name -> Kernel JSON
+	bVMs         = []byte("vms")          // id -> VM JSON
+	bVMNames     = []byte("vm_names")     // name -> id
+	bLeases      = []byte("leases")       // ip -> vm id
+	bVMSummaries = []byte("vm_summaries") // id -> VMSummary JSON (schema 2)
+	kSchema      = []byte("schema_version")
 )
 
 // Store is an open state store. Its methods are safe for concurrent use.
@@ -94,6 +95,20 @@ var migrations = []func(tx *bolt.Tx) error{
 			}
 		}
 		return nil
+	},
+	// 1 -> 2: precomputed VM summaries for fast listing.
+	func(tx *bolt.Tx) error {
+		sums, err := tx.CreateBucketIfNotExists(bVMSummaries)
+		if err != nil {
+			return err
+		}
+		return tx.Bucket(bVMs).ForEach(func(k, v []byte) error {
+			var vm model.VM
+			if err := json.Unmarshal(v, &vm); err != nil {
+				return fmt.Errorf("decode vm %q: %w", k, err)
+			}
+			return put(sums, vm.ID, vm.Summary())
+		})
 	},
 }
 
@@ -303,7 +318,7 @@ func (s *Store) CreateVM(vm *model.VM, subnet netip.Prefix) error {
 		if err := names.Put([]byte(vm.Name), []byte(vm.ID)); err != nil {
 			return err
 		}
-		return put(vms, vm.ID, vm)
+		return putVM(tx, vm)
 	})
 }
 
@@ -341,7 +356,7 @@ func (s *Store) UpdateVM(idOrName string, fn func(*model.VM) error) (model.VM, e
 		if vm.ID != oldID || vm.Name != oldName {
 			return errors.New("UpdateVM: id and name cannot change")
 		}
-		return put(b, vm.ID, vm)
+		return putVM(tx, &vm)
 	})
 	return vm, err
 }
@@ -383,6 +398,44 @@ func (s *Store) ListVMs(owner *uint32) ([]model.VM, error) {
 	return out, err
 }
 
+// VMSummaries returns the JSON summaries (model.VMSummary) of every VM,
+// or of those owned by owner when it is not nil, in name order. They are
+// kept precomputed beside the records, so listing decodes nothing for root.
+func (s *Store) VMSummaries(owner *uint32) ([]json.RawMessage, error) {
+	var out []json.RawMessage
+	err := s.db.View(func(tx *bolt.Tx) error {
+		sums := tx.Bucket(bVMSummaries)
+		return tx.Bucket(bVMNames).ForEach(func(_, id []byte) error {
+			raw := sums.Get(id)
+			if raw == nil {
+				return nil
+			}
+			if owner != nil {
+				var o struct {
+					OwnerUID uint32 `json:"owner_uid"`
+				}
+				if err := json.Unmarshal(raw, &o); err != nil {
+					return fmt.Errorf("decode vm summary %q: %w", id, err)
+				}
+				if o.OwnerUID != *owner {
+					return nil
+				}
+			}
+			out = append(out, append(json.RawMessage(nil), raw...))
+			return nil
+		})
+	})
+	return out, err
+}
+
+// putVM writes a VM record and its summary.
+func putVM(tx *bolt.Tx, vm *model.VM) error {
+	if err := put(tx.Bucket(bVMs), vm.ID, vm); err != nil {
+		return err
+	}
+	return put(tx.Bucket(bVMSummaries), vm.ID, vm.Summary())
+}
+
 // DeleteVM removes the VM record and releases its IP lease in one
 // transaction.
 func (s *Store) DeleteVM(idOrName string) error {
@@ -401,6 +454,9 @@ func (s *Store) DeleteVM(idOrName string) error {
 			}
 		}
 		if err := tx.Bucket(bVMNames).Delete([]byte(vm.Name)); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bVMSummaries).Delete([]byte(id)); err != nil {
 			return err
 		}
 		return tx.Bucket(bVMs).Delete([]byte(id))
@@ -433,7 +489,7 @@ func (s *Store) Check() error {
 					return nil
 				}
 				if got, err := nameOf(raw); err != nil || got != string(n) {
-					errs = append(errs, fmt.Errorf("%s name %q points at id %q named %q (%v)", kind, n, id, got, err))
+					errs = append(errs, fmt.Errorf("%s name %q points at id %q named %q (%w)", kind, n, id, got, err))
 				}
 				return nil
 			})

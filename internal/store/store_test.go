@@ -5,11 +5,13 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/bangerdev/banger/internal/model"
+	bolt "go.etcd.io/bbolt"
 )
 
 func openTemp(t *testing.T) (*Store, string) {
@@ -163,5 +165,48 @@ func TestNewerSchemaIsRefused(t *testing.T) {
 	_, err := Open(path, time.Second)
 	if err == nil {
 		t.Fatal("Open accepted a store from a newer banger")
+	}
+}
+
+// TestMigrationFromSchema1 builds a schema-1 store by hand and checks that
+// opening it backfills the VM summaries of schema 2.
+func TestMigrationFromSchema1(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "banger.db")
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		if err := migrations[0](tx); err != nil {
+			return err
+		}
+		if err := setSchema(tx, 1); err != nil {
+			return err
+		}
+		vm := model.VM{ID: "id1", Name: "old", State: model.VMStopped, OwnerUID: 7}
+		if err := put(tx.Bucket(bVMs), vm.ID, vm); err != nil {
+			return err
+		}
+		return tx.Bucket(bVMNames).Put([]byte("old"), []byte("id1"))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	s, err := Open(path, time.Second)
+	if err != nil {
+		t.Fatalf("Open schema-1 store: %v", err)
+	}
+	defer s.Close()
+	if v, _ := s.SchemaVersion(); v != CurrentSchema {
+		t.Fatalf("schema %d after migration, want %d", v, CurrentSchema)
+	}
+	sums, err := s.VMSummaries(nil)
+	if err != nil || len(sums) != 1 || !strings.Contains(string(sums[0]), `"name":"old"`) {
+		t.Fatalf("summaries after migration = %s, %v", sums, err)
+	}
+	u := uint32(8)
+	if other, _ := s.VMSummaries(&u); len(other) != 0 {
+		t.Fatalf("owner filter: uid 8 sees %s", other)
 	}
 }

@@ -56,20 +56,20 @@ func HostDebianMirror() string {
 			if strings.HasPrefix(line, "URIs:") {
 				fields := strings.Fields(strings.TrimPrefix(line, "URIs:"))
 				if len(fields) > 0 && !strings.Contains(fields[0], "security") {
-					fh.Close()
+					_ = fh.Close()
 					return fields[0]
 				}
 			}
 			if strings.HasPrefix(line, "deb ") {
 				for _, f := range strings.Fields(line)[1:] {
 					if strings.HasPrefix(f, "http") {
-						fh.Close()
+						_ = fh.Close()
 						return f
 					}
 				}
 			}
 		}
-		fh.Close()
+		_ = fh.Close()
 	}
 	return "http://deb.debian.org/debian"
 }
