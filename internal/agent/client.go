@@ -137,10 +137,14 @@ func (c *Client) call(ctx context.Context, req Request, match func(*Response) bo
 	stop := context.AfterFunc(ctx, func() { _ = c.conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	fail := func(err error) (*Response, error) {
-		if ctx.Err() != nil {
+		switch {
+		case ctx.Err() != nil:
 			err = ctx.Err()
-		} else if errors.Is(err, os.ErrDeadlineExceeded) {
-			err = fmt.Errorf("no reply by the deadline: %w", err)
+		case errors.Is(err, os.ErrDeadlineExceeded) && ok:
+			// ctx's own deadline, seen by the socket a moment first.
+			err = fmt.Errorf("no reply by the deadline: %w", context.DeadlineExceeded)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			err = fmt.Errorf("no reply within %s: %w", c.opts.RequestTimeout, err)
 		}
 		return nil, fmt.Errorf("agent %s: %w", req.Op, err)
 	}
