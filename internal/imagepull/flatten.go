@@ -199,7 +199,7 @@ type flattener struct {
 	root     int // O_PATH descriptor of the staging dir
 	md       Metadata
 	children map[string]map[string]struct{} // directory -> names in it
-	dirTimes map[string]time.Time            // directory mtimes, set last
+	dirTimes map[string]time.Time           // directory mtimes, set last
 	opts     FlattenOptions
 	buf      []byte
 	bytes    int64 // file content written so far
@@ -221,7 +221,9 @@ func (f *flattener) replay(ctx context.Context, src LayerSource, i int, l Layer)
 		return fmt.Errorf("open layer %d (%s): %w", i, l.Digest, err)
 	}
 	defer func() {
-		if cerr := rc.Close(); cerr != nil && err == nil {
+		// Close verifies the blob; a corrupt blob is the root cause of
+		// whatever else went wrong reading it, so it wins.
+		if cerr := rc.Close(); cerr != nil && (err == nil || errors.Is(cerr, ErrDigestMismatch)) {
 			err = fmt.Errorf("layer %d (%s): %w", i, l.Digest, cerr)
 		}
 	}()
