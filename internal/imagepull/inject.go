@@ -1,0 +1,209 @@
+package imagepull
+
+import (
+	"context"
+	"embed"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+)
+
+// assetFS holds the guest-side scripts and units, see assets/.
+//
+//go:embed assets
+var assetFS embed.FS
+
+// Where InjectGuestAgents puts things in the guest. The agent reads the
+// first-boot files to report the first-boot status.
+const (
+	GuestAgentPath        = "/usr/local/bin/banger-vsock-agent"
+	GuestLibDir           = "/usr/local/lib/banger"
+	GuestNetworkScript    = GuestLibDir + "/banger-network.sh"
+	GuestFirstBootScript  = GuestLibDir + "/first-boot.sh"
+	GuestUnitDir          = "/etc/systemd/system"
+	GuestWantsDir         = GuestUnitDir + "/multi-user.target.wants"
+	GuestModulesLoadFile  = "/etc/modules-load.d/banger-vsock.conf"
+	GuestStateDir         = "/var/lib/banger"
+	GuestFirstBootPending = GuestStateDir + "/first-boot-pending" // present until first boot succeeds
+	GuestFirstBootStatus  = GuestStateDir + "/first-boot-status"  // pending, running, done or failed
+	GuestFirstBootLog     = "/var/log/banger-first-boot.log"
+)
+
+// GuestUnits are the systemd units InjectGuestAgents installs and enables.
+var GuestUnits = []string{"banger-network.service", "banger-first-boot.service", "banger-vsock-agent.service"}
+
+// ErrGuestLayout is returned when the image has something in the way of a
+// file banger injects: a directory where a file goes, or a non-directory
+// (a symlink included: banger never writes through one) where a directory
+// must be.
+var ErrGuestLayout = errors.New("image layout prevents injecting banger's guest files")
+
+// GuestAssets are the host-side inputs of InjectGuestAgents that are not
+// embedded in banger itself.
+type GuestAssets struct {
+	// AgentBinary is the host path of the static banger-vsock-agent
+	// executable. Required.
+	AgentBinary string
+}
+
+// injectFile is one regular file to put in the guest.
+type injectFile struct {
+	guest string // absolute path in the image
+	mode  uint32 // full mode, type bits included
+	asset string // name under assets/, or "" when host is set
+	host  string // host file to copy
+	data  string // literal content when asset and host are empty
+}
+
+// guestFiles lists what InjectGuestAgents writes.
+func guestFiles(a GuestAssets) []injectFile {
+	files := []injectFile{
+		{guest: GuestAgentPath, mode: 0o100755, host: a.AgentBinary},
+		{guest: GuestNetworkScript, mode: 0o100755, asset: "banger-network.sh"},
+		{guest: GuestFirstBootScript, mode: 0o100755, asset: "first-boot.sh"},
+		{guest: GuestModulesLoadFile, mode: 0o100644, asset: "banger-vsock.conf"},
+		{guest: GuestFirstBootPending, mode: 0o100644},
+		{guest: GuestFirstBootStatus, mode: 0o100644, data: "pending\n"},
+	}
+	for _, u := range GuestUnits {
+		files = append(files, injectFile{guest: GuestUnitDir + "/" + u, mode: 0o100644, asset: u})
+	}
+	return files
+}
+
+// guestLinks maps each multi-user.target.wants link to its target, as
+// `systemctl enable` would make it.
+func guestLinks() map[string]string {
+	links := map[string]string{}
+	for _, u := range GuestUnits {
+		links[GuestWantsDir+"/"+u] = GuestUnitDir + "/" + u
+	}
+	return links
+}
+
+// InjectGuestAgents adds banger's guest side to the ext4 image at ext4Path,
+// owned by root, with one debugfs script (no mount): the agent binary at
+// GuestAgentPath, the network bootstrap script and banger-network.service,
+// the first-boot script and banger-first-boot.service,
+// banger-vsock-agent.service, the multi-user.target.wants links that enable
+// all three, the vsock modules-load.d file, and the first-boot marker and
+// status ("pending"). Missing parent directories are created (root, 0755).
+//
+// It is idempotent: files and links that exist are replaced. It fails with
+// ErrGuestLayout rather than write through a symlink or over a directory.
+func InjectGuestAgents(ctx context.Context, ext4Path string, a GuestAssets) error {
+	abs, err := filepath.Abs(ext4Path)
+	if err != nil {
+		return fmt.Errorf("inject guest agents into %q: %w", ext4Path, err)
+	}
+	if a.AgentBinary == "" {
+		return fmt.Errorf("inject guest agents into %q: no agent binary given", abs)
+	}
+	agent, err := filepath.Abs(a.AgentBinary)
+	if err != nil {
+		return fmt.Errorf("inject guest agents: agent binary %q: %w", a.AgentBinary, err)
+	}
+	if st, err := os.Stat(agent); err != nil {
+		return fmt.Errorf("inject guest agents: agent binary: %w", err)
+	} else if !st.Mode().IsRegular() {
+		return fmt.Errorf("inject guest agents: agent binary %q is not a regular file", agent)
+	}
+	a.AgentBinary = agent
+
+	files := guestFiles(a)
+	links := guestLinks()
+
+	// Every ancestor directory, parents first, then the files and links.
+	var dirs []string
+	seen := map[string]bool{}
+	var addDirs func(p string)
+	addDirs = func(p string) {
+		if p == "/" || seen[p] {
+			return
+		}
+		addDirs(path.Dir(p))
+		seen[p] = true
+		dirs = append(dirs, p)
+	}
+	targets := make([]string, 0, len(files)+len(links))
+	for _, f := range files {
+		addDirs(path.Dir(f.guest))
+		targets = append(targets, f.guest)
+	}
+	for l := range links {
+		addDirs(path.Dir(l))
+		targets = append(targets, l)
+	}
+	kinds, err := probe(ctx, abs, append(append([]string{}, dirs...), targets...))
+	if err != nil {
+		return fmt.Errorf("inject guest agents into %q: %w", abs, err)
+	}
+
+	tmp, err := os.MkdirTemp("", "banger-inject-")
+	if err != nil {
+		return fmt.Errorf("inject guest agents into %q: %w", abs, err)
+	}
+	defer func() { _ = os.RemoveAll(tmp) }()
+
+	var s script
+	for _, d := range dirs {
+		switch kinds[d] {
+		case kindDir:
+		case kindMissing:
+			s.add("mkdir", qpath(d))
+			setRoot(&s, d, 0o040755)
+		default:
+			return fmt.Errorf("inject guest agents into %q: %q is a %s, not a directory: %w", abs, d, kinds[d], ErrGuestLayout)
+		}
+	}
+	for _, t := range targets {
+		switch kinds[t] {
+		case kindMissing:
+		case kindDir:
+			return fmt.Errorf("inject guest agents into %q: %q is a directory: %w", abs, t, ErrGuestLayout)
+		default:
+			s.add("rm", qpath(t))
+		}
+	}
+	for i, f := range files {
+		src := f.host
+		if src == "" {
+			content := []byte(f.data)
+			if f.asset != "" {
+				if content, err = assetFS.ReadFile("assets/" + f.asset); err != nil {
+					return fmt.Errorf("inject guest agents: asset %s: %w", f.asset, err)
+				}
+			}
+			src = filepath.Join(tmp, fmt.Sprintf("%d-%s", i, path.Base(f.guest)))
+			if err := os.WriteFile(src, content, 0o600); err != nil {
+				return fmt.Errorf("inject guest agents: stage %s: %w", f.guest, err)
+			}
+		}
+		// write takes a name in the current directory, not a path.
+		dir, base := path.Split(f.guest)
+		s.add("cd", qpath(dir))
+		s.add("write", qpath(src), qbase(base))
+		s.add("cd", qpath("/"))
+		setRoot(&s, f.guest, f.mode)
+	}
+	for _, l := range slices.Sorted(maps.Keys(links)) {
+		s.add("symlink", qpath(l), qpath(links[l]))
+		s.add("set_inode_field", qpath(l), lit("uid"), lit("0"))
+		s.add("set_inode_field", qpath(l), lit("gid"), lit("0"))
+	}
+	if _, err := runDebugfs(ctx, abs, &s, true); err != nil {
+		return fmt.Errorf("inject guest agents: %w", err)
+	}
+	return nil
+}
+
+// setRoot makes p owned by 0:0 with the full mode.
+func setRoot(s *script, p string, mode uint32) {
+	s.add("set_inode_field", qpath(p), lit("uid"), lit("0"))
+	s.add("set_inode_field", qpath(p), lit("gid"), lit("0"))
+	s.add("set_inode_field", qpath(p), lit("mode"), lit(fmt.Sprintf("0%o", mode)))
+}

@@ -1,0 +1,141 @@
+package imagepull
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// dumpFile reads a file out of the image with debugfs dump.
+func dumpFile(t *testing.T, img, p string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "dump")
+	var s script
+	s.add("dump", qpath(p), qpath(out))
+	if _, err := runDebugfs(context.Background(), img, &s, false); err != nil {
+		t.Fatalf("dump %s: %v", p, err)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func fakeAgent(t *testing.T, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "banger-vsock-agent")
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestInjectGuestAgents(t *testing.T) {
+	requireE2fsprogs(t)
+	// A minimal image: /etc and /usr exist (the ones from the image keep
+	// their owner), everything else InjectGuestAgents must create.
+	staging := stageFiles(t, map[string]string{"etc/os-release": "ID=debian\n"}, "usr/bin")
+	img := mkfsStaging(t, staging)
+	ctx := context.Background()
+	if err := ApplyOwnership(ctx, img, Metadata{"usr": {Type: TypeDir, UID: 5, Mode: 0o755}}); err != nil {
+		t.Fatal(err)
+	}
+	agent := fakeAgent(t, "\x7fELF agent v1")
+	if err := InjectGuestAgents(ctx, img, GuestAssets{AgentBinary: agent}); err != nil {
+		t.Fatalf("InjectGuestAgents: %v", err)
+	}
+	checkInjected(t, img, "\x7fELF agent v1")
+
+	// Again, with a new agent: replaced, not duplicated or failed.
+	agent2 := fakeAgent(t, "\x7fELF agent v2, longer than the first one")
+	if err := InjectGuestAgents(ctx, img, GuestAssets{AgentBinary: agent2}); err != nil {
+		t.Fatalf("second InjectGuestAgents: %v", err)
+	}
+	checkInjected(t, img, "\x7fELF agent v2, longer than the first one")
+	if got := statPaths(t, img, "/usr")["/usr"]; got.UID != 5 {
+		t.Errorf("/usr: %+v, an existing directory must keep its owner", got)
+	}
+}
+
+func checkInjected(t *testing.T, img, agentContent string) {
+	t.Helper()
+	want := map[string]inodeInfo{
+		GuestAgentPath:                               {Type: "regular", Mode: 0o755},
+		GuestNetworkScript:                           {Type: "regular", Mode: 0o755},
+		GuestFirstBootScript:                         {Type: "regular", Mode: 0o755},
+		GuestModulesLoadFile:                         {Type: "regular", Mode: 0o644},
+		GuestFirstBootPending:                        {Type: "regular", Mode: 0o644},
+		GuestFirstBootStatus:                         {Type: "regular", Mode: 0o644},
+		GuestUnitDir + "/banger-network.service":     {Type: "regular", Mode: 0o644},
+		GuestUnitDir + "/banger-first-boot.service":  {Type: "regular", Mode: 0o644},
+		GuestUnitDir + "/banger-vsock-agent.service": {Type: "regular", Mode: 0o644},
+		"/usr/local":                                 {Type: "directory", Mode: 0o755},
+		"/usr/local/bin":                             {Type: "directory", Mode: 0o755},
+		GuestLibDir:                                  {Type: "directory", Mode: 0o755},
+		GuestWantsDir:                                {Type: "directory", Mode: 0o755},
+		"/etc/modules-load.d":                        {Type: "directory", Mode: 0o755},
+		"/var/lib":                                   {Type: "directory", Mode: 0o755},
+		GuestStateDir:                                {Type: "directory", Mode: 0o755},
+	}
+	for _, u := range GuestUnits {
+		want[GuestWantsDir+"/"+u] = inodeInfo{Type: "symlink", Mode: 0o777, Target: GuestUnitDir + "/" + u}
+	}
+	checkInodes(t, img, want)
+
+	if got := dumpFile(t, img, GuestAgentPath); string(got) != agentContent {
+		t.Errorf("agent content %q, want %q", got, agentContent)
+	}
+	for guest, asset := range map[string]string{
+		GuestNetworkScript:                           "banger-network.sh",
+		GuestFirstBootScript:                         "first-boot.sh",
+		GuestModulesLoadFile:                         "banger-vsock.conf",
+		GuestUnitDir + "/banger-vsock-agent.service": "banger-vsock-agent.service",
+	} {
+		wantContent, err := assetFS.ReadFile("assets/" + asset)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := dumpFile(t, img, guest); !bytes.Equal(got, wantContent) {
+			t.Errorf("%s differs from assets/%s", guest, asset)
+		}
+	}
+	if got := dumpFile(t, img, GuestFirstBootStatus); string(got) != "pending\n" {
+		t.Errorf("first-boot status %q", got)
+	}
+	mods := string(dumpFile(t, img, GuestModulesLoadFile))
+	for _, m := range []string{"\nvmw_vsock_virtio_transport\n", "\nvirtio_console\n"} {
+		if !bytes.Contains([]byte(mods), []byte(m)) {
+			t.Errorf("modules-load file lacks %q:\n%s", m, mods)
+		}
+	}
+	e2fsckClean(t, img)
+}
+
+func TestInjectGuestAgentsRefusesBadLayout(t *testing.T) {
+	requireE2fsprogs(t)
+	agent := fakeAgent(t, "agent")
+	// /usr/local/lib is a symlink out of the expected tree.
+	s1 := stageFiles(t, nil, "usr/local", "opt/lib")
+	if err := os.Symlink("/opt/lib", filepath.Join(s1, "usr/local/lib")); err != nil {
+		t.Fatal(err)
+	}
+	// The marker path is a directory.
+	s2 := stageFiles(t, nil, "var/lib/banger/first-boot-pending")
+	for name, staging := range map[string]string{"symlinked dir": s1, "dir at file path": s2} {
+		img := mkfsStaging(t, staging)
+		if err := InjectGuestAgents(context.Background(), img, GuestAssets{AgentBinary: agent}); !errors.Is(err, ErrGuestLayout) {
+			t.Errorf("%s: InjectGuestAgents = %v, want ErrGuestLayout", name, err)
+		}
+	}
+	img := mkfsStaging(t, stageFiles(t, nil, "etc"))
+	if err := InjectGuestAgents(context.Background(), img, GuestAssets{}); err == nil {
+		t.Errorf("InjectGuestAgents without an agent binary succeeded")
+	}
+	if err := InjectGuestAgents(context.Background(), img, GuestAssets{AgentBinary: filepath.Dir(agent)}); err == nil {
+		t.Errorf("InjectGuestAgents with a directory as agent binary succeeded")
+	}
+}
