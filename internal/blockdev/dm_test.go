@@ -88,6 +88,10 @@ func (r *recorder) Detach(_ context.Context, dev, expect, _ string) error {
 
 func dmFixture(t *testing.T, imageBytes int64) (*Manager, *recorder, string, string) {
 	state := t.TempDir()
+	// A private lock file: the default under /run/lock is root's.
+	prevLock := LockPath
+	LockPath = filepath.Join(t.TempDir(), "blockdev.lock")
+	t.Cleanup(func() { LockPath = prevLock })
 	img := filepath.Join(state, "images", "img1", "rootfs.ext4")
 	if err := os.MkdirAll(filepath.Dir(img), 0o700); err != nil {
 		t.Fatal(err)
