@@ -1,11 +1,13 @@
 package firecracker_test
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/vmm"
 	"github.com/bangerdev/banger/internal/vmm/firecracker"
 	"github.com/bangerdev/banger/internal/vmm/firecracker/fake"
@@ -77,5 +79,37 @@ func TestStartSurfacesAPIFault(t *testing.T) {
 	var apiErr *firecracker.APIError
 	if !asAPIError(err, &apiErr) || apiErr.Path != "/drives/rootfs" {
 		t.Fatalf("Start error = %v, want an APIError for /drives/rootfs", err)
+	}
+}
+
+// TestFakeServesRealAgent boots the fake with --agent-root and reaches
+// banger's real guest agent through the vsock socket, as the daemon does.
+func TestFakeServesRealAgent(t *testing.T) {
+	newMonitor := fakeMonitor(t)
+	m := newMonitor().(*firecracker.Monitor)
+	m.Args = []string{"--agent-root", t.TempDir()}
+	spec := fakeSpec(t)
+	h, err := m.Start(t.Context(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _, _ = m.Stop(context.Background(), h, 0) })
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	c, err := agent.Dial(ctx, agent.Transport(h.AgentTransport), h.AgentSocket)
+	if err != nil {
+		t.Fatalf("agent.Dial(%s, %s): %v", h.AgentTransport, h.AgentSocket, err)
+	}
+	defer c.Close()
+	health, err := c.Health(ctx)
+	if err != nil {
+		t.Fatalf("Health: %v", err)
+	}
+	t.Logf("agent health through the fake: %+v", health)
+	// No listener on other ports: Firecracker closes without "OK".
+	conn, err := agent.ConnectVsockUDS(ctx, h.AgentSocket, agent.DefaultPort+1)
+	if err == nil {
+		conn.Close()
+		t.Fatal("CONNECT to a port without a listener succeeded")
 	}
 }

@@ -52,6 +52,9 @@ type Options struct {
 	CheckTap bool
 	// Agent answers host connections on the vsock socket; nil closes them.
 	Agent AgentHandler
+	// AgentPort, when set, is the only guest port with a listener:
+	// connections to other ports are closed without "OK".
+	AgentPort uint32
 	// ShutdownDelay is how long after SendCtrlAltDel the process exits.
 	ShutdownDelay time.Duration
 }
@@ -420,7 +423,7 @@ func (s *Server) vsockConn(c net.Conn, hostPort uint32) {
 		return
 	}
 	port, ok := parseConnect(line)
-	if !ok || s.opts.Agent == nil {
+	if !ok || s.opts.Agent == nil || (s.opts.AgentPort != 0 && port != s.opts.AgentPort) {
 		_ = c.Close()
 		return
 	}

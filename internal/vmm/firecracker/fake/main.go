@@ -10,6 +10,8 @@ import (
 	"os/exec"
 	"os/signal"
 	"syscall"
+
+	"github.com/bangerdev/banger/internal/agent"
 )
 
 // Main runs a fake Firecracker process with the command-line arguments args
@@ -20,6 +22,8 @@ import (
 //	--api-sock PATH   the API socket (required, as for firecracker)
 //	--id ID           accepted and ignored, as firecracker's --id
 //	--check-tap       PUT /network-interfaces requires /sys/class/net/<tap>
+//	--agent-root DIR  guest vsock port 1024 runs banger's real guest agent
+//	                  (internal/agent) over the guest root DIR
 //	--agent-echo      guest vsock ports echo what they receive
 //	--agent-exec PROG each guest vsock connection runs PROG [ARGS after --]
 //	                  with the connection on stdin and stdout and
@@ -29,6 +33,7 @@ func Main(args []string) int {
 	apiSock := fs.String("api-sock", "", "path of the API Unix socket")
 	_ = fs.String("id", "", "instance id (ignored)")
 	checkTap := fs.Bool("check-tap", false, "require the tap named in PUT /network-interfaces to exist")
+	agentRoot := fs.String("agent-root", "", "serve banger's guest agent on vsock port 1024 over this guest root")
 	echo := fs.Bool("agent-echo", false, "guest vsock ports echo their input")
 	agentExec := fs.String("agent-exec", "", "program that serves each guest vsock connection on stdin/stdout")
 	if err := fs.Parse(args); err != nil {
@@ -39,7 +44,11 @@ func Main(args []string) int {
 		return 2
 	}
 	opts := Options{APISock: *apiSock, Console: os.Stdout, CheckTap: *checkTap}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
 	switch {
+	case *agentRoot != "":
+		opts.Agent, opts.AgentPort = builtinAgent(ctx, *agentRoot), agent.DefaultPort
 	case *agentExec != "":
 		opts.Agent = execAgent(*agentExec, fs.Args())
 	case *echo:
@@ -53,14 +62,23 @@ func Main(args []string) int {
 		fmt.Fprintln(os.Stderr, "banger-fake-firecracker:", err)
 		return 1
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
 	fmt.Printf("banger-fake-firecracker: API on %s (pid %d)\n", *apiSock, os.Getpid())
 	if err := srv.Serve(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "banger-fake-firecracker:", err)
 		return 1
 	}
 	return 0
+}
+
+// builtinAgent serves the real agent protocol, as a guest running
+// banger-vsock-agent would.
+func builtinAgent(ctx context.Context, root string) AgentHandler {
+	srv := agent.NewServer(root, "fake-firecracker")
+	return func(_ uint32, c net.Conn) {
+		if err := srv.ServeConn(ctx, c); err != nil {
+			fmt.Fprintf(os.Stderr, "banger-fake-firecracker: agent: %v\n", err)
+		}
+	}
 }
 
 func execAgent(prog string, args []string) AgentHandler {
