@@ -61,7 +61,10 @@ mac=$(echo "$mac" | tr 'A-F' 'a-f')
 
 # find_iface prints the interface to configure, if it is there yet.
 find_iface() {
-	for dev in "$SYS_NET"/*; do
+	set +f
+	set -- "$SYS_NET"/*
+	set -f
+	for dev in "$@"; do
 		[ -e "$dev" ] || continue
 		name="${dev##*/}"
 		[ "$name" = lo ] && continue
