@@ -37,6 +37,18 @@ const Arch = "x86_64"
 // when it has no modules.dep. The version comes from the kernel header,
 // else from the modules dir name; when both are known they must agree.
 func ImportFiles(ctx context.Context, dstDir, name, kernel, initrd, modulesDir string) (model.Kernel, error) {
+	return importFiles(ctx, dstDir, name, kernel, initrd, modulesDir, false)
+}
+
+// AdoptFiles is ImportFiles for inputs the caller owns and will delete
+// afterwards (a catalog pull's verified downloads): files are hard-linked
+// into dstDir where possible instead of copied. The caller must not modify
+// the inputs afterwards.
+func AdoptFiles(ctx context.Context, dstDir, name, kernel, initrd, modulesDir string) (model.Kernel, error) {
+	return importFiles(ctx, dstDir, name, kernel, initrd, modulesDir, true)
+}
+
+func importFiles(ctx context.Context, dstDir, name, kernel, initrd, modulesDir string, link bool) (model.Kernel, error) {
 	if err := model.ValidateName("kernel", name); err != nil {
 		return model.Kernel{}, err
 	}
@@ -77,11 +89,15 @@ func ImportFiles(ctx context.Context, dstDir, name, kernel, initrd, modulesDir s
 			_ = os.RemoveAll(staging)
 		}
 	}()
-	if err := cloneOrCopy(kernel, filepath.Join(staging, KernelFile), 0o644); err != nil {
+	place := cloneOrCopy
+	if link {
+		place = linkOrCopy
+	}
+	if err := place(kernel, filepath.Join(staging, KernelFile), 0o644); err != nil {
 		return model.Kernel{}, fmt.Errorf("import kernel %q: copy kernel: %w", name, err)
 	}
 	if initrd != "" {
-		if err := cloneOrCopy(initrd, filepath.Join(staging, InitrdFile), 0o644); err != nil {
+		if err := place(initrd, filepath.Join(staging, InitrdFile), 0o644); err != nil {
 			return model.Kernel{}, fmt.Errorf("import kernel %q: copy initrd: %w", name, err)
 		}
 	}
@@ -91,7 +107,7 @@ func ImportFiles(ctx context.Context, dstDir, name, kernel, initrd, modulesDir s
 		if err := os.MkdirAll(filepath.Dir(tree), 0o755); err != nil {
 			return model.Kernel{}, err
 		}
-		if err := copyTree(modulesDir, tree, false); err != nil {
+		if err := copyTree(modulesDir, tree, link); err != nil {
 			return model.Kernel{}, fmt.Errorf("import kernel %q: copy modules: %w", name, err)
 		}
 		if _, err := os.Stat(filepath.Join(tree, "modules.dep")); err != nil {
