@@ -267,4 +267,3 @@ func writeOverlayInitrd(t testing.TB, k model.Kernel, out string, files map[stri
 		t.Fatal(err)
 	}
 }
-

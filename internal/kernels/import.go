@@ -334,4 +334,3 @@ func readKernelConfig(p string) (map[string]string, error) {
 	}
 	return cfg, nil
 }
-
