@@ -33,6 +33,10 @@ type ClientOptions struct {
 	// HelloRetry is the serial hello repeat interval; zero means
 	// DefaultHelloRetry.
 	HelloRetry time.Duration
+	// FrameTimeout is how long a started frame may take to complete on a
+	// serial stream before it is dropped as garbage; zero means
+	// DefaultFrameTimeout.
+	FrameTimeout time.Duration
 }
 
 // Client is the host side of an agent connection. Its methods are safe for
@@ -57,7 +61,12 @@ func NewClient(ctx context.Context, conn net.Conn, opts ClientOptions) (*Client,
 	if opts.HelloRetry <= 0 {
 		opts.HelloRetry = DefaultHelloRetry
 	}
-	c := &Client{conn: conn, fc: newFramedConn(conn, opts.Resync, 0), opts: opts, nextID: 1}
+	if opts.FrameTimeout <= 0 {
+		opts.FrameTimeout = DefaultFrameTimeout
+	}
+	// On a serial stream, a half frame left by an earlier session is dropped
+	// after FrameTimeout instead of holding up this one.
+	c := &Client{conn: conn, fc: newFramedConn(conn, opts.Resync, opts.FrameTimeout), opts: opts, nextID: 1}
 	var raw [16]byte
 	if _, err := rand.Read(raw[:]); err != nil {
 		return nil, fmt.Errorf("hello nonce: %w", err)

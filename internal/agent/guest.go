@@ -25,7 +25,7 @@ const (
 	maxAuthorizedBytes = 1 << 20
 )
 
-// ErrPortNotFound: no virtio-serial port of that name exists (yet).
+// ErrPortNotFound is returned when no virtio-serial port of that name exists (yet).
 var ErrPortNotFound = errors.New("virtio-serial port not found")
 
 func (s *Server) path(rel string) string {

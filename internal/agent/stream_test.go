@@ -187,6 +187,27 @@ func TestClientSkipsStaleSerialReplies(t *testing.T) {
 	_ = guest.Close()
 }
 
+// A half reply left in the stream by an earlier session announces more
+// bytes than will ever follow; the client drops it after FrameTimeout.
+func TestClientDropsStaleHalfFrame(t *testing.T) {
+	s := newTestServer(t)
+	host, guest := socketPair(t)
+	big := mustFrame(t, Response{V: 1, ID: 1, Op: OpHealth, Health: &Health{Hostname: strings.Repeat("h", 4000)}})
+	go func() {
+		_, _ = guest.Write(big[:200])
+		_ = s.ServeStream(context.Background(), guest)
+	}()
+	start := time.Now()
+	c, err := NewClient(ctxTimeout(t, 5*time.Second), host, ClientOptions{Resync: true, HelloRetry: 100 * time.Millisecond, FrameTimeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatalf("NewClient after a stale half frame: %v", err)
+	}
+	if el := time.Since(start); el < 300*time.Millisecond {
+		t.Errorf("hello answered after %s, before the half frame could time out", el)
+	}
+	exercise(t, c)
+}
+
 // The serial hello is repeated until the agent answers: an agent that only
 // starts reading later (or dropped the first hello) is still reached.
 func TestClientRepeatsSerialHello(t *testing.T) {
