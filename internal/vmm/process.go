@@ -22,6 +22,7 @@ import (
 // when the process has exited and been reaped.
 type Process struct {
 	Handle Handle // PID, PIDStart, BootID and Cmdline filled in
+	cmd    *exec.Cmd
 	done   chan struct{}
 	mu     sync.Mutex
 	err    error // Wait's result, valid after done
@@ -52,6 +53,26 @@ func (p *Process) Exited() error {
 	}
 }
 
+// Kill ends the process with SIGKILL and waits until it is reaped. It is
+// for a Start that failed: while the daemon is the parent, the pid cannot
+// be reused before the reaper has waited, so no identity check is needed.
+func (p *Process) Kill() {
+	_ = p.cmd.Process.Kill() // "already finished" is fine
+	<-p.done
+}
+
+// Reidentify reads the command line again, for programs that exec another
+// (a wrapper such as the jailer or `ip netns exec`): call it once the
+// monitor answers on its socket, and persist the handle after.
+func (p *Process) Reidentify() error {
+	argv, err := procCmdline(p.Handle.PID)
+	if err != nil {
+		return err
+	}
+	p.Handle.Cmdline = argv
+	return nil
+}
+
 // StartDetached starts cmd in a new session (setsid), with stdin from
 // /dev/null and stdout and stderr appended to consoleLog, so the process
 // outlives a daemon restart and its output lands in the VM's log. A
@@ -76,7 +97,7 @@ func StartDetached(cmd *exec.Cmd, consoleLog string) (*Process, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
-	p := &Process{done: make(chan struct{})}
+	p := &Process{cmd: cmd, done: make(chan struct{})}
 	go func() {
 		err := cmd.Wait()
 		p.mu.Lock()

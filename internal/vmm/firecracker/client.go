@@ -153,11 +153,15 @@ func checkID(what, id string) error {
 		return fmt.Errorf("firecracker %s %q: must be 1 to 64 characters", what, id)
 	}
 	for _, r := range id {
-		if !(r == '_' || r == '-' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
+		if !idChar(r) {
 			return fmt.Errorf("firecracker %s %q: only letters, digits, '_' and '-' are allowed", what, id)
 		}
 	}
 	return nil
+}
+
+func idChar(r rune) bool {
+	return r == '_' || r == '-' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z'
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {

@@ -113,3 +113,36 @@ func TestFakeServesRealAgent(t *testing.T) {
 		t.Fatal("CONNECT to a port without a listener succeeded")
 	}
 }
+
+// TestStartThroughExecWrapper starts the monitor through a wrapper that
+// execs it (as the jailer or `ip netns exec` would): the handle must name
+// the final program, so Alive and Stop still recognise it.
+func TestStartThroughExecWrapper(t *testing.T) {
+	newMonitor := fakeMonitor(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrapper := filepath.Join(t.TempDir(), "wrap.sh")
+	script := "#!/bin/sh\nexec \"$BANGER_FAKE_SELF\" \"$@\"\n"
+	if err := os.WriteFile(wrapper, []byte(script), 0o700); err != nil { //nolint:gosec // executable test script
+		t.Fatal(err)
+	}
+	t.Setenv("BANGER_FAKE_SELF", self)
+	m := newMonitor().(*firecracker.Monitor)
+	m.Binary = wrapper
+	h, err := m.Start(t.Context(), fakeSpec(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _, _ = m.Stop(context.Background(), h, 0) })
+	if h.Cmdline[0] != self {
+		t.Errorf("handle argv[0] = %q, want the exec'd program %q", h.Cmdline[0], self)
+	}
+	if alive, err := m.Alive(h); !alive || err != nil {
+		t.Fatalf("Alive = %v, %v", alive, err)
+	}
+	if how, err := m.Stop(t.Context(), h, 5*time.Second); err != nil || how != vmm.StoppedGraceful {
+		t.Fatalf("Stop = %q, %v; want graceful", how, err)
+	}
+}

@@ -85,8 +85,7 @@ func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (h vmm.Handle, err e
 	defer func() {
 		if err != nil {
 			// Release what was made: the process and its sockets.
-			_, _ = vmm.Terminate(context.Background(), h, 0)
-			<-proc.Done()
+			proc.Kill()
 			_ = vmm.RemoveSocket(apiSock)
 			_ = vmm.RemoveSocket(spec.AgentSocket)
 		}
@@ -97,6 +96,10 @@ func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (h vmm.Handle, err e
 	if err := vmm.WaitForSocket(sctx, apiSock, proc.Exited); err != nil {
 		return h, fmt.Errorf("start firecracker for VM %q: API socket: %w", spec.Name, err)
 	}
+	if err := proc.Reidentify(); err != nil {
+		return h, fmt.Errorf("start firecracker for VM %q: %w", spec.Name, err)
+	}
+	h.Cmdline = proc.Handle.Cmdline
 	if err := configure(sctx, NewClient(apiSock), spec); err != nil {
 		return h, fmt.Errorf("start firecracker for VM %q: %w", spec.Name, err)
 	}

@@ -124,8 +124,7 @@ func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (h vmm.Handle, err e
 		if exited := proc.Exited(); exited != nil {
 			err = fmt.Errorf("start qemu for VM %q: %w (while: %w)", spec.Name, exited, err)
 		}
-		_, _ = vmm.Terminate(context.Background(), h, 0)
-		<-proc.Done()
+		proc.Kill()
 		for _, s := range sockets {
 			_ = vmm.RemoveSocket(s)
 		}
@@ -137,6 +136,10 @@ func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (h vmm.Handle, err e
 	if err := vmm.WaitForSocket(sctx, plan.qmp, proc.Exited); err != nil {
 		return h, fmt.Errorf("start qemu for VM %q: QMP socket: %w", spec.Name, err)
 	}
+	if err := proc.Reidentify(); err != nil {
+		return h, fmt.Errorf("start qemu for VM %q: %w", spec.Name, err)
+	}
+	h.Cmdline = proc.Handle.Cmdline
 	q, err := DialQMP(sctx, plan.qmp)
 	if err != nil {
 		return h, fmt.Errorf("start qemu for VM %q: %w", spec.Name, err)
