@@ -46,7 +46,8 @@ const (
 )
 
 // DefaultSize is the file system size for an image whose content is
-// contentBytes: content × 1.5, at least 1 GiB, rounded up to 4 MiB.
+// contentBytes: content × 1.5, at least 1 GiB, rounded up to 4 MiB. Pass
+// DiskUsage(md) as the content: it counts what the files really take.
 func DefaultSize(contentBytes int64) int64 {
 	if contentBytes < 0 {
 		contentBytes = 0
@@ -60,6 +61,25 @@ func DefaultSize(contentBytes int64) int64 {
 
 func roundUp(n, to int64) int64 {
 	return (n + to - 1) / to * to
+}
+
+// DiskUsage estimates the bytes md needs on ext4, for DefaultSize and
+// CheckSize: every regular file rounded up to whole 4 KiB blocks, a block
+// per directory, and the inode tables BuildExt4 will make (inodeCount). A
+// small-file-heavy image needs far more than the sum of its file sizes: a
+// million 100-byte files are 100 MB of content but 4 GiB of blocks.
+// Hardlinked paths count once per path, so it may overestimate.
+func DiskUsage(md Metadata) int64 {
+	var n int64
+	for _, m := range md {
+		switch m.Type {
+		case TypeRegular:
+			n += roundUp(m.Size, blockSize)
+		case TypeDir:
+			n += blockSize
+		}
+	}
+	return n + (2*int64(len(md))+inodeMargin)*inodeSize
 }
 
 // CheckSize reports whether a file system of sizeBytes can hold

@@ -255,3 +255,22 @@ func fastTempDir(t *testing.T) string {
 	}
 	return t.TempDir()
 }
+
+func TestDiskUsage(t *testing.T) {
+	md := Metadata{"": {Type: TypeDir}, "a": {Type: TypeRegular, Size: 1}, "b": {Type: TypeRegular, Size: 4097}, "c": {Type: TypeSymlink}, "d": {Type: TypeCharDev}}
+	want := int64(4096 + 4096 + 8192 + (2*5+inodeMargin)*256)
+	if got := DiskUsage(md); got != want {
+		t.Errorf("DiskUsage = %d, want %d", got, want)
+	}
+	// A million 100-byte files: far more than their content.
+	many := Metadata{"": {Type: TypeDir}}
+	for i := range 1000000 {
+		many[strconv.Itoa(i)] = FileMeta{Type: TypeRegular, Size: 100}
+	}
+	if got := DiskUsage(many); got < 4096*1000000 {
+		t.Errorf("DiskUsage of 1M small files = %d, want at least 4 GB", got)
+	}
+	if err := CheckSize(DiskUsage(many), DefaultSize(DiskUsage(many))); err != nil {
+		t.Errorf("CheckSize(DiskUsage, DefaultSize(DiskUsage)) = %v", err)
+	}
+}

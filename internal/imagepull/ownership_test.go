@@ -275,7 +275,7 @@ func TestDebianRootfs(t *testing.T) {
 	tFlatten := time.Since(start)
 
 	img := filepath.Join(t.TempDir(), "rootfs.ext4")
-	size := DefaultSize(md.ContentBytes())
+	size := DefaultSize(DiskUsage(md))
 	start = time.Now()
 	if err := BuildExt4(ctx, staging, img, size); err != nil {
 		t.Fatalf("BuildExt4: %v", err)
