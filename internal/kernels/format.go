@@ -53,8 +53,8 @@ const (
 )
 
 // DetectFormat reports whether the file at path is a bzImage or an ELF
-// vmlinux for x86_64, and the kernel release it carries ("" when the image
-// does not say). Anything else, including a truncated image, gives an error
+// vmlinux for x86_64, and the kernel release it carries (for a bzImage ""
+// when its header does not say; a vmlinux must carry the linux_banner). Anything else, including a truncated image, gives an error
 // wrapping ErrUnknownFormat.
 func DetectFormat(path string) (format, version string, err error) {
 	f, err := os.Open(path)
@@ -151,7 +151,14 @@ func detectVmlinux(f *os.File) (string, error) {
 		}
 		r = f
 	}
-	return scanBanner(r)
+	v, err := scanBanner(r)
+	if err != nil {
+		return "", err
+	}
+	if v == "" {
+		return "", fmt.Errorf("x86_64 ELF executable without a \"Linux version\" banner, not a kernel: %w", ErrUnknownFormat)
+	}
+	return v, nil
 }
 
 // scanBanner finds "Linux version X" in r and returns X, or "" if absent.
