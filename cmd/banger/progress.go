@@ -132,3 +132,7 @@ func amount(ev progress.Event) string {
 	}
 	return humanBytes(ev.Current)
 }
+
+func progressEvent(phase, item, msg string) progress.Event {
+	return progress.Event{Phase: phase, Item: item, Message: msg}
+}

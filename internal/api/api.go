@@ -95,3 +95,38 @@ type DeleteResult struct {
 // VMSummary is one row of GET /v1/vms: what `banger vm ls` shows. The full
 // record (runtime, recovery) is GET /v1/vms/{name}.
 type VMSummary = model.VMSummary
+
+// PullRequest is the body of POST /v1/images/pull.
+type PullRequest struct {
+	Ref       string `json:"ref"`                  // OCI reference or catalog name
+	Name      string `json:"name,omitempty"`       // image name; derived from Ref when empty
+	KernelRef string `json:"kernel_ref,omitempty"` // kernel to stage beside the image
+	Size      string `json:"size,omitempty"`       // ext4 size, e.g. "4G"; content × 1.5 (min 1 GiB) when empty
+	Force     bool   `json:"force,omitempty"`      // replace an image of the same name
+}
+
+// PruneResult answers a cache prune.
+type PruneResult struct {
+	Removed int   `json:"removed_blobs"`
+	Freed   int64 `json:"freed_bytes"`
+}
+
+// CreateVMRequest is the body of POST /v1/vms.
+type CreateVMRequest struct {
+	Name      string `json:"name,omitempty"`       // derived from the image when empty
+	Image     string `json:"image"`                // image name
+	CPUs      int    `json:"cpus,omitempty"`       // default 2
+	Memory    string `json:"memory,omitempty"`     // e.g. "1G"; default 1 GiB
+	Disk      string `json:"disk,omitempty"`       // e.g. "8G"; default the image's size
+	KernelRef string `json:"kernel_ref,omitempty"` // default the image's kernel
+	VMM       string `json:"vmm,omitempty"`        // auto, firecracker, qemu
+	SSHKey    string `json:"ssh_key,omitempty"`    // public key authorized for root in the guest
+	Start     bool   `json:"start,omitempty"`      // start it after creating it
+	Wait      bool   `json:"wait,omitempty"`       // with Start: wait until the VM is ready for ssh
+}
+
+// StartVMRequest is the body of POST /v1/vms/{name}/start.
+type StartVMRequest struct {
+	SSHKey string `json:"ssh_key,omitempty"` // replaces the authorized key when set
+	Wait   bool   `json:"wait,omitempty"`    // wait until the VM is ready for ssh
+}

@@ -52,7 +52,9 @@ func (c *Client) unavailable(err error) error {
 
 func (c *Client) request(ctx context.Context, method, path string, in any) (*http.Response, error) {
 	var body io.Reader
-	if in != nil {
+	if r, ok := in.(io.Reader); ok {
+		body, in = r, nil
+	} else if in != nil {
 		raw, err := json.Marshal(in)
 		if err != nil {
 			return nil, fmt.Errorf("encode request: %w", err)
@@ -65,6 +67,8 @@ func (c *Client) request(ctx context.Context, method, path string, in any) (*htt
 	}
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
+	} else if body != nil {
+		req.Header.Set("Content-Type", "application/x-tar")
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
@@ -111,6 +115,25 @@ func (c *Client) Do(ctx context.Context, method, path string, in, out any) error
 		return Errorf(CodeInternal, "decode answer to %s %s: %v", method, path, err)
 	}
 	return nil
+}
+
+// Raw sends a request and returns the answer's body unparsed (for the
+// console log). The caller closes it.
+func (c *Client) Raw(ctx context.Context, method, path string) (io.ReadCloser, error) {
+	resp, err := c.request(ctx, method, path, nil)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		return nil, decodeError(resp)
+	}
+	return resp.Body, nil
+}
+
+// StreamBody is Stream with a raw request body (an upload).
+func (c *Client) StreamBody(ctx context.Context, method, path string, body io.Reader, onEvent progress.Func, out any) error {
+	return c.Stream(ctx, method, path, body, onEvent, out)
 }
 
 // Stream sends a request whose answer is an NDJSON stream, passes each

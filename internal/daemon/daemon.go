@@ -19,6 +19,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/imagepull"
 	"github.com/bangerdev/banger/internal/lockfile"
 	"github.com/bangerdev/banger/internal/store"
 	"golang.org/x/sys/unix"
@@ -40,6 +41,16 @@ type Daemon struct {
 	lock  *lockfile.Lock
 	store *store.Store
 	mux   *http.ServeMux
+
+	pulls     pulls
+	lives     liveSet
+
+	// bgCtx is the context of background work (VM watchers, boot
+	// waiters); it ends when the daemon shuts down.
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+	cacheOnce sync.Once
+	cache     *imagepull.Cache
 
 	// vmLocks serializes operations on one VM.
 	vmLocksMu sync.Mutex
@@ -73,6 +84,7 @@ func New(ctx context.Context, opts Options) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, log: log, lock: lock, store: st, vmLocks: map[string]*sync.Mutex{}}
+	d.bgCtx, d.bgCancel = context.WithCancel(context.Background())
 	d.mux = d.routes()
 	if err := d.recover(ctx); err != nil {
 		d.close()
@@ -88,6 +100,7 @@ func (d *Daemon) Store() *store.Store { return d.store }
 func (d *Daemon) Handler() http.Handler { return d.mux }
 
 func (d *Daemon) close() {
+	d.bgCancel()
 	if err := d.store.Close(); err != nil {
 		d.log.Error("close store", "err", err)
 	}

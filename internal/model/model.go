@@ -72,28 +72,31 @@ const (
 
 // VM is one developer VM.
 type VM struct {
-	ID         string    `json:"id"`
-	Name       string    `json:"name"`
-	OwnerUID   uint32    `json:"owner_uid"`
-	Image      string    `json:"image"` // image name
-	ImageID    string    `json:"image_id"`
-	Kernel     string    `json:"kernel"` // kernel name
-	CPUs       int       `json:"cpus"`
-	MemoryMiB  int       `json:"memory_mib"`
-	DiskBytes  int64     `json:"disk_bytes"`
-	VMM        string    `json:"vmm"`         // "firecracker" or "qemu"
-	DiskDriver string    `json:"disk_driver"` // "dm-snapshot", "reflink" or "copy"
-	IP         string    `json:"ip,omitempty"`
-	MAC        string    `json:"mac,omitempty"`
-	State      VMState   `json:"state"`
-	Reason     string    `json:"reason,omitempty"` // why the VM is in VMError
-	Created    time.Time `json:"created"`
-	StartedAt  time.Time `json:"started_at,omitzero"`
-	StoppedAt  time.Time `json:"stopped_at,omitzero"`
-	Runtime    Runtime   `json:"runtime"`
-	Recovery   Recovery  `json:"recovery,omitzero"`
-	FirstBoot  string    `json:"first_boot,omitempty"` // pending, running, done, failed (from the agent)
-	HostKey    string    `json:"host_key,omitempty"`   // pinned SSH host key, "ssh-ed25519 AAAA..."
+	ID            string    `json:"id"`
+	Name          string    `json:"name"`
+	OwnerUID      uint32    `json:"owner_uid"`
+	Image         string    `json:"image"` // image name
+	ImageID       string    `json:"image_id"`
+	Kernel        string    `json:"kernel"` // kernel name
+	CPUs          int       `json:"cpus"`
+	MemoryMiB     int       `json:"memory_mib"`
+	DiskBytes     int64     `json:"disk_bytes"`
+	VMM           string    `json:"vmm"`         // "firecracker" or "qemu"
+	DiskDriver    string    `json:"disk_driver"` // "dm-snapshot", "reflink" or "copy"
+	IP            string    `json:"ip,omitempty"`
+	MAC           string    `json:"mac,omitempty"`
+	State         VMState   `json:"state"`
+	Reason        string    `json:"reason,omitempty"` // why the VM is in VMError
+	Created       time.Time `json:"created"`
+	StartedAt     time.Time `json:"started_at,omitzero"`
+	StoppedAt     time.Time `json:"stopped_at,omitzero"`
+	Runtime       Runtime   `json:"runtime"`
+	Recovery      Recovery  `json:"recovery,omitzero"`
+	FirstBoot     string    `json:"first_boot,omitempty"`     // pending, running, done, failed (from the agent)
+	FirstBootLog  []string  `json:"first_boot_log,omitempty"` // last lines of the first-boot log, kept when it failed
+	HostKey       string    `json:"host_key,omitempty"`       // pinned SSH host key, "ssh-ed25519 AAAA..."
+	SSHKey        string    `json:"ssh_key,omitempty"`        // the owner's public key, authorized for root in the guest
+	KernelCmdline string    `json:"kernel_cmdline,omitempty"`
 }
 
 // Runtime is what a started VM holds on the host. It mirrors the teardown
@@ -116,8 +119,12 @@ type Runtime struct {
 	DMName      string    `json:"dm_name,omitempty"`
 	DMUUID      string    `json:"dm_uuid,omitempty"`
 	COWPath     string    `json:"cow_path,omitempty"`
+	BaseLink    string    `json:"base_link,omitempty"` // dm-snapshot: the VM's hard link of the image behind the read-only loop
 	DiskPath    string    `json:"disk_path,omitempty"` // what the VM boots from: dm device or disk file
 	VsockCID    uint32    `json:"vsock_cid,omitempty"`
+	// AgentTransport is how the host reaches the agent: "vsock-uds"
+	// (Firecracker), "vsock" (vhost-vsock) or "virtio-serial" (QEMU).
+	AgentTransport string `json:"agent_transport,omitempty"`
 }
 
 // LoopDev is a loop device and the file behind it.

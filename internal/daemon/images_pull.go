@@ -1,0 +1,418 @@
+package daemon
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/imagepull"
+	"github.com/bangerdev/banger/internal/model"
+	"github.com/bangerdev/banger/internal/progress"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// PullRequest is the body of POST /v1/images/pull.
+type PullRequest = api.PullRequest
+
+func init() {
+	extraRoutes = append(extraRoutes, func(d *Daemon, m *http.ServeMux) {
+		m.HandleFunc("POST "+api.Prefix+"/images/pull", d.handleImagePull)
+		m.HandleFunc("POST "+api.Prefix+"/images/cache/prune", d.handleCachePrune)
+	})
+	recoverers = append(recoverers, recoverPullLeftovers)
+}
+
+// scratchOwnerFile marks a $TMPDIR/banger-pull-* dir with the state dir of
+// the daemon that made it, so start-up recovery removes only its own.
+const scratchOwnerFile = ".banger-owner"
+
+// pulls tracks the layer digests of pulls in progress, so that a cache prune
+// running meanwhile keeps them.
+type pulls struct {
+	mu     sync.Mutex
+	layers map[string]int
+}
+
+func (p *pulls) add(digests []string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.layers == nil {
+		p.layers = map[string]int{}
+	}
+	for _, d := range digests {
+		p.layers[d]++
+	}
+}
+
+func (p *pulls) remove(digests []string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, d := range digests {
+		if p.layers[d]--; p.layers[d] <= 0 {
+			delete(p.layers, d)
+		}
+	}
+}
+
+func (d *Daemon) handleImagePull(w http.ResponseWriter, r *http.Request) {
+	var req api.PullRequest
+	if err := decodeBody(r, &req); err != nil {
+		d.writeError(w, r, err)
+		return
+	}
+	caller := CallerFrom(r.Context())
+	d.stream(w, r, func(ctx context.Context, report progress.Func) (any, error) {
+		if imagepull.IsCatalogName(req.Ref) {
+			return d.pullFromCatalog(ctx, req, caller, report)
+		}
+		return d.pullFromOCI(ctx, req, caller, report)
+	})
+}
+
+// pullFromCatalog is the catalog fast path. Until an image catalog is
+// configured it explains how to pull from a registry instead.
+var pullFromCatalogHook func(d *Daemon, ctx context.Context, req api.PullRequest, caller Caller, report progress.Func) (model.Image, error)
+
+func (d *Daemon) pullFromCatalog(ctx context.Context, req api.PullRequest, caller Caller, report progress.Func) (model.Image, error) {
+	if pullFromCatalogHook != nil && d.cfg.ImageCatalog != "" {
+		return pullFromCatalogHook(d, ctx, req, caller, report)
+	}
+	return model.Image{}, api.Errorf(api.CodeInvalid,
+		"%q is a catalog name, but the image catalog is not configured (set image_catalog in the config file); to pull from a registry use a full reference such as docker.io/library/%s:latest",
+		req.Ref, req.Ref)
+}
+
+// newID returns a random 24-hex-digit id.
+func newID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// ParseSize parses "10G", "512M", "1.5GiB" or a plain byte count.
+func ParseSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return 0, nil
+	}
+	num := strings.TrimRight(s, "KMGTiBkmgtib")
+	unit := strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(s[len(num):], "B"), "i"))
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("size %q: use a number with an optional K, M, G or T suffix (powers of 1024)", s)
+	}
+	mult := map[string]float64{"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+	if mult == 0 {
+		return 0, fmt.Errorf("size %q: unknown unit %q: use K, M, G or T", s, unit)
+	}
+	return int64(f * mult), nil
+}
+
+// pullFromOCI pulls an image from an OCI registry and publishes it: stage at
+// <images>/<id>.staging, extract under $TMPDIR/banger-pull-<rand>, build and
+// fix the ext4, inject the guest agents, stage the kernel, rename into
+// place, then record it. Any failure or cancellation removes everything it
+// made.
+func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Caller, report progress.Func) (img model.Image, retErr error) {
+	ref, err := imagepull.ParseReference(req.Ref)
+	if err != nil {
+		return img, api.Errorf(api.CodeInvalid, "%v", err)
+	}
+	name := req.Name
+	if name == "" {
+		name = imagepull.DefaultImageName(ref)
+	}
+	if err := model.ValidateName("image", name); err != nil {
+		return img, api.Errorf(api.CodeInvalid, "%v", err)
+	}
+	if _, err := d.store.GetImage(name); err == nil && !req.Force {
+		return img, api.Errorf(api.CodeConflict, "image %q already exists: pass --force to replace it, or --name to pull under another name", name)
+	}
+	size, err := ParseSize(req.Size)
+	if err != nil {
+		return img, api.Errorf(api.CodeInvalid, "%v", err)
+	}
+	if _, err := imagepull.CheckE2fsprogs(ctx); err != nil {
+		return img, err
+	}
+	agent, err := d.agentBinary()
+	if err != nil {
+		return img, err
+	}
+	var kernel *model.Kernel
+	if req.KernelRef != "" {
+		k, err := d.resolveKernel(ctx, req.KernelRef, report)
+		if err != nil {
+			return img, err
+		}
+		kernel = &k
+	}
+
+	id := newID()
+	log := d.log.With("image", name, "id", id, "ref", ref.String())
+	staging := filepath.Join(d.cfg.ImagesDir(), id+".staging")
+	final := filepath.Join(d.cfg.ImagesDir(), id)
+	if err := os.Mkdir(staging, 0o700); err != nil {
+		return img, fmt.Errorf("create staging dir: %w", err)
+	}
+	scratch, err := os.MkdirTemp("", "banger-pull-")
+	if err != nil {
+		_ = os.RemoveAll(staging)
+		return img, fmt.Errorf("create scratch dir: %w", err)
+	}
+	published := false
+	defer func() {
+		if err := os.RemoveAll(scratch); err != nil {
+			log.Error("remove scratch dir", "dir", scratch, "err", err)
+		}
+		if !published {
+			if err := os.RemoveAll(staging); err != nil {
+				log.Error("remove staging dir", "dir", staging, "err", err)
+			}
+		}
+		if retErr != nil {
+			log.Info("image pull failed; nothing was published", "err", retErr)
+		}
+	}()
+	if err := os.WriteFile(filepath.Join(scratch, scratchOwnerFile), []byte(d.cfg.StateDir+"\n"), 0o600); err != nil {
+		return img, fmt.Errorf("mark scratch dir: %w", err)
+	}
+	rootDir := filepath.Join(scratch, "rootfs")
+	if err := os.Mkdir(rootDir, 0o700); err != nil {
+		return img, fmt.Errorf("create extraction dir: %w", err)
+	}
+
+	start := time.Now()
+	pulled, err := imagepull.Pull(ctx, ref.String(), imagepull.PullOptions{
+		Cache:    d.layerCache(),
+		Keychain: d.keychainFor(caller),
+		Progress: report,
+	})
+	if err != nil {
+		return img, classifyPullError(err)
+	}
+	d.pulls.add(pulled.LayerDigests())
+	defer d.pulls.remove(pulled.LayerDigests())
+	log.Info("resolved image", "digest", pulled.Digest, "layers", len(pulled.Layers()))
+
+	md, err := imagepull.Flatten(ctx, pulled, rootDir, imagepull.FlattenOptions{MaxBytes: size, Progress: report})
+	if err != nil {
+		return img, classifyPullError(err)
+	}
+	content := treeBytes(rootDir)
+	if size == 0 {
+		size = imagepull.DefaultSize(content)
+	} else if err := imagepull.CheckSize(content, size); err != nil {
+		return img, api.Errorf(api.CodeInvalid, "%v", err)
+	}
+	ext4 := filepath.Join(staging, "rootfs.ext4")
+	report.Report(progress.Event{Phase: "mkfs", Message: fmt.Sprintf("%s of content into a %s ext4", humanBytes(content), humanBytes(size))})
+	if err := imagepull.BuildExt4(ctx, rootDir, ext4, size); err != nil {
+		return img, err
+	}
+	report.Report(progress.Event{Phase: "mkfs", Done: true})
+	// The extracted tree is no longer needed: free the disk space now.
+	if err := os.RemoveAll(rootDir); err != nil {
+		log.Warn("remove extracted tree", "err", err)
+	}
+	report.Report(progress.Event{Phase: "ownership", Current: int64(len(md)), Total: int64(len(md)), Unit: "files"})
+	if err := imagepull.ApplyOwnership(ctx, ext4, md); err != nil {
+		return img, err
+	}
+	report.Report(progress.Event{Phase: "ownership", Done: true})
+	report.Report(progress.Event{Phase: "inject", Message: "guest agent, network and first-boot units"})
+	if err := imagepull.InjectGuestAgents(ctx, ext4, imagepull.GuestAssets{AgentBinary: agent}); err != nil {
+		return img, err
+	}
+	report.Report(progress.Event{Phase: "inject", Done: true})
+
+	img = model.Image{
+		ID: id, Name: name, Ref: ref.String(), Source: "oci", Digest: pulled.Digest,
+		Dir: final, RootFS: filepath.Join(final, "rootfs.ext4"), Size: size,
+		Layers: pulled.LayerDigests(), Managed: true, Created: time.Now().UTC(),
+	}
+	if kernel != nil {
+		boot, err := d.stageBootArtifacts(ctx, *kernel, staging, ext4, final)
+		if err != nil {
+			return img, err
+		}
+		img.Kernel, img.Boot = kernel.Name, &boot
+	} else {
+		img.Notes = append(img.Notes, "published without boot artifacts: no --kernel-ref was given; pass --kernel-ref to vm create")
+	}
+
+	report.Report(progress.Event{Phase: "publish", Item: name})
+	if err := ctx.Err(); err != nil {
+		return img, err
+	}
+	if err := os.Rename(staging, final); err != nil {
+		return img, fmt.Errorf("publish image: %w", err)
+	}
+	published = true
+	old, err := d.store.PutImage(img, req.Force)
+	if err != nil {
+		_ = os.RemoveAll(final)
+		if errors.Is(err, store.ErrConflict) {
+			return img, api.Errorf(api.CodeConflict, "image %q was created by another pull meanwhile: pass --force to replace it", name)
+		}
+		return img, err
+	}
+	if old != nil {
+		if err := d.removeUnder(d.cfg.ImagesDir(), old.Dir); err != nil {
+			log.Error("remove replaced image", "dir", old.Dir, "err", err)
+		}
+	}
+	report.Report(progress.Event{Phase: "publish", Item: name, Done: true})
+	log.Info("image published", "rootfs", img.RootFS, "size", size, "duration", time.Since(start).Round(time.Millisecond))
+	return img, nil
+}
+
+// classifyPullError marks errors caused by the reference or the image
+// content as invalid input; registry and I/O failures stay internal.
+func classifyPullError(err error) error {
+	var ee *imagepull.EntryError
+	switch {
+	case errors.Is(err, imagepull.ErrInvalidReference), errors.Is(err, imagepull.ErrPlatformNotFound),
+		errors.Is(err, imagepull.ErrNotAnImage), errors.As(err, &ee):
+		return api.Errorf(api.CodeInvalid, "%v", err)
+	}
+	return err
+}
+
+// treeBytes sums the sizes of the regular files under dir.
+func treeBytes(dir string) int64 {
+	var n int64
+	_ = filepath.WalkDir(dir, func(_ string, de fs.DirEntry, err error) error {
+		if err == nil && de.Type().IsRegular() {
+			if fi, err := de.Info(); err == nil {
+				n += fi.Size()
+			}
+		}
+		return nil
+	})
+	return n
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// layerCache is the shared OCI blob cache.
+func (d *Daemon) layerCache() *imagepull.Cache {
+	d.cacheOnce.Do(func() { d.cache = &imagepull.Cache{Dir: d.cfg.CacheDir} })
+	return d.cache
+}
+
+// keychainFor reads registry credentials of the calling user (their
+// ~/.docker/config.json and credential helpers), never root's on behalf of
+// another user.
+func (d *Daemon) keychainFor(c Caller) imagepullKeychain {
+	home := ""
+	if u, err := user.LookupId(strconv.FormatUint(uint64(c.UID), 10)); err == nil {
+		home = u.HomeDir
+	}
+	return imagepull.UserKeychain(home)
+}
+
+// agentBinary finds the static guest agent to inject: the configured path,
+// else beside the banger executable, else the install locations.
+func (d *Daemon) agentBinary() (string, error) {
+	return findHelper(d.cfg.AgentBinary, "banger-vsock-agent", "agent_binary")
+}
+
+func findHelper(configured, name, key string) (string, error) {
+	if configured != "" {
+		if _, err := os.Stat(configured); err != nil {
+			return "", fmt.Errorf("%s %s: %w", key, configured, err)
+		}
+		return configured, nil
+	}
+	var candidates []string
+	if exe, err := os.Executable(); err == nil {
+		candidates = append(candidates, filepath.Join(filepath.Dir(exe), name))
+	}
+	candidates = append(candidates, "/usr/local/lib/banger/"+name, "/usr/lib/banger/"+name)
+	for _, c := range candidates {
+		if fi, err := os.Stat(c); err == nil && fi.Mode().IsRegular() {
+			return c, nil
+		}
+	}
+	return "", fmt.Errorf("the %s binary is not installed (looked in %s): run 'make install', or set %s in the config file", name, strings.Join(candidates, ", "), key)
+}
+
+// recoverPullLeftovers removes what a pull that died with the daemon left:
+// <images>/*.staging dirs and this daemon's $TMPDIR/banger-pull-* dirs.
+func recoverPullLeftovers(_ context.Context, d *Daemon) error {
+	stagings, _ := filepath.Glob(filepath.Join(d.cfg.ImagesDir(), "*.staging"))
+	for _, s := range stagings {
+		if err := os.RemoveAll(s); err != nil {
+			d.log.Error("remove leftover staging dir", "dir", s, "err", err)
+			continue
+		}
+		d.log.Info("removed leftover staging dir of an interrupted pull", "dir", s)
+	}
+	scratches, _ := filepath.Glob(filepath.Join(os.TempDir(), "banger-pull-*"))
+	for _, s := range scratches {
+		owner, err := os.ReadFile(filepath.Join(s, scratchOwnerFile))
+		if err != nil || strings.TrimSpace(string(owner)) != d.cfg.StateDir {
+			continue
+		}
+		if err := os.RemoveAll(s); err != nil {
+			d.log.Error("remove leftover scratch dir", "dir", s, "err", err)
+			continue
+		}
+		d.log.Info("removed leftover scratch dir of an interrupted pull", "dir", s)
+	}
+	return nil
+}
+
+func (d *Daemon) handleCachePrune(w http.ResponseWriter, r *http.Request) {
+	if !CallerFrom(r.Context()).Root() {
+		d.writeError(w, r, api.Errorf(api.CodeForbidden, "pruning the layer cache needs root"))
+		return
+	}
+	imgs, err := d.store.ListImages()
+	if err != nil {
+		d.writeError(w, r, err)
+		return
+	}
+	keep := map[string]bool{}
+	for _, img := range imgs {
+		for _, l := range img.Layers {
+			keep[l] = true
+		}
+	}
+	d.pulls.mu.Lock()
+	for l := range d.pulls.layers {
+		keep[l] = true
+	}
+	d.pulls.mu.Unlock()
+	n, freed, err := d.layerCache().Prune(r.Context(), keep)
+	if err != nil {
+		d.writeError(w, r, err)
+		return
+	}
+	d.log.Info("layer cache pruned", "blobs", n, "freed", freed)
+	writeJSON(w, http.StatusOK, api.PruneResult{Removed: n, Freed: freed})
+}

@@ -1,0 +1,784 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agent"
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/atomicfile"
+	"github.com/bangerdev/banger/internal/blockdev"
+	"github.com/bangerdev/banger/internal/model"
+	"github.com/bangerdev/banger/internal/netctl"
+	"github.com/bangerdev/banger/internal/progress"
+	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/firecracker"
+	"github.com/bangerdev/banger/internal/vmm/qemu"
+)
+
+// gracefulStop is how long a guest gets to shut down on request before its
+// monitor is told to quit.
+var gracefulStop = 30 * time.Second
+
+// live is what the daemon holds in memory for a started VM: the watcher of
+// its monitor process and the boot waiter.
+type live struct {
+	cancel   context.CancelFunc // stops the watcher and the boot waiter
+	stopping bool               // set while the daemon itself stops the VM
+	ready    chan struct{}      // closed when the boot waiter ends
+	readyErr error
+}
+
+type liveSet struct {
+	mu sync.Mutex
+	m  map[string]*live
+}
+
+func (s *liveSet) get(id string) *live {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.m[id]
+}
+
+func (s *liveSet) set(id string, l *live) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.m == nil {
+		s.m = map[string]*live{}
+	}
+	s.m[id] = l
+}
+
+// take removes and returns the entry of id.
+func (s *liveSet) take(id string) *live {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.m[id]
+	delete(s.m, id)
+	return l
+}
+
+// vmDir is where a VM's persistent files live (disk, console log).
+func (d *Daemon) vmDir(id string) string { return filepath.Join(d.cfg.VMsDir(), id) }
+
+// vmRuntimeDir is where a running VM's sockets and handles.json live.
+func (d *Daemon) vmRuntimeDir(id string) string {
+	return filepath.Join(d.cfg.RuntimeDir, "vms", id)
+}
+
+func (d *Daemon) consoleLog(id string) string { return filepath.Join(d.vmDir(id), "console.log") }
+
+func (d *Daemon) netConfig() (netctl.Config, error) {
+	subnet, err := netip.ParsePrefix(d.cfg.Subnet)
+	if err != nil {
+		return netctl.Config{}, fmt.Errorf("config subnet %q: %w", d.cfg.Subnet, err)
+	}
+	c := netctl.Config{Bridge: d.cfg.Bridge, Subnet: subnet}.WithDefaults()
+	return c, c.Validate()
+}
+
+func (d *Daemon) disks() *blockdev.Manager {
+	return &blockdev.Manager{StateDir: d.cfg.StateDir}
+}
+
+// monitor returns the VM monitor backend of the given name, configured.
+func (d *Daemon) monitor(name string) (vmm.Monitor, error) {
+	switch name {
+	case firecracker.Name:
+		m := firecracker.New()
+		if d.cfg.FirecrackerBinary != "" {
+			m.Binary = d.cfg.FirecrackerBinary
+		}
+		return m, nil
+	case qemu.Name:
+		m := qemu.New()
+		if d.cfg.QEMUBinary != "" {
+			m.Binary = d.cfg.QEMUBinary
+		}
+		return m, nil
+	}
+	return vmm.Get(name)
+}
+
+// handleOf rebuilds the monitor handle persisted in rt.
+func handleOf(rt model.Runtime) vmm.Handle {
+	return vmm.Handle{PID: rt.PID, PIDStart: rt.PIDStart, BootID: rt.BootID, Cmdline: rt.Cmdline,
+		APISocket: rt.APISocket, AgentSocket: rt.AgentSocket, AgentTransport: rt.AgentTransport, AgentCID: rt.VsockCID}
+}
+
+// diskOf rebuilds the disk persisted in rt.
+func diskOf(vm model.VM) blockdev.Disk {
+	rt := vm.Runtime
+	return blockdev.Disk{Driver: vm.DiskDriver, Path: rt.DiskPath, COWPath: rt.COWPath, BaseLink: rt.BaseLink,
+		Loops: rt.Loops, DMName: rt.DMName, DMUUID: rt.DMUUID}
+}
+
+// Handles is the content of a running VM's handles.json: everything needed
+// to tear it down without the store.
+type Handles struct {
+	VMID    string        `json:"vm_id"`
+	Written time.Time     `json:"written"`
+	Runtime model.Runtime `json:"runtime"`
+}
+
+func (d *Daemon) handlesPath(id string) string { return filepath.Join(d.vmRuntimeDir(id), "handles.json") }
+
+// writeHandles writes handles.json atomically into the VM's runtime dir.
+func (d *Daemon) writeHandles(vm model.VM) error {
+	dir := d.vmRuntimeDir(vm.ID)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	raw, err := json.MarshalIndent(Handles{VMID: vm.ID, Written: time.Now().UTC(), Runtime: vm.Runtime}, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(d.handlesPath(vm.ID), raw, 0o600)
+}
+
+// setRuntime records rt on the VM (intent or confirmation) and mirrors it
+// into handles.json.
+func (d *Daemon) setRuntime(id string, fn func(*model.Runtime)) (model.VM, error) {
+	vm, err := d.store.UpdateVM(id, func(vm *model.VM) error {
+		fn(&vm.Runtime)
+		return nil
+	})
+	if err != nil {
+		return vm, err
+	}
+	if vm.Runtime.RuntimeDir != "" {
+		if err := d.writeHandles(vm); err != nil {
+			return vm, fmt.Errorf("write handles.json: %w", err)
+		}
+	}
+	return vm, nil
+}
+
+// setState moves the VM to state st with reason.
+func (d *Daemon) setState(id string, st model.VMState, reason string, extra func(*model.VM)) (model.VM, error) {
+	return d.store.UpdateVM(id, func(vm *model.VM) error {
+		vm.State, vm.Reason = st, reason
+		switch st {
+		case model.VMStopped, model.VMError:
+			vm.StoppedAt = time.Now().UTC()
+		}
+		if extra != nil {
+			extra(vm)
+		}
+		return nil
+	})
+}
+
+var netOnce sync.Mutex
+
+// ensureNetwork makes the bridge and the NAT table exist.
+func (d *Daemon) ensureNetwork(ctx context.Context) (netctl.Config, error) {
+	netOnce.Lock()
+	defer netOnce.Unlock()
+	nc, err := d.netConfig()
+	if err != nil {
+		return nc, err
+	}
+	if err := netctl.EnsureBridge(ctx, nc); err != nil {
+		return nc, fmt.Errorf("create bridge %s: %w", nc.Bridge, err)
+	}
+	if err := netctl.EnableIPForward(); err != nil {
+		d.log.Warn("cannot enable ip_forward: guests will not reach beyond the host", "err", err)
+	}
+	if err := netctl.EnsureNAT(ctx, nc, ""); err != nil {
+		d.log.Warn("cannot set up NAT: guests will not reach beyond the host", "err", err)
+	}
+	return nc, nil
+}
+
+// bootArtifacts returns the kernel and initrd a VM boots.
+func (d *Daemon) bootArtifacts(vm model.VM) (kernel, initrd string, err error) {
+	img, err := d.store.GetImage(vm.ImageID)
+	if err != nil {
+		return "", "", fmt.Errorf("image of VM %q: %w", vm.Name, err)
+	}
+	if img.Boot != nil && (vm.Kernel == "" || vm.Kernel == img.Kernel) {
+		return img.Boot.Kernel, img.Boot.Initrd, nil
+	}
+	if vm.Kernel == "" {
+		return "", "", api.Errorf(api.CodeInvalid, "VM %q has no kernel: its image %q was pulled without --kernel-ref; recreate the VM with --kernel-ref", vm.Name, img.Name)
+	}
+	k, err := d.store.GetKernel(vm.Kernel)
+	if err != nil {
+		return "", "", fmt.Errorf("kernel of VM %q: %w", vm.Name, err)
+	}
+	if k.Initrd != nil {
+		initrd = k.Initrd.Path
+	}
+	return k.Kernel.Path, initrd, nil
+}
+
+// cmdline is the guest kernel command line: root disk, serial console and
+// the network settings banger-network.service reads.
+func (d *Daemon) cmdline(vm model.VM, nc netctl.Config) string {
+	parts := []string{"console=ttyS0", "root=/dev/vda", "rw", "panic=-1", "quiet", "loglevel=4"}
+	if vm.IP != "" {
+		parts = append(parts, fmt.Sprintf("banger.ip=%s/%d", vm.IP, nc.Subnet.Bits()), "banger.gw="+nc.Gateway().String())
+	}
+	if vm.MAC != "" {
+		parts = append(parts, "banger.mac="+vm.MAC)
+	}
+	if len(d.cfg.DNS) > 0 {
+		parts = append(parts, "banger.dns="+strings.Join(d.cfg.DNS, ","))
+	}
+	parts = append(parts, "banger.hostname="+vm.Name)
+	return strings.Join(parts, " ")
+}
+
+// startVM starts a created or stopped VM: tap, disk, monitor. Each resource
+// is recorded in VM.Runtime before it is created. On failure everything
+// made so far is released and the VM goes to error. The boot waiter then
+// runs in the background; when wait is true startVM waits for it.
+func (d *Daemon) startVM(ctx context.Context, idOrName string, sshKey string, wait bool, report progress.Func) (model.VM, error) {
+	vm, err := d.store.GetVM(idOrName)
+	if err != nil {
+		return vm, err
+	}
+	mu := d.vmLock(vm.ID)
+	mu.Lock()
+	locked := true
+	defer func() {
+		if locked {
+			mu.Unlock()
+		}
+	}()
+	vm, err = d.store.GetVM(vm.ID)
+	if err != nil {
+		return vm, err
+	}
+	switch vm.State {
+	case model.VMCreated, model.VMStopped, model.VMError:
+	case model.VMRunning, model.VMStarting:
+		return vm, api.Errorf(api.CodeConflict, "VM %q is already %s", vm.Name, vm.State)
+	default:
+		return vm, api.Errorf(api.CodeConflict, "VM %q is %s: try again when it has stopped", vm.Name, vm.State)
+	}
+	if !vm.Runtime.Empty() {
+		// Leftovers of a crash that reconcile could not clear: clean first.
+		if _, err := d.releaseRuntime(ctx, vm, false); err != nil {
+			return vm, fmt.Errorf("VM %q holds resources from an earlier run that cannot be released: %w", vm.Name, err)
+		}
+	}
+	kernelPath, initrdPath, err := d.bootArtifacts(vm)
+	if err != nil {
+		return vm, err
+	}
+	mon, err := d.monitor(vm.VMM)
+	if err != nil {
+		return vm, err
+	}
+	log := d.log.With("vm", vm.Name, "id", vm.ID)
+	start := time.Now()
+	rtDir := d.vmRuntimeDir(vm.ID)
+	vm, err = d.store.UpdateVM(vm.ID, func(v *model.VM) error {
+		v.State, v.Reason, v.FirstBoot, v.FirstBootLog = model.VMStarting, "", "", nil
+		if sshKey != "" {
+			v.SSHKey = sshKey
+		}
+		v.Runtime = model.Runtime{Phase: "runtime-dir", RuntimeDir: rtDir, ConsoleLog: d.consoleLog(v.ID)}
+		return nil
+	})
+	if err != nil {
+		return vm, err
+	}
+	fail := func(cause error) (model.VM, error) {
+		log.Warn("start failed; releasing what it made", "err", cause)
+		cleanCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+		defer cancel()
+		cur, _ := d.store.GetVM(vm.ID)
+		removed, rerr := d.releaseRuntime(cleanCtx, cur, false)
+		reason := "start failed: " + cause.Error()
+		if rerr != nil {
+			reason += "; cleanup: " + rerr.Error()
+		}
+		out, _ := d.setState(vm.ID, model.VMError, reason, func(v *model.VM) {
+			v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
+			if rerr == nil {
+				v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
+			}
+		})
+		if ctx.Err() != nil {
+			return out, api.Errorf(api.CodeCanceled, "start of VM %q canceled; everything it made was released", vm.Name)
+		}
+		return out, fmt.Errorf("start VM %q: %w", vm.Name, cause)
+	}
+	if err := os.MkdirAll(rtDir, 0o700); err != nil {
+		return fail(err)
+	}
+	if err := os.MkdirAll(d.vmDir(vm.ID), 0o700); err != nil {
+		return fail(err)
+	}
+	if err := d.writeHandles(vm); err != nil {
+		return fail(err)
+	}
+
+	// Network: bridge + NAT, then the tap (intent first).
+	report.Report(progress.Event{Phase: "network", Item: vm.Name})
+	nc, err := d.ensureNetwork(ctx)
+	if err != nil {
+		return fail(err)
+	}
+	tapName := netctl.TapName(vm.ID)
+	if _, err := d.setRuntime(vm.ID, func(rt *model.Runtime) {
+		rt.Phase, rt.Tap, rt.TapAlias = "tap:creating", tapName, netctl.TapAlias(vm.ID)
+	}); err != nil {
+		return fail(err)
+	}
+	if _, err := netctl.CreateTap(ctx, nc, vm.ID); err != nil {
+		return fail(fmt.Errorf("create tap %s: %w", tapName, err))
+	}
+
+	// Disk: reuse the VM's disk, activating it (dm-snapshot) as needed.
+	report.Report(progress.Event{Phase: "disk", Item: vm.DiskDriver})
+	img, err := d.store.GetImage(vm.ImageID)
+	if err != nil {
+		return fail(err)
+	}
+	disk, err := d.disks().Prepare(ctx, blockdev.PrepareOptions{
+		VMID: vm.ID, BaseImage: img.RootFS, VMDir: d.vmDir(vm.ID), SizeBytes: vm.DiskBytes, Driver: vm.DiskDriver,
+		Intent: func(dk blockdev.Disk) error {
+			_, err := d.setRuntime(vm.ID, func(rt *model.Runtime) { setDisk(rt, dk, "disk:creating") })
+			return err
+		},
+	})
+	if err != nil {
+		return fail(fmt.Errorf("prepare disk: %w", err))
+	}
+	if vm, err = d.setRuntime(vm.ID, func(rt *model.Runtime) { setDisk(rt, disk, "vmm:starting") }); err != nil {
+		return fail(err)
+	}
+
+	// The VM monitor.
+	report.Report(progress.Event{Phase: "vmm", Item: vm.VMM})
+	spec := vmm.Spec{
+		VMID: vm.ID, Name: vm.Name, CPUs: vm.CPUs, MemoryMiB: vm.MemoryMiB,
+		Kernel: kernelPath, Initrd: initrdPath, Cmdline: d.cmdline(vm, nc),
+		Disk: disk.Path, Tap: tapName, MAC: vm.MAC, RuntimeDir: rtDir,
+		ConsoleLog: d.consoleLog(vm.ID), AgentSocket: filepath.Join(rtDir, "agent.sock"),
+		VsockCID: vm.Runtime.VsockCID,
+	}
+	if spec.VsockCID == 0 {
+		spec.VsockCID = vsockCID(vm.IP)
+	}
+	h, err := mon.Start(ctx, spec)
+	if err != nil {
+		return fail(fmt.Errorf("start %s: %w", vm.VMM, err))
+	}
+	vm, err = d.setRuntime(vm.ID, func(rt *model.Runtime) {
+		rt.Phase = "running"
+		rt.PID, rt.PIDStart, rt.BootID, rt.Cmdline = h.PID, h.PIDStart, h.BootID, h.Cmdline
+		rt.APISocket, rt.AgentSocket, rt.AgentTransport, rt.VsockCID = h.APISocket, h.AgentSocket, h.AgentTransport, spec.VsockCID
+	})
+	if err != nil {
+		// The monitor runs but its handle is not recorded: stop it now.
+		_, _ = mon.Stop(context.WithoutCancel(ctx), h, 0)
+		return fail(err)
+	}
+	vm, err = d.store.UpdateVM(vm.ID, func(v *model.VM) error {
+		v.StartedAt, v.KernelCmdline = time.Now().UTC(), spec.Cmdline
+		return nil
+	})
+	if err != nil {
+		return vm, err
+	}
+	log.Info("VM monitor started", "vmm", vm.VMM, "pid", h.PID, "disk", disk.Driver, "tap", tapName, "ip", vm.IP,
+		"start_overhead", time.Since(start).Round(time.Millisecond))
+	report.Report(progress.Event{Phase: "vmm", Item: vm.VMM, Done: true, Message: fmt.Sprintf("pid %d", h.PID)})
+
+	l := d.watch(vm)
+	mu.Unlock()
+	locked = false
+	if !wait {
+		return vm, nil
+	}
+	return d.waitReady(ctx, vm, l, report)
+}
+
+func setDisk(rt *model.Runtime, dk blockdev.Disk, phase string) {
+	rt.Phase = phase
+	rt.DiskPath, rt.COWPath, rt.BaseLink, rt.Loops, rt.DMName, rt.DMUUID = dk.Path, dk.COWPath, dk.BaseLink, dk.Loops, dk.DMName, dk.DMUUID
+}
+
+// vsockCID derives a guest CID (>= 3) from the VM's IP, unique per subnet.
+func vsockCID(ip string) uint32 {
+	a, err := netip.ParseAddr(ip)
+	if err != nil || !a.Is4() {
+		return 3
+	}
+	b := a.As4()
+	return 1000 + uint32(b[2])<<8 + uint32(b[3])
+}
+
+// watch starts the watcher and the boot waiter of a started (or
+// re-adopted) VM.
+func (d *Daemon) watch(vm model.VM) *live {
+	ctx, cancel := context.WithCancel(d.bgCtx)
+	l := &live{cancel: cancel, ready: make(chan struct{})}
+	if old := d.lives.take(vm.ID); old != nil {
+		old.cancel()
+	}
+	d.lives.set(vm.ID, l)
+	go d.watchMonitor(ctx, vm, l)
+	if vm.State == model.VMStarting {
+		go func() {
+			l.readyErr = d.bootWait(ctx, vm)
+			close(l.ready)
+		}()
+	} else {
+		close(l.ready)
+	}
+	return l
+}
+
+// watchMonitor notices a monitor process that exits on its own (guest
+// poweroff, crash, kill from outside) and releases the VM's resources.
+func (d *Daemon) watchMonitor(ctx context.Context, vm model.VM, l *live) {
+	mon, err := d.monitor(vm.VMM)
+	if err != nil {
+		return
+	}
+	h := handleOf(vm.Runtime)
+	t := time.NewTicker(300 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		alive, err := mon.Alive(h)
+		if err != nil || alive {
+			continue
+		}
+		mu := d.vmLock(vm.ID)
+		mu.Lock()
+		if ctx.Err() != nil || l.stopping {
+			mu.Unlock()
+			return
+		}
+		cur, err := d.store.GetVM(vm.ID)
+		if err != nil || cur.Runtime.PID != h.PID {
+			mu.Unlock()
+			return
+		}
+		d.log.Info("VM monitor exited on its own; releasing the VM's resources", "vm", cur.Name, "pid", h.PID)
+		cctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		removed, rerr := d.releaseRuntime(cctx, cur, false)
+		cancel()
+		st, reason := model.VMStopped, ""
+		if cur.State == model.VMStarting {
+			st, reason = model.VMError, "the VM monitor exited while the guest was booting: see banger vm logs "+cur.Name
+		}
+		if rerr != nil {
+			st, reason = model.VMError, "the VM monitor exited and cleanup failed: "+rerr.Error()
+		}
+		_, _ = d.setState(vm.ID, st, reason, func(v *model.VM) {
+			v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
+			if rerr == nil {
+				v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
+			}
+		})
+		d.lives.take(vm.ID)
+		l.cancel()
+		mu.Unlock()
+		return
+	}
+}
+
+// agentDial returns how to reach the VM's agent.
+func agentDial(rt model.Runtime) agent.DialFunc {
+	return func(ctx context.Context) (*agent.Client, error) {
+		switch agent.Transport(rt.AgentTransport) {
+		case agent.TransportVsock:
+			return agent.Dial(ctx, agent.TransportVsock, fmt.Sprint(rt.VsockCID))
+		default:
+			return agent.Dial(ctx, agent.Transport(rt.AgentTransport), rt.AgentSocket)
+		}
+	}
+}
+
+// bootWait waits until the guest is ready for ssh: the agent answers, the
+// owner's key is authorized, first boot has finished, the host key is
+// known and sshd accepts connections. It moves the VM to running, or to
+// error (releasing its resources) when the healthy timeout passes.
+func (d *Daemon) bootWait(ctx context.Context, vm model.VM) error {
+	timeout := time.Duration(d.cfg.HealthyTimeout)
+	if timeout <= 0 {
+		timeout = 5 * time.Minute
+	}
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	err := d.waitAgent(wctx, vm)
+	if ctx.Err() != nil {
+		return ctx.Err() // stopped or daemon shutting down: not our call
+	}
+	if err == nil {
+		return nil
+	}
+	mu := d.vmLock(vm.ID)
+	mu.Lock()
+	defer mu.Unlock()
+	cur, gerr := d.store.GetVM(vm.ID)
+	if gerr != nil || cur.State != model.VMStarting || cur.Runtime.PID != vm.Runtime.PID {
+		return err
+	}
+	reason := fmt.Sprintf("the guest did not become ready within %s: %v (console log: banger vm logs %s)", timeout, err, vm.Name)
+	d.log.Warn("VM not ready; stopping it", "vm", vm.Name, "err", err)
+	if l := d.lives.take(vm.ID); l != nil {
+		l.stopping = true
+		l.cancel()
+	}
+	cctx, ccancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer ccancel()
+	removed, rerr := d.releaseRuntime(cctx, cur, false)
+	if rerr != nil {
+		reason += "; cleanup: " + rerr.Error()
+	}
+	_, _ = d.setState(vm.ID, model.VMError, reason, func(v *model.VM) {
+		v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
+		if rerr == nil {
+			v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
+		}
+	})
+	return errors.New(reason)
+}
+
+func (d *Daemon) waitAgent(ctx context.Context, vm model.VM) error {
+	dial := agentDial(vm.Runtime)
+	var c *agent.Client
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		cl, err := dial(cctx)
+		cancel()
+		if err == nil {
+			c = cl
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the agent never answered (last error: %w)", err)
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	defer c.Close()
+	if _, err := c.Health(ctx); err != nil {
+		return fmt.Errorf("agent health: %w", err)
+	}
+	d.log.Info("guest agent healthy", "vm", vm.Name)
+	if vm.SSHKey != "" {
+		if _, err := c.AuthorizeKey(ctx, vm.SSHKey); err != nil {
+			return fmt.Errorf("authorize ssh key: %w", err)
+		}
+	}
+	var st *agent.Status
+	for {
+		s, err := c.Status(ctx)
+		if err != nil {
+			return fmt.Errorf("agent status: %w", err)
+		}
+		st = s
+		_, _ = d.store.UpdateVM(vm.ID, func(v *model.VM) error {
+			v.FirstBoot = string(s.FirstBoot)
+			return nil
+		})
+		if s.FirstBoot == agent.FirstBootFailed {
+			break
+		}
+		if (s.FirstBoot == agent.FirstBootDone || s.FirstBoot == agent.FirstBootUnknown) && s.HostKey != "" && sshOpen(ctx, vm.IP) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("first boot is %s and sshd is not ready yet", s.FirstBoot)
+		case <-time.After(time.Second):
+		}
+	}
+	_, err := d.store.UpdateVM(vm.ID, func(v *model.VM) error {
+		if v.State == model.VMStarting {
+			v.State = model.VMRunning
+		}
+		v.FirstBoot = string(st.FirstBoot)
+		if st.HostKey != "" {
+			v.HostKey = strings.TrimSpace(st.HostKey)
+		}
+		if st.FirstBoot == agent.FirstBootFailed {
+			v.FirstBootLog = st.FirstBootLog
+			v.Reason = "first boot failed to install openssh-server; it retries at the next boot (see first_boot_log)"
+		}
+		return nil
+	})
+	if err == nil {
+		d.log.Info("VM ready", "vm", vm.Name, "first_boot", st.FirstBoot)
+	}
+	return err
+}
+
+func sshOpen(ctx context.Context, ip string) bool {
+	if ip == "" {
+		return true
+	}
+	var dl net.Dialer
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	c, err := dl.DialContext(cctx, "tcp", net.JoinHostPort(ip, "22"))
+	if err != nil {
+		return false
+	}
+	_ = c.Close()
+	return true
+}
+
+// waitReady waits for the boot waiter of l, reporting progress.
+func (d *Daemon) waitReady(ctx context.Context, vm model.VM, l *live, report progress.Func) (model.VM, error) {
+	report.Report(progress.Event{Phase: "boot", Item: vm.Name, Message: "waiting for the guest agent and sshd"})
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	start := time.Now()
+	for {
+		select {
+		case <-l.ready:
+			cur, err := d.store.GetVM(vm.ID)
+			if err != nil {
+				return cur, err
+			}
+			if l.readyErr != nil || cur.State != model.VMRunning {
+				msg := cur.Reason
+				if msg == "" && l.readyErr != nil {
+					msg = l.readyErr.Error()
+				}
+				return cur, fmt.Errorf("VM %q did not become ready: %s", vm.Name, msg)
+			}
+			report.Report(progress.Event{Phase: "boot", Item: vm.Name, Done: true, Message: fmt.Sprintf("ready in %s", time.Since(start).Round(100*time.Millisecond))})
+			return cur, nil
+		case <-ctx.Done():
+			return vm, api.Errorf(api.CodeCanceled, "stopped waiting for VM %q; it keeps booting (banger vm ls shows when it is running)", vm.Name)
+		case <-t.C:
+			cur, _ := d.store.GetVM(vm.ID)
+			msg := "waiting for the guest agent"
+			if cur.FirstBoot != "" {
+				msg = "first boot: " + cur.FirstBoot
+			}
+			report.Report(progress.Event{Phase: "boot", Item: vm.Name, Message: msg + fmt.Sprintf(" (%s)", time.Since(start).Round(time.Second))})
+		}
+	}
+}
+
+// stopVM stops a VM: a graceful shutdown, then the monitor's escalation;
+// then it releases the tap and deactivates the disk (kept for the next
+// start). Stopping a stopped VM is a success.
+func (d *Daemon) stopVM(ctx context.Context, idOrName string, report progress.Func) (model.VM, error) {
+	vm, err := d.store.GetVM(idOrName)
+	if err != nil {
+		return vm, err
+	}
+	mu := d.vmLock(vm.ID)
+	mu.Lock()
+	defer mu.Unlock()
+	vm, err = d.store.GetVM(vm.ID)
+	if err != nil {
+		return vm, err
+	}
+	if vm.State == model.VMCreated || (vm.State == model.VMStopped && vm.Runtime.Empty()) {
+		return vm, nil
+	}
+	if l := d.lives.take(vm.ID); l != nil {
+		l.stopping = true
+		l.cancel()
+	}
+	prev := vm.State
+	if vm, err = d.setState(vm.ID, model.VMStopping, "", nil); err != nil {
+		return vm, err
+	}
+	report.Report(progress.Event{Phase: "stop", Item: vm.Name})
+	removed, rerr := d.releaseRuntime(ctx, vm, false)
+	if rerr != nil {
+		out, _ := d.setState(vm.ID, model.VMError, "stop: "+rerr.Error(), nil)
+		return out, fmt.Errorf("stop VM %q: %w", vm.Name, rerr)
+	}
+	reason := ""
+	if prev == model.VMError {
+		reason = vm.Reason
+	}
+	st := model.VMStopped
+	out, err := d.setState(vm.ID, st, reason, func(v *model.VM) {
+		v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
+		v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
+	})
+	report.Report(progress.Event{Phase: "stop", Item: vm.Name, Done: true})
+	d.log.Info("VM stopped", "vm", vm.Name, "released", strings.Join(removed, ", "))
+	return out, err
+}
+
+// releaseRuntime tears down what vm.Runtime holds: the monitor (only when
+// its pid still is the process banger started), the disk's devices (and
+// its files when removeDisk), the tap (only with banger's alias for this
+// VM), the runtime dir. Every step is idempotent and runs even when an
+// earlier one failed; it returns what it removed and the joined errors.
+func (d *Daemon) releaseRuntime(ctx context.Context, vm model.VM, removeDisk bool) ([]string, error) {
+	rt := vm.Runtime
+	var removed []string
+	var errs []error
+	if rt.PID != 0 {
+		if mon, err := d.monitor(vm.VMM); err != nil {
+			errs = append(errs, err)
+		} else {
+			how, err := mon.Stop(ctx, handleOf(rt), gracefulStop)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("stop %s pid %d: %w", vm.VMM, rt.PID, err))
+			} else if how != vmm.StoppedAlready {
+				removed = append(removed, fmt.Sprintf("%s pid %d (%s)", vm.VMM, rt.PID, how))
+			}
+		}
+	}
+	dk := diskOf(vm)
+	if dk.DMName != "" || len(dk.Loops) > 0 || (removeDisk && (dk.COWPath != "" || dk.Path != "" || dk.BaseLink != "")) {
+		var err error
+		if removeDisk {
+			err = d.disks().Teardown(ctx, dk)
+		} else {
+			err = d.disks().Deactivate(ctx, dk)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("disk: %w", err))
+		} else {
+			if dk.DMName != "" {
+				removed = append(removed, "dm "+dk.DMName)
+			}
+			for _, l := range dk.Loops {
+				removed = append(removed, "loop "+l.Device)
+			}
+			if removeDisk && dk.COWPath != "" {
+				removed = append(removed, "disk "+dk.COWPath)
+			}
+		}
+	}
+	if rt.Tap != "" {
+		if err := netctl.DeleteTap(ctx, rt.Tap, vm.ID); err != nil {
+			errs = append(errs, fmt.Errorf("tap %s: %w", rt.Tap, err))
+		} else {
+			removed = append(removed, "tap "+rt.Tap)
+		}
+	}
+	if rt.RuntimeDir != "" {
+		if err := d.removeUnder(filepath.Join(d.cfg.RuntimeDir, "vms"), rt.RuntimeDir); err != nil {
+			errs = append(errs, err)
+		}
+	} else if _, err := os.Stat(d.vmRuntimeDir(vm.ID)); err == nil {
+		_ = d.removeUnder(filepath.Join(d.cfg.RuntimeDir, "vms"), d.vmRuntimeDir(vm.ID))
+	}
+	return removed, errors.Join(errs...)
+}
