@@ -5,10 +5,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -414,4 +416,73 @@ func (m memSource) Layers() []Layer {
 
 func (m memSource) OpenLayer(_ context.Context, i int) (io.ReadCloser, error) {
 	return io.NopCloser(bytes.NewReader(m[i])), nil
+}
+
+// fuzzSeeds are layer pairs for FuzzFlatten: the semantic cases and the
+// hostile corpus. testdata/fuzz/FuzzFlatten holds the same seeds
+// (regenerate with BANGER_WRITE_FUZZ_CORPUS=1 go test -run TestWriteFuzzCorpus).
+func fuzzSeeds(t testing.TB) [][2][]byte {
+	seeds := [][2][]byte{
+		{makeTar(t, dir("a"), file("a/x", "x"), file("b", "b"), hardlink("h", "b"), symlink("s", "/etc")), makeTar(t, file(".wh.b", ""), file("a/.wh..wh..opq", ""), file("a/n", "n"))},
+		{makeTar(t, dir("p"), file("p/c", "c")), makeTar(t, file("p", "f"), dir("p"), hardlink("q", "p/c"))},
+		{makeTar(t, entry{name: "dev/null", typ: tar.TypeChar, major: 1, minor: 3, mode: 0o666}, hardlink("n2", "dev/null")), makeTar(t, file("dev/.wh.null", ""))},
+	}
+	for _, h := range hostileCorpus(t, "/tmp/outside") {
+		if h.name == "gzip-bomb" {
+			continue // too big for a seed; MaxBytes is fuzzed through the other entries
+		}
+		l2 := []byte{}
+		if len(h.layers) > 1 {
+			l2 = h.layers[1]
+		}
+		seeds = append(seeds, [2][]byte{h.layers[0], l2})
+	}
+	return seeds
+}
+
+// FuzzFlatten replays two arbitrary layers and checks that nothing is ever
+// written outside staging, and that a successful Flatten leaves staging and
+// Metadata in agreement (the Metadata contract).
+func FuzzFlatten(f *testing.F) {
+	for _, s := range fuzzSeeds(f) {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, layer1, layer2 []byte) {
+		base := t.TempDir()
+		staging, outside := filepath.Join(base, "staging"), filepath.Join(base, "outside")
+		os.Mkdir(staging, 0o700)
+		os.Mkdir(outside, 0o700)
+		md, err := Flatten(context.Background(), memSource{layer1, layer2}, staging, FlattenOptions{MaxBytes: 1 << 20, MaxEntries: 1000})
+		if ents, _ := os.ReadDir(outside); len(ents) != 0 {
+			t.Fatalf("Flatten wrote outside staging: %v", ents)
+		}
+		if ents, _ := os.ReadDir(base); len(ents) != 2 {
+			t.Fatalf("Flatten wrote beside staging: %v", ents)
+		}
+		if err != nil {
+			return
+		}
+		checkMirror(t, md, staging)
+		for rel := range md {
+			if err := CheckName(rel); err != nil {
+				t.Errorf("Metadata holds a name CheckName refuses: %v", err)
+			}
+		}
+	})
+}
+
+func TestWriteFuzzCorpus(t *testing.T) {
+	if os.Getenv("BANGER_WRITE_FUZZ_CORPUS") != "1" {
+		t.Skip("set BANGER_WRITE_FUZZ_CORPUS=1 to regenerate testdata/fuzz/FuzzFlatten")
+	}
+	dir := filepath.Join("testdata", "fuzz", "FuzzFlatten")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for i, s := range fuzzSeeds(t) {
+		content := "go test fuzz v1\n[]byte(" + strconv.Quote(string(s[0])) + ")\n[]byte(" + strconv.Quote(string(s[1])) + ")\n"
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("seed-%02d", i)), []byte(content), 0o644); err != nil { //nolint:gosec // test data
+			t.Fatal(err)
+		}
+	}
 }
