@@ -146,4 +146,3 @@ func firstLines(s string, n int) string {
 	}
 	return strings.Join(l, "\n")
 }
-

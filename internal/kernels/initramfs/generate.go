@@ -106,9 +106,9 @@ func Generate(ctx context.Context, w io.Writer, opts Options) (Info, error) {
 	var comp io.WriteCloser
 	switch info.Compression {
 	case Gzip:
-		comp, err = gzip.NewWriterLevel(counter, gzip.BestCompression)
+		comp, err = gzip.NewWriterLevel(counter, gzip.DefaultCompression)
 	case Zstd:
-		comp, err = zstd.NewWriter(counter, zstd.WithEncoderLevel(zstd.SpeedBestCompression))
+		comp, err = zstd.NewWriter(counter)
 	case None:
 		comp = nopCloser{counter}
 	default:

@@ -148,7 +148,7 @@ func writeModulesTar(root, out, compression string) (err error) {
 			return err
 		}
 	} else {
-		zw, err = gzip.NewWriterLevel(f, gzip.BestCompression)
+		zw, err = gzip.NewWriterLevel(f, gzip.DefaultCompression)
 		if err != nil {
 			return err
 		}
