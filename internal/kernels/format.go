@@ -133,7 +133,7 @@ func detectBzImage(f io.ReaderAt, head []byte, size int64) (string, error) {
 func detectVmlinux(f *os.File) (string, error) {
 	ef, err := elf.NewFile(f)
 	if err != nil {
-		return "", fmt.Errorf("parse ELF: %v: %w", err, ErrUnknownFormat)
+		return "", fmt.Errorf("parse ELF: %w: %w", err, ErrUnknownFormat)
 	}
 	if ef.Class != elf.ELFCLASS64 || ef.Machine != elf.EM_X86_64 {
 		return "", fmt.Errorf("ELF is %v %v, not ELFCLASS64 x86_64: %w", ef.Class, ef.Machine, ErrUnknownFormat)

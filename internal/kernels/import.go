@@ -75,8 +75,12 @@ func importFiles(ctx context.Context, dstDir, name, kernel, initrd, modulesDir s
 		}
 	}
 	if initrd != "" {
-		if st, err := os.Stat(initrd); err != nil || !st.Mode().IsRegular() || st.Size() == 0 {
-			return model.Kernel{}, fmt.Errorf("import kernel %q: initrd %s is not a non-empty regular file (%v)", name, initrd, err)
+		st, err := os.Stat(initrd)
+		if err != nil {
+			return model.Kernel{}, fmt.Errorf("import kernel %q: initrd: %w", name, err)
+		}
+		if !st.Mode().IsRegular() || st.Size() == 0 {
+			return model.Kernel{}, fmt.Errorf("import kernel %q: initrd %s is not a non-empty regular file", name, initrd)
 		}
 	}
 	staging, err := newStaging(dstDir)

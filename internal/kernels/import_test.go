@@ -119,7 +119,7 @@ func TestImportFiles(t *testing.T) {
 			if err == nil || (tc.want != nil && !errors.Is(err, tc.want)) {
 				t.Fatalf("ImportFiles(%s) err = %v, want %v", tc.name, err, tc.want)
 			}
-			if tc.want != kernels.ErrExists {
+			if !errors.Is(tc.want, kernels.ErrExists) {
 				if _, serr := os.Stat(dst); serr == nil {
 					t.Errorf("failed import left %s behind", dst)
 				}

@@ -48,8 +48,11 @@ func BuildFromDeb(ctx context.Context, o BuildOptions) (Entry, error) {
 	ix := Index{Schema: SchemaVersion}
 	indexPath := filepath.Join(o.OutDir, IndexFile)
 	if data, err := os.ReadFile(indexPath); err == nil {
-		if err := json.Unmarshal(data, &ix); err != nil || ix.Schema != SchemaVersion {
-			return Entry{}, fmt.Errorf("existing %s is not a schema %d index (%v): %w", indexPath, SchemaVersion, err, ErrBadIndex)
+		if err := json.Unmarshal(data, &ix); err != nil {
+			return Entry{}, fmt.Errorf("existing %s: %w: %w", indexPath, err, ErrBadIndex)
+		}
+		if ix.Schema != SchemaVersion {
+			return Entry{}, fmt.Errorf("existing %s is schema %d, not %d: %w", indexPath, ix.Schema, SchemaVersion, ErrBadIndex)
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return Entry{}, err
@@ -174,7 +177,7 @@ func writeModulesTar(root, out, compression string) (err error) {
 			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: rel, Mode: 0o644, Size: info.Size(), Format: tar.FormatPAX}); err != nil {
 				return err
 			}
-			src, err := os.Open(p)
+			src, err := os.Open(p) // #nosec G122 -- our own freshly imported tree
 			if err != nil {
 				return err
 			}
