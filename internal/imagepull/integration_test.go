@@ -350,9 +350,11 @@ func TestIntegrationDebianImage(t *testing.T) {
 		"usr/bin/sudo":           func(r fileRecord) bool { return r.Mode == 0o4755 && r.UID == 0 },
 		"etc/shadow":             func(r fileRecord) bool { return r.Mode == 0o640 && r.GID == 42 },
 		"srv":                    func(r fileRecord) bool { return r.Type.IsRegular() },
-		"dev/banger-null":        func(r fileRecord) bool { return r.Type == fs.ModeDevice|fs.ModeCharDevice && r.Rdev == unix.Mkdev(1, 3) },
-		"run/banger.fifo":        func(r fileRecord) bool { return r.Type == fs.ModeNamedPipe && r.GID == 5 },
-		"home/user/.profile":     func(r fileRecord) bool { return r.UID == 1000 && r.Mode == 0o600 },
+		"dev/banger-null": func(r fileRecord) bool {
+			return r.Type == fs.ModeDevice|fs.ModeCharDevice && r.Rdev == unix.Mkdev(1, 3)
+		},
+		"run/banger.fifo":    func(r fileRecord) bool { return r.Type == fs.ModeNamedPipe && r.GID == 5 },
+		"home/user/.profile": func(r fileRecord) bool { return r.UID == 1000 && r.Mode == 0o600 },
 	} {
 		if !check(got[p]) {
 			t.Errorf("%s in the ext4: %+v", p, got[p])
