@@ -54,8 +54,9 @@ func main() {
 	if _, err := os.Stat("/init"); err == nil {
 		problems = append(problems, "still on the initramfs")
 	}
+	uptime, _ := os.ReadFile("/proc/uptime")
 	if len(problems) == 0 {
-		fmt.Fprintln(out, "BANGER-MARKER ok")
+		fmt.Fprintln(out, "BANGER-MARKER ok uptime="+strings.Fields(string(uptime)+" ?")[0])
 	} else {
 		fmt.Fprintln(out, "BANGER-MARKER fail:", strings.Join(problems, "; "))
 	}
