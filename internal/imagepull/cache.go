@@ -96,7 +96,7 @@ func isHex64(s string) bool {
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
 			return false
 		}
 	}
@@ -191,8 +191,8 @@ func (c *Cache) download(ctx context.Context, digest string, size int64, fetch F
 	ok := false
 	defer func() {
 		if !ok {
-			f.Close()
-			os.Remove(tmp)
+			_ = f.Close()
+			_ = os.Remove(tmp)
 		}
 	}()
 	// The lock tells Prune that this temp file is live.
@@ -349,7 +349,7 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 		v.done = true
 		if got := hex.EncodeToString(v.h.Sum(nil)); got != v.want {
 			// The cache is corrupt: drop the blob so the next pull fetches it.
-			os.Remove(v.path)
+			_ = os.Remove(v.path)
 			v.err = fmt.Errorf("cached blob %s hashes to sha256:%s (removed it; pull again): %w", v.digest, got, ErrDigestMismatch)
 			return n, v.err
 		}

@@ -727,11 +727,11 @@ func (f *flattener) removeAll(pfd int, base, rel string) error {
 		}
 		for name := range f.children[rel] {
 			if err := f.removeAll(fd, name, join(rel, name)); err != nil {
-				unix.Close(fd)
+				_ = unix.Close(fd)
 				return err
 			}
 		}
-		unix.Close(fd)
+		_ = unix.Close(fd)
 		if err := unix.Unlinkat(pfd, base, unix.AT_REMOVEDIR); err != nil && !errors.Is(err, unix.ENOENT) {
 			return fmt.Errorf("remove directory %q: %w", rel, err)
 		}
@@ -770,7 +770,7 @@ func (f *flattener) restoreDirTimes() error {
 			return err
 		}
 		f.setTime(pfd, base, t)
-		unix.Close(pfd)
+		_ = unix.Close(pfd)
 	}
 	return nil
 }

@@ -105,7 +105,7 @@ type testRegistry struct {
 
 func newRegistry(t testing.TB, wrap func(http.Handler) http.Handler) *testRegistry {
 	t.Helper()
-	var h http.Handler = registry.New(registry.Logger(nopLogger()))
+	h := http.Handler(registry.New(registry.Logger(nopLogger())))
 	if wrap != nil {
 		h = wrap(h)
 	}

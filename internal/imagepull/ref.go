@@ -102,7 +102,7 @@ func DefaultImageName(ref name.Reference) string {
 func sanitizeName(s string) string {
 	b := []byte(strings.ToLower(s))
 	for i, c := range b {
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+		if !nameByte(c) {
 			b[i] = '-'
 		}
 	}
@@ -120,4 +120,9 @@ func fallbackName(s string) string {
 		return "image"
 	}
 	return s
+}
+
+// nameByte reports whether model.ValidateName allows c.
+func nameByte(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-'
 }
