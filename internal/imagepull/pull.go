@@ -235,7 +235,7 @@ func (im *Image) OpenLayer(ctx context.Context, i int) (io.ReadCloser, error) {
 	}
 	rc, err := decompress(blob)
 	if err != nil {
-		blob.Close()
+		_ = blob.Close()
 		return nil, fmt.Errorf("layer %d (%s): %w", i, l.Digest, err)
 	}
 	return rc, nil
