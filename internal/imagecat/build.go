@@ -17,6 +17,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/atomicfile"
 	"github.com/bangerdev/banger/internal/imagepull"
+	"github.com/bangerdev/banger/internal/kernels"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
 )
@@ -33,6 +34,10 @@ type BuildOptions struct {
 	KernelRef string
 	// AgentBinary is the static banger-vsock-agent to inject.
 	AgentBinary string
+	// Kernel and Initrd optionally put a kernel in the bundle (its
+	// modules must be in the tree already); without one, pulls boot
+	// KernelRef.
+	Kernel, Initrd string
 	// Size of rootfs.ext4; zero means imagepull.DefaultSize of the content.
 	Size int64
 	// OutDir is the catalog directory: index.json and <name>/ bundles.
@@ -83,13 +88,20 @@ func BuildFromTar(ctx context.Context, o BuildOptions) (Entry, error) {
 
 	md := Metadata{Schema: SchemaVersion, Name: o.Name, Description: o.Description, OS: osInfo,
 		KernelRef: o.KernelRef, Created: time.Now().UTC().Truncate(time.Second), Builder: o.Builder}
+	if o.Kernel != "" {
+		format, version, err := kernels.DetectFormat(o.Kernel)
+		if err != nil {
+			return Entry{}, err
+		}
+		md.Kernel = &KernelInfo{Version: version, Format: format}
+	}
 	bundleTmp, err := os.CreateTemp(filepath.Join(o.OutDir, o.Name), ".bundle-*")
 	if err != nil {
 		return Entry{}, err
 	}
 	defer os.Remove(bundleTmp.Name())
 	bw := bufio.NewWriterSize(bundleTmp, 1<<20)
-	err = WriteBundle(ctx, bw, BundleInput{Metadata: md, RootFS: ext4}, WriteOptions{Level: o.Level, Progress: o.Progress})
+	err = WriteBundle(ctx, bw, BundleInput{Metadata: md, RootFS: ext4, Kernel: o.Kernel, Initrd: o.Initrd}, WriteOptions{Level: o.Level, Progress: o.Progress})
 	if err == nil {
 		err = bw.Flush()
 	}
