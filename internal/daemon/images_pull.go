@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/http"
 	"os"
 	"os/user"
@@ -211,7 +210,7 @@ func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Ca
 	if err != nil {
 		return img, classifyPullError(err)
 	}
-	content := treeBytes(rootDir)
+	content := imagepull.DiskUsage(md)
 	if size == 0 {
 		size = imagepull.DefaultSize(content)
 	} else if err := imagepull.CheckSize(content, size); err != nil {
@@ -289,20 +288,6 @@ func classifyPullError(err error) error {
 		return api.Errorf(api.CodeInvalid, "%v", err)
 	}
 	return err
-}
-
-// treeBytes sums the sizes of the regular files under dir.
-func treeBytes(dir string) int64 {
-	var n int64
-	_ = filepath.WalkDir(dir, func(_ string, de fs.DirEntry, err error) error {
-		if err == nil && de.Type().IsRegular() {
-			if fi, err := de.Info(); err == nil {
-				n += fi.Size()
-			}
-		}
-		return nil
-	})
-	return n
 }
 
 func humanBytes(n int64) string {

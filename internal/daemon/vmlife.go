@@ -200,6 +200,26 @@ func (d *Daemon) ensureNetwork(ctx context.Context) (netctl.Config, error) {
 	return nc, nil
 }
 
+// releaseNetworkIfIdle removes the NAT table once no VM runs, so that a
+// host without VMs carries no banger rules. The bridge stays.
+func (d *Daemon) releaseNetworkIfIdle(ctx context.Context) {
+	netOnce.Lock()
+	defer netOnce.Unlock()
+	vms, err := d.store.ListVMs(nil)
+	if err != nil {
+		return
+	}
+	for _, vm := range vms {
+		switch vm.State {
+		case model.VMRunning, model.VMStarting, model.VMStopping:
+			return
+		}
+	}
+	if err := netctl.RemoveNAT(ctx); err != nil {
+		d.log.Warn("remove NAT table", "err", err)
+	}
+}
+
 // bootArtifacts returns the kernel and initrd a VM boots.
 func (d *Daemon) bootArtifacts(vm model.VM) (kernel, initrd string, err error) {
 	img, err := d.store.GetImage(vm.ImageID)
@@ -225,7 +245,7 @@ func (d *Daemon) bootArtifacts(vm model.VM) (kernel, initrd string, err error) {
 // cmdline is the guest kernel command line: root disk, serial console and
 // the network settings banger-network.service reads.
 func (d *Daemon) cmdline(vm model.VM, nc netctl.Config) string {
-	parts := []string{"console=ttyS0", "root=/dev/vda", "rw", "panic=-1", "quiet", "loglevel=4"}
+	parts := []string{"console=ttyS0", "root=/dev/vda", "rw", "panic=-1", "quiet", "loglevel=4", "net.ifnames=0"}
 	if vm.IP != "" {
 		parts = append(parts, fmt.Sprintf("banger.ip=%s/%d", vm.IP, nc.Subnet.Bits()), "banger.gw="+nc.Gateway().String())
 	}
@@ -311,6 +331,7 @@ func (d *Daemon) startVM(ctx context.Context, idOrName string, sshKey string, wa
 				v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
 			}
 		})
+		d.releaseNetworkIfIdle(cleanCtx)
 		if ctx.Err() != nil {
 			return out, api.Errorf(api.CodeCanceled, "start of VM %q canceled; everything it made was released", vm.Name)
 		}
@@ -495,6 +516,7 @@ func (d *Daemon) watchMonitor(ctx context.Context, vm model.VM, l *live) {
 		d.lives.take(vm.ID)
 		l.cancel()
 		mu.Unlock()
+		d.releaseNetworkIfIdle(context.Background())
 		return
 	}
 }
@@ -554,6 +576,7 @@ func (d *Daemon) bootWait(ctx context.Context, vm model.VM) error {
 			v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
 		}
 	})
+	go d.releaseNetworkIfIdle(context.Background())
 	return errors.New(reason)
 }
 
@@ -718,6 +741,7 @@ func (d *Daemon) stopVM(ctx context.Context, idOrName string, report progress.Fu
 		v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
 		v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
 	})
+	d.releaseNetworkIfIdle(ctx)
 	report.Report(progress.Event{Phase: "stop", Item: vm.Name, Done: true})
 	d.log.Info("VM stopped", "vm", vm.Name, "released", strings.Join(removed, ", "))
 	return out, err
