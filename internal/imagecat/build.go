@@ -168,6 +168,9 @@ func BuildRootFS(ctx context.Context, rootfsTar, workDir, agentBinary string, si
 	if err != nil {
 		return "", OS{}, fmt.Errorf("build rootfs from %s: %w", rootfsTar, err)
 	}
+	if err := freshHostKeys(tree, md); err != nil {
+		return "", OS{}, fmt.Errorf("build rootfs from %s: %w", rootfsTar, err)
+	}
 	content := imagepull.DiskUsage(md)
 	if size == 0 {
 		size = imagepull.DefaultSize(content)
@@ -191,6 +194,71 @@ func BuildRootFS(ctx context.Context, rootfsTar, workDir, agentBinary string, si
 		return "", OS{}, err
 	}
 	return ext4, osInfo, nil
+}
+
+// hostKeysUnit makes each VM generate its own SSH host keys at its first
+// boot, before sshd starts: one image is shared by many VMs, and keys baked
+// into it would be the same on all of them.
+const hostKeysUnit = `[Unit]
+Description=banger: generate this machine's SSH host keys
+Before=ssh.service
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+RequiredBy=ssh.service
+`
+
+// HostKeysUnit is the unit freshHostKeys installs, under
+// /etc/systemd/system, required by ssh.service.
+const HostKeysUnit = "banger-ssh-hostkeys.service"
+
+// freshHostKeys removes the SSH host keys package installation generated
+// (etc/ssh/ssh_host_*) from the flattened tree and installs HostKeysUnit,
+// when the tree has an etc/ssh directory. md is updated to match.
+func freshHostKeys(tree string, md imagepull.Metadata) error {
+	if m, ok := md["etc/ssh"]; !ok || m.Type != imagepull.TypeDir {
+		return nil
+	}
+	for p, m := range md {
+		if strings.HasPrefix(p, "etc/ssh/ssh_host_") && m.Type != imagepull.TypeDir {
+			if err := os.Remove(filepath.Join(tree, filepath.FromSlash(p))); err != nil {
+				return fmt.Errorf("remove baked-in host key: %w", err)
+			}
+			delete(md, p)
+		}
+	}
+	for _, dir := range []string{"etc", "etc/systemd", "etc/systemd/system", "etc/systemd/system/ssh.service.wants"} {
+		m, ok := md[dir]
+		if ok && m.Type != imagepull.TypeDir {
+			return fmt.Errorf("%s is not a directory", dir)
+		}
+		if !ok {
+			if err := os.Mkdir(filepath.Join(tree, filepath.FromSlash(dir)), 0o755); err != nil { // #nosec G301 -- a guest directory
+				return err
+			}
+			md[dir] = imagepull.FileMeta{Type: imagepull.TypeDir, Mode: 0o755}
+		}
+	}
+	unit := "etc/systemd/system/" + HostKeysUnit
+	link := "etc/systemd/system/ssh.service.wants/" + HostKeysUnit
+	for _, p := range []string{unit, link} {
+		if _, ok := md[p]; ok {
+			return fmt.Errorf("%s exists already", p)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(tree, filepath.FromSlash(unit)), []byte(hostKeysUnit), 0o644); err != nil { // #nosec G306 -- a unit file
+		return err
+	}
+	md[unit] = imagepull.FileMeta{Type: imagepull.TypeRegular, Mode: 0o644, Size: int64(len(hostKeysUnit))}
+	if err := os.Symlink("/"+unit, filepath.Join(tree, filepath.FromSlash(link))); err != nil {
+		return err
+	}
+	md[link] = imagepull.FileMeta{Type: imagepull.TypeSymlink, Mode: 0o777}
+	return nil
 }
 
 // tarSource is a one-layer imagepull.LayerSource reading a plain tar file.

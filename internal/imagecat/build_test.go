@@ -90,6 +90,12 @@ func TestBuildPullUnpack(t *testing.T) {
 			t.Errorf("%s in the unpacked rootfs: want %q in\n%s", path, want, s)
 		}
 	}
+	if s := debugfsStat(t, res.RootFS, "/etc/ssh/ssh_host_ed25519_key"); !strings.Contains(s, "File not found") {
+		t.Errorf("the baked-in host key is still in the image:\n%s", s)
+	}
+	if s := debugfsStat(t, res.RootFS, "/etc/systemd/system/ssh.service.wants/"+HostKeysUnit); !strings.Contains(s, "Type: symlink") {
+		t.Errorf("host key unit not enabled:\n%s", s)
+	}
 	st, _ := os.Stat(res.RootFS)
 	if a := allocated(t, res.RootFS); a > st.Size()/4 {
 		t.Errorf("unpacked rootfs allocates %d of %d bytes: not sparse", a, st.Size())
