@@ -47,6 +47,7 @@ func main() {
 	logger := log.New(os.Stderr, "", 0)
 	srv := agent.NewServer(*root, version)
 	srv.Log = logger
+	srv.PowerOff = agent.PowerOffGuest
 	logger.Printf("banger-vsock-agent %s (protocol v%d) starting", version, agent.ProtocolVersion)
 
 	var wg sync.WaitGroup

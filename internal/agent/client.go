@@ -112,6 +112,19 @@ func (c *Client) Status(ctx context.Context) (*Status, error) {
 	return resp.Status, nil
 }
 
+// Shutdown asks the guest to power off cleanly and returns how it will.
+// The guest may go away before or after the reply arrives.
+func (c *Client) Shutdown(ctx context.Context) (string, error) {
+	resp, err := c.call(ctx, Request{Op: OpShutdown}, nil)
+	if err != nil {
+		return "", err
+	}
+	if resp.Shutdown == nil {
+		return "", fmt.Errorf("shutdown: reply without result: %w", ErrBadFrame)
+	}
+	return resp.Shutdown.Method, nil
+}
+
 // AuthorizeKey installs one SSH public key (an authorized_keys line without
 // options) into the guest root's authorized_keys and reports whether it was
 // added (false: already there). The key is validated here first.

@@ -29,6 +29,10 @@
 //   - health: agent version, uptime, hostname.
 //   - status: first-boot state and log tail, IPv4 addresses, SSH host key.
 //   - authorize_key: installs one SSH public key into root's authorized_keys.
+//   - shutdown: powers the guest off cleanly (asks systemd, else syncs and
+//     powers off); the reply comes first. Added in agent protocol v1 without
+//     a version bump: an older agent answers unknown_op and the host falls
+//     back to the monitor's own shutdown request.
 //
 // # Transports
 //
@@ -65,6 +69,7 @@ const (
 	OpHealth       = "health"
 	OpStatus       = "status"
 	OpAuthorizeKey = "authorize_key"
+	OpShutdown     = "shutdown"
 )
 
 // Error codes an agent returns in Response.Error.
@@ -115,6 +120,16 @@ type Response struct {
 	Health *Health       `json:"health,omitempty"`
 	Status *Status       `json:"status,omitempty"`
 	Key    *AuthorizeKey `json:"authorize_key,omitempty"`
+	// Shutdown is set in the reply to OpShutdown.
+	Shutdown *Shutdown `json:"shutdown,omitempty"`
+}
+
+// Shutdown is the reply to OpShutdown.
+type Shutdown struct {
+	// Method is how the guest is being powered off: "systemd" (SIGRTMIN+4
+	// to PID 1, which starts poweroff.target) or "poweroff" (sync and
+	// reboot(POWER_OFF)).
+	Method string `json:"method"`
 }
 
 // RemoteError is an error reported by the agent.

@@ -48,6 +48,10 @@ type Server struct {
 	// Addresses returns the guest's IPv4 addresses; nil lists the
 	// interfaces' non-loopback IPv4 addresses.
 	Addresses func() ([]InterfaceAddr, error)
+	// PowerOff starts a clean power-off of the guest shortly after it
+	// returns (so the reply can be sent) and says how. Nil refuses
+	// shutdown requests; cmd/banger-vsock-agent sets it.
+	PowerOff func() (method string, err error)
 	// SerialEOFBackoff is how long to wait after a serial port reports that
 	// no host is connected before reading again.
 	SerialEOFBackoff time.Duration
@@ -258,6 +262,16 @@ func (s *Server) Handle(ctx context.Context, req Request) *Response {
 			return errorResponse(req.ID, req.Op, code, err.Error())
 		}
 		resp.Key = &AuthorizeKey{Added: added}
+	case OpShutdown:
+		if s.PowerOff == nil {
+			return errorResponse(req.ID, req.Op, CodeUnknownOp, "this agent does not power the guest off")
+		}
+		method, err := s.PowerOff()
+		if err != nil {
+			s.logf("shutdown: %v", err)
+			return errorResponse(req.ID, req.Op, CodeInternal, err.Error())
+		}
+		resp.Shutdown = &Shutdown{Method: method}
 	default:
 		return errorResponse(req.ID, req.Op, CodeUnknownOp, fmt.Sprintf("unknown operation %q", truncate(req.Op, 64)))
 	}

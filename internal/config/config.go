@@ -39,6 +39,16 @@ type Config struct {
 	ImageCatalog  string `json:"image_catalog,omitempty"`  // URL of the image catalog index
 
 	HealthyTimeout Duration `json:"healthy_timeout"` // how long a starting VM may take to answer the agent
+
+	// ReadyCheck is what makes a starting VM "running": "ssh" (default:
+	// the agent answers, first boot is done, the host key is known and
+	// sshd accepts connections) or "agent" (the agent answers and first
+	// boot is done; for images without sshd).
+	ReadyCheck string `json:"ready_check,omitempty"`
+	// FirecrackerWithoutKVM lets --vmm firecracker be chosen on a host
+	// without hardware KVM, for Firecracker-compatible stand-ins (banger's
+	// fake Firecracker in tests). Real Firecracker needs KVM.
+	FirecrackerWithoutKVM bool `json:"firecracker_without_kvm,omitempty"`
 }
 
 // Duration is a time.Duration written as a Go duration string ("90s").
@@ -150,6 +160,11 @@ func (c Config) Validate() error {
 	case "auto", "firecracker", "qemu":
 	default:
 		return fmt.Errorf("config vmm %q is not one of auto, firecracker, qemu", c.VMM)
+	}
+	switch c.ReadyCheck {
+	case "", "ssh", "agent":
+	default:
+		return fmt.Errorf("config ready_check %q is not one of ssh, agent", c.ReadyCheck)
 	}
 	return nil
 }

@@ -621,7 +621,11 @@ func (d *Daemon) waitAgent(ctx context.Context, vm model.VM) error {
 		if s.FirstBoot == agent.FirstBootFailed {
 			break
 		}
-		if (s.FirstBoot == agent.FirstBootDone || s.FirstBoot == agent.FirstBootUnknown) && s.HostKey != "" && sshOpen(ctx, vm.IP) {
+		booted := s.FirstBoot == agent.FirstBootDone || s.FirstBoot == agent.FirstBootUnknown
+		if booted && d.cfg.ReadyCheck == "agent" {
+			break
+		}
+		if booted && s.HostKey != "" && sshOpen(ctx, vm.IP) {
 			break
 		}
 		select {
@@ -747,6 +751,35 @@ func (d *Daemon) stopVM(ctx context.Context, idOrName string, report progress.Fu
 	return out, err
 }
 
+// agentShutdown asks the guest agent to power the guest off (images
+// without an ACPI power-button handler, such as minimal systemd images
+// without logind, ignore the monitor's request) and waits for the monitor
+// to exit. It reports whether the monitor is gone.
+func (d *Daemon) agentShutdown(ctx context.Context, vm model.VM, mon vmm.Monitor) bool {
+	rt := vm.Runtime
+	h := handleOf(rt)
+	if alive, _ := mon.Alive(h); !alive || rt.AgentTransport == "" {
+		return false
+	}
+	dctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	c, err := agentDial(rt)(dctx)
+	cancel()
+	if err != nil {
+		return false
+	}
+	sctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	method, err := c.Shutdown(sctx)
+	cancel()
+	_ = c.Close()
+	if err != nil {
+		d.log.Debug("agent shutdown refused; using the monitor's", "vm", vm.Name, "err", err)
+		return false
+	}
+	gone := vmm.WaitGone(ctx, h, gracefulStop)
+	d.log.Info("guest powered off through its agent", "vm", vm.Name, "method", method, "gone", gone)
+	return gone
+}
+
 // releaseRuntime tears down what vm.Runtime holds: the monitor (only when
 // its pid still is the process banger started), the disk's devices (and
 // its files when removeDisk), the tap (only with banger's alias for this
@@ -760,7 +793,13 @@ func (d *Daemon) releaseRuntime(ctx context.Context, vm model.VM, removeDisk boo
 		if mon, err := d.monitor(vm.VMM); err != nil {
 			errs = append(errs, err)
 		} else {
-			how, err := mon.Stop(ctx, handleOf(rt), gracefulStop)
+			graceful := gracefulStop
+			if d.agentShutdown(ctx, vm, mon) {
+				// The guest is powering off; the monitor's own escalation
+				// only has to catch a guest that hangs on the way down.
+				graceful = 3 * time.Second
+			}
+			how, err := mon.Stop(ctx, handleOf(rt), graceful)
 			if err != nil {
 				errs = append(errs, fmt.Errorf("stop %s pid %d: %w", vm.VMM, rt.PID, err))
 			} else if how != vmm.StoppedAlready {

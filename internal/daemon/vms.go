@@ -107,6 +107,9 @@ func (d *Daemon) createVM(ctx context.Context, req api.CreateVMRequest, caller C
 		pref = d.cfg.VMM
 	}
 	vmmName, why, err := vmm.Select(pref)
+	if err != nil && pref == "firecracker" && d.cfg.FirecrackerWithoutKVM {
+		vmmName, why, err = "firecracker", "requested (firecracker_without_kvm is set)", nil
+	}
 	if err != nil {
 		return vm, api.Errorf(api.CodeInvalid, "%v", err)
 	}
