@@ -76,10 +76,10 @@ func TestCatalogPullDebianBookworm(t *testing.T) {
 		t.Fatalf("e2fsck -fn: %v\n%s", err, out)
 	}
 	for path, want := range map[string]string{
-		"/usr/sbin/sshd":              "Type: regular",
-		"/usr/bin/sudo":               "Mode:  04755",
-		imagepull.GuestAgentPath:      "Type: regular",
-		"/etc/ssh/ssh_host_rsa_key":   "File not found",
+		"/usr/sbin/sshd":            "Type: regular",
+		"/usr/bin/sudo":             "Mode:  04755",
+		imagepull.GuestAgentPath:    "Type: regular",
+		"/etc/ssh/ssh_host_rsa_key": "File not found",
 		"/etc/systemd/system/ssh.service.wants/" + imagecat.HostKeysUnit: "Type: symlink",
 	} {
 		out, _ := exec.Command("debugfs", "-R", "stat "+path, img.RootFS).CombinedOutput()
