@@ -3,6 +3,8 @@ package testutil
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
@@ -76,7 +78,7 @@ func HostDebianMirror() string {
 
 // DebianPackages is the package set of the standard Debian test root
 // filesystem: systemd as PID 1, sshd, sudo (setuid), iproute2, udev, kmod.
-var DebianPackages = []string{"systemd", "systemd-sysv", "openssh-server", "sudo", "iproute2", "udev", "kmod"}
+var DebianPackages = []string{"systemd", "systemd-sysv", "openssh-server", "sudo", "iproute2", "udev", "kmod", "iputils-ping"}
 
 // DebianRootfsTar returns the path of a cached tarball of a minimal Debian
 // bookworm root filesystem built by mmdebstrap with the given extra packages
@@ -92,7 +94,12 @@ func DebianRootfsTar(t testing.TB, variant string, packages []string) string {
 	if packages == nil {
 		packages = DebianPackages
 	}
-	out := filepath.Join(CacheDir(), "debian-bookworm-"+variant+".tar")
+	// The file name carries a hash of the package set, so changing the set
+	// builds a new tarball instead of reusing a stale one.
+	sorted := append([]string(nil), packages...)
+	sort.Strings(sorted)
+	sum := sha256.Sum256([]byte(strings.Join(sorted, ",")))
+	out := filepath.Join(CacheDir(), "debian-bookworm-"+variant+"-"+hex.EncodeToString(sum[:4])+".tar")
 	err := withCacheLock("debian-"+variant, func() error {
 		if _, err := os.Stat(out); err == nil {
 			return nil
@@ -100,8 +107,6 @@ func DebianRootfsTar(t testing.TB, variant string, packages []string) string {
 		tmp := out + ".tmp"
 		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 		defer cancel()
-		sorted := append([]string(nil), packages...)
-		sort.Strings(sorted)
 		cmd := exec.CommandContext(ctx, "mmdebstrap", "--variant=minbase",
 			"--include="+strings.Join(sorted, ","), "--format=tar", "bookworm", tmp, HostDebianMirror())
 		cmd.Stdout = os.Stderr
