@@ -130,3 +130,9 @@ type StartVMRequest struct {
 	SSHKey string `json:"ssh_key,omitempty"` // replaces the authorized key when set
 	Wait   bool   `json:"wait,omitempty"`    // wait until the VM is ready for ssh
 }
+
+// KernelPullRequest is the body of POST /v1/kernels/pull.
+type KernelPullRequest struct {
+	Name  string `json:"name"`
+	Force bool   `json:"force,omitempty"`
+}

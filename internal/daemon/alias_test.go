@@ -1,0 +1,5 @@
+package daemon_test
+
+import "github.com/bangerdev/banger/internal/progress"
+
+type progressEvent = progress.Event
