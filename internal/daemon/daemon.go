@@ -42,13 +42,13 @@ type Daemon struct {
 	store *store.Store
 	mux   *http.ServeMux
 
-	pulls     pulls
-	lives     liveSet
+	pulls pulls
+	lives liveSet
 
 	// bgCtx is the context of background work (VM watchers, boot
 	// waiters); it ends when the daemon shuts down.
-	bgCtx    context.Context
-	bgCancel context.CancelFunc
+	bgCtx     context.Context
+	bgCancel  context.CancelFunc
 	cacheOnce sync.Once
 	cache     *imagepull.Cache
 

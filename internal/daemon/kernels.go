@@ -80,4 +80,3 @@ func (d *Daemon) stageBootArtifacts(ctx context.Context, k model.Kernel, staging
 	boot.Kernel, boot.Initrd, boot.Modules = rebase(boot.Kernel), rebase(boot.Initrd), rebase(boot.Modules)
 	return boot, nil
 }
-

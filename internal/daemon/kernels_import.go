@@ -66,6 +66,7 @@ func (d *Daemon) handleKernelImport(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bool, report progress.Func) (model.Kernel, error) {
+	// name passed model.ValidateName: no separators, no dots at the start.
 	dst := filepath.Join(d.cfg.KernelsDir(), name)
 	tmpDst := filepath.Join(d.cfg.KernelsDir(), ".new-"+name+"-"+newID()[:8])
 	var (
@@ -97,7 +98,7 @@ func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bo
 		k, err = kernels.AdoptFiles(ctx, tmpDst, name, kernel, initrd, mods)
 	}
 	if err != nil {
-		_ = os.RemoveAll(tmpDst)
+		_ = os.RemoveAll(tmpDst) //nolint:gosec // built from a validated name under the kernels dir
 		if errors.Is(err, kernels.ErrUnknownFormat) {
 			return k, api.Errorf(api.CodeInvalid, "%v", err)
 		}
@@ -105,7 +106,7 @@ func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bo
 	}
 	// Move into place, replacing an old kernel when forced.
 	old := ""
-	if _, serr := os.Stat(dst); serr == nil {
+	if _, serr := os.Stat(dst); serr == nil { //nolint:gosec // built from a validated name under the kernels dir
 		if !force {
 			_ = os.RemoveAll(tmpDst)
 			return k, api.Errorf(api.CodeConflict, "kernel %q already exists: pass --force to replace it", name)
@@ -116,7 +117,7 @@ func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bo
 			return k, err
 		}
 	}
-	if err := os.Rename(tmpDst, dst); err != nil {
+	if err := os.Rename(tmpDst, dst); err != nil { //nolint:gosec // built from a validated name under the kernels dir
 		_ = os.RemoveAll(tmpDst)
 		return k, err
 	}
@@ -207,7 +208,7 @@ func receiveTar(r io.Reader, dir string, limit int64) error {
 			if err != nil {
 				return fmt.Errorf("receive %s: %w", clean, err)
 			}
-			_, err = io.Copy(f, tr)
+			_, err = io.CopyN(f, tr, h.Size)
 			if cerr := f.Close(); err == nil {
 				err = cerr
 			}

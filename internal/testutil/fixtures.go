@@ -112,7 +112,7 @@ func DebianRootfsTar(t testing.TB, variant string, packages []string) string {
 		cmd.Stdout = os.Stderr
 		cmd.Stderr = os.Stderr
 		if err := cmd.Run(); err != nil {
-			os.Remove(tmp)
+			_ = os.Remove(tmp)
 			return fmt.Errorf("mmdebstrap: %w", err)
 		}
 		return os.Rename(tmp, out)
