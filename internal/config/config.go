@@ -31,9 +31,13 @@ type Config struct {
 	VMM        string   `json:"vmm"`         // auto, firecracker, qemu
 
 	FirecrackerBinary string `json:"firecracker_binary,omitempty"`
-	QEMUBinary        string `json:"qemu_binary,omitempty"`
-	AgentBinary       string `json:"agent_binary,omitempty"` // static banger-vsock-agent injected into images
-	InitBinary        string `json:"init_binary,omitempty"`  // static banger-init put into generated initramfs
+	// FirecrackerArgs are extra arguments given to the firecracker binary
+	// before --api-sock (for Firecracker-compatible stand-ins in tests,
+	// such as banger-fake-firecracker's --agent-root).
+	FirecrackerArgs []string `json:"firecracker_args,omitempty"`
+	QEMUBinary      string   `json:"qemu_binary,omitempty"`
+	AgentBinary     string   `json:"agent_binary,omitempty"` // static banger-vsock-agent injected into images
+	InitBinary      string   `json:"init_binary,omitempty"`  // static banger-init put into generated initramfs
 
 	KernelCatalog string `json:"kernel_catalog,omitempty"` // URL of the kernel catalog index
 	ImageCatalog  string `json:"image_catalog,omitempty"`  // URL of the image catalog index

@@ -98,6 +98,7 @@ func (d *Daemon) monitor(name string) (vmm.Monitor, error) {
 		if d.cfg.FirecrackerBinary != "" {
 			m.Binary = d.cfg.FirecrackerBinary
 		}
+		m.Args = append([]string(nil), d.cfg.FirecrackerArgs...)
 		return m, nil
 	case qemu.Name:
 		m := qemu.New()
