@@ -316,6 +316,7 @@ func (d *Daemon) startVM(ctx context.Context, idOrName string, sshKey string, wa
 	if err != nil {
 		return vm, err
 	}
+	failpoint("start:starting")
 	fail := func(cause error) (model.VM, error) {
 		log.Warn("start failed; releasing what it made", "err", cause)
 		cleanCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
@@ -360,9 +361,11 @@ func (d *Daemon) startVM(ctx context.Context, idOrName string, sshKey string, wa
 	}); err != nil {
 		return fail(err)
 	}
+	failpoint("start:tap-intent")
 	if _, err := netctl.CreateTap(ctx, nc, vm.ID); err != nil {
 		return fail(fmt.Errorf("create tap %s: %w", tapName, err))
 	}
+	failpoint("start:tap")
 
 	// Disk: reuse the VM's disk, activating it (dm-snapshot) as needed.
 	report.Report(progress.Event{Phase: "disk", Item: vm.DiskDriver})
@@ -383,6 +386,7 @@ func (d *Daemon) startVM(ctx context.Context, idOrName string, sshKey string, wa
 	if vm, err = d.setRuntime(vm.ID, func(rt *model.Runtime) { setDisk(rt, disk, "vmm:starting") }); err != nil {
 		return fail(err)
 	}
+	failpoint("start:disk")
 
 	// The VM monitor.
 	report.Report(progress.Event{Phase: "vmm", Item: vm.VMM})
@@ -400,6 +404,7 @@ func (d *Daemon) startVM(ctx context.Context, idOrName string, sshKey string, wa
 	if err != nil {
 		return fail(fmt.Errorf("start %s: %w", vm.VMM, err))
 	}
+	failpoint("start:vmm")
 	vm, err = d.setRuntime(vm.ID, func(rt *model.Runtime) {
 		rt.Phase = "running"
 		rt.PID, rt.PIDStart, rt.BootID, rt.Cmdline = h.PID, h.PIDStart, h.BootID, h.Cmdline
@@ -410,6 +415,7 @@ func (d *Daemon) startVM(ctx context.Context, idOrName string, sshKey string, wa
 		_, _ = mon.Stop(context.WithoutCancel(ctx), h, 0)
 		return fail(err)
 	}
+	failpoint("start:recorded")
 	vm, err = d.store.UpdateVM(vm.ID, func(v *model.VM) error {
 		v.StartedAt, v.KernelCmdline = time.Now().UTC(), spec.Cmdline
 		return nil
@@ -731,12 +737,14 @@ func (d *Daemon) stopVM(ctx context.Context, idOrName string, report progress.Fu
 	if vm, err = d.setState(vm.ID, model.VMStopping, "", nil); err != nil {
 		return vm, err
 	}
+	failpoint("stop:stopping")
 	report.Report(progress.Event{Phase: "stop", Item: vm.Name})
 	removed, rerr := d.releaseRuntime(ctx, vm, false)
 	if rerr != nil {
 		out, _ := d.setState(vm.ID, model.VMError, "stop: "+rerr.Error(), nil)
 		return out, fmt.Errorf("stop VM %q: %w", vm.Name, rerr)
 	}
+	failpoint("stop:released")
 	reason := ""
 	if prev == model.VMError {
 		reason = vm.Reason
@@ -787,7 +795,12 @@ func (d *Daemon) agentShutdown(ctx context.Context, vm model.VM, mon vmm.Monitor
 // VM), the runtime dir. Every step is idempotent and runs even when an
 // earlier one failed; it returns what it removed and the joined errors.
 func (d *Daemon) releaseRuntime(ctx context.Context, vm model.VM, removeDisk bool) ([]string, error) {
-	rt := vm.Runtime
+	// Act only on what provably is this VM's, whatever the record says.
+	rt, refused := d.ownRuntime(vm.ID, vm.Runtime)
+	for _, r := range refused {
+		d.log.Warn("cleanup refuses a resource the VM's record names but banger cannot prove it made", "vm", vm.Name, "refused", r)
+	}
+	vm.Runtime = rt
 	var removed []string
 	var errs []error
 	if rt.PID != 0 {
@@ -837,12 +850,12 @@ func (d *Daemon) releaseRuntime(ctx context.Context, vm model.VM, removeDisk boo
 			removed = append(removed, "tap "+rt.Tap)
 		}
 	}
-	if rt.RuntimeDir != "" {
-		if err := d.removeUnder(filepath.Join(d.cfg.RuntimeDir, "vms"), rt.RuntimeDir); err != nil {
+	// The runtime dir holds handles.json: it goes only once everything it
+	// names is released, so that a failed cleanup can be retried from it.
+	if len(errs) == 0 {
+		if err := d.removeUnder(filepath.Join(d.cfg.RuntimeDir, "vms"), d.vmRuntimeDir(vm.ID)); err != nil {
 			errs = append(errs, err)
 		}
-	} else if _, err := os.Stat(d.vmRuntimeDir(vm.ID)); err == nil {
-		_ = d.removeUnder(filepath.Join(d.cfg.RuntimeDir, "vms"), d.vmRuntimeDir(vm.ID))
 	}
 	return removed, errors.Join(errs...)
 }

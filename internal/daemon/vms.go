@@ -133,6 +133,9 @@ func (d *Daemon) createVM(ctx context.Context, req api.CreateVMRequest, caller C
 		ID: id, Name: name, OwnerUID: caller.UID, Image: img.Name, ImageID: img.ID, Kernel: kernelName,
 		CPUs: cpus, MemoryMiB: int(mem >> 20), DiskBytes: max(disk, img.Size), VMM: vmmName, DiskDriver: driver,
 		MAC: netctl.MACFor(id).String(), State: model.VMCreated, Created: time.Now().UTC(), SSHKey: req.SSHKey,
+		// Until the disk is made, the record says so: a daemon that dies
+		// meanwhile removes the half-made VM at its next start-up.
+		Runtime: model.Runtime{Phase: phaseCreating},
 	}
 	if err := d.store.CreateVM(&vm, nc.Subnet); err != nil {
 		if errors.Is(err, store.ErrConflict) {
@@ -143,6 +146,7 @@ func (d *Daemon) createVM(ctx context.Context, req api.CreateVMRequest, caller C
 		}
 		return vm, err
 	}
+	failpoint("create:recorded")
 	log := d.log.With("vm", name, "id", id)
 	log.Info("VM created", "image", img.Name, "vmm", vmmName, "vmm_reason", why, "disk_driver", driver, "ip", vm.IP)
 	defer func() {
@@ -174,6 +178,7 @@ func (d *Daemon) createVM(ctx context.Context, req api.CreateVMRequest, caller C
 	if err != nil {
 		return vm, fmt.Errorf("prepare disk of VM %q: %w", name, err)
 	}
+	failpoint("create:disk")
 	if err := d.disks().Deactivate(ctx, dk); err != nil {
 		return vm, fmt.Errorf("deactivate disk of VM %q: %w", name, err)
 	}
@@ -285,13 +290,21 @@ func (d *Daemon) deleteVM(ctx context.Context, id string, force bool) (api.Delet
 		l.cancel()
 	}
 	freed := dirSize(d.vmDir(id))
+	// Record the intent first: a daemon that dies from here on finishes
+	// the delete at its next start-up (reconcile.go).
+	if vm, err = d.setRuntime(id, func(rt *model.Runtime) { rt.Phase = phaseDeleting }); err != nil {
+		return api.DeleteResult{}, err
+	}
+	failpoint("delete:intent")
 	if _, err := d.releaseRuntime(ctx, vm, true); err != nil {
 		_, _ = d.setState(id, model.VMError, "delete: "+err.Error(), nil)
 		return api.DeleteResult{}, fmt.Errorf("delete VM %q: %w", vm.Name, err)
 	}
+	failpoint("delete:released")
 	if err := d.removeUnder(d.cfg.VMsDir(), d.vmDir(id)); err != nil {
 		return api.DeleteResult{}, fmt.Errorf("delete VM %q: %w", vm.Name, err)
 	}
+	failpoint("delete:dir")
 	if err := d.store.DeleteVM(id); err != nil {
 		return api.DeleteResult{}, err
 	}
@@ -346,4 +359,3 @@ func (d *Daemon) handleVMLogs(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 }
-
