@@ -250,7 +250,7 @@ func newDaemon(t *testing.T, ns *NetNS, extra map[string]any) *Daemon {
 		"agent_binary":    filepath.Join(bins, "banger-vsock-agent"),
 		"init_binary":     filepath.Join(bins, "banger-init"),
 		"vmm":             "qemu",
-		"healthy_timeout": "4m",
+		"healthy_timeout": "8m",
 	}
 	for k, v := range extra {
 		d.Config[k] = v
