@@ -37,10 +37,16 @@ var (
 	fakeErr  error
 )
 
-// fakeFirecracker builds cmd/banger-fake-firecracker once per test binary.
+// fakeFirecracker builds cmd/banger-fake-firecracker once per test binary
+// (or uses the one BANGER_FAKE_FIRECRACKER names, for a test binary run
+// where no Go toolchain is at hand).
 func fakeFirecracker(t testing.TB) string {
 	t.Helper()
 	fakeOnce.Do(func() {
+		if p := os.Getenv("BANGER_FAKE_FIRECRACKER"); p != "" {
+			fakeBin = p
+			return
+		}
 		dir, err := os.MkdirTemp("", "banger-reconcile-bin-")
 		if err != nil {
 			fakeErr = err

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -123,7 +124,13 @@ func waitSettled(ctx context.Context, t *testing.T, d *Daemon, timeout time.Dura
 			Name  string        `json:"name"`
 			State model.VMState `json:"state"`
 		}
-		d.JSON(ctx, &vms, "vm", "ls")
+		r := d.CLI(ctx, "vm", "ls", "-o", "json")
+		if r.Code != 0 {
+			t.Fatalf("banger vm ls: exit %d: %s", r.Code, r.Stderr)
+		}
+		if err := json.Unmarshal([]byte(r.Stdout), &vms); err != nil {
+			t.Fatalf("banger vm ls -o json: %v", err)
+		}
 		busy := ""
 		for _, v := range vms {
 			if v.State == model.VMStarting || v.State == model.VMStopping {
