@@ -604,9 +604,8 @@ func TestParseFailpoints(t *testing.T) {
 func BenchmarkReconcile50(b *testing.B) {
 	r := newRig(b)
 	type rec struct {
-		id  string
-		rt  model.Runtime
-		vmm model.VMState
+		id string
+		rt model.Runtime
 	}
 	var recs []rec
 	for i := range 50 {
