@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/model"
+	"github.com/bangerdev/banger/internal/netctl"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -25,7 +26,7 @@ import (
 var (
 	ErrNotFound = errors.New("not found")
 	ErrConflict = errors.New("already exists")
-	ErrFull     = errors.New("no free address in the subnet")
+	ErrFull     = netctl.ErrSubnetFull
 )
 
 var (
@@ -323,20 +324,18 @@ func (s *Store) CreateVM(vm *model.VM, subnet netip.Prefix) error {
 }
 
 func allocate(leases *bolt.Bucket, subnet netip.Prefix, vmID string) (netip.Addr, error) {
-	subnet = subnet.Masked()
-	if !subnet.Addr().Is4() || subnet.Bits() > 30 {
-		return netip.Addr{}, fmt.Errorf("subnet %s cannot hold guests: use an IPv4 prefix of /30 or shorter", subnet)
-	}
-	gw := subnet.Addr().Next()
-	for ip := gw.Next(); subnet.Contains(ip); ip = ip.Next() {
-		if !subnet.Contains(ip.Next()) { // broadcast
-			break
+	used := map[netip.Addr]bool{}
+	_ = leases.ForEach(func(k, _ []byte) error {
+		if a, err := netip.ParseAddr(string(k)); err == nil {
+			used[a] = true
 		}
-		if leases.Get([]byte(ip.String())) == nil {
-			return ip, leases.Put([]byte(ip.String()), []byte(vmID))
-		}
+		return nil
+	})
+	ip, err := netctl.NextFreeIP(subnet, used)
+	if err != nil {
+		return netip.Addr{}, err
 	}
-	return netip.Addr{}, fmt.Errorf("subnet %s: %w", subnet, ErrFull)
+	return ip, leases.Put([]byte(ip.String()), []byte(vmID))
 }
 
 // UpdateVM applies fn to the VM with the given id (or name) in one
