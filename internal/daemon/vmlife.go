@@ -43,12 +43,6 @@ type liveSet struct {
 	m  map[string]*live
 }
 
-func (s *liveSet) get(id string) *live {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.m[id]
-}
-
 func (s *liveSet) set(id string, l *live) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -56,6 +50,12 @@ func (s *liveSet) set(id string, l *live) {
 		s.m = map[string]*live{}
 	}
 	s.m[id] = l
+}
+
+func (s *liveSet) get(id string) *live {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.m[id]
 }
 
 // take removes and returns the entry of id.
@@ -131,7 +131,9 @@ type Handles struct {
 	Runtime model.Runtime `json:"runtime"`
 }
 
-func (d *Daemon) handlesPath(id string) string { return filepath.Join(d.vmRuntimeDir(id), "handles.json") }
+func (d *Daemon) handlesPath(id string) string {
+	return filepath.Join(d.vmRuntimeDir(id), "handles.json")
+}
 
 // writeHandles writes handles.json atomically into the VM's runtime dir.
 func (d *Daemon) writeHandles(vm model.VM) error {
@@ -583,7 +585,7 @@ func (d *Daemon) bootWait(ctx context.Context, vm model.VM) error {
 			v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
 		}
 	})
-	go d.releaseNetworkIfIdle(context.Background())
+	go d.releaseNetworkIfIdle(d.bgCtx)
 	return errors.New(reason)
 }
 

@@ -2,6 +2,7 @@ package testutil
 
 import (
 	"bufio"
+	"errors"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -14,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // CacheDir is the fixed directory where slow test fixtures (Debian root
@@ -32,6 +35,9 @@ func withCacheLock(name string, fn func() error) error {
 	if err := os.MkdirAll(CacheDir(), 0o755); err != nil {
 		return fmt.Errorf("create test cache %s: %w", CacheDir(), err)
 	}
+	if err := unix.Access(CacheDir(), unix.W_OK); err != nil {
+		return fmt.Errorf("test cache %s is not writable (%w): %w", CacheDir(), err, errCacheReadOnly)
+	}
 	lock, err := os.OpenFile(filepath.Join(CacheDir(), name+".lock"), os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
 		return err
@@ -43,6 +49,8 @@ func withCacheLock(name string, fn func() error) error {
 	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN) //nolint:errcheck
 	return fn()
 }
+
+var errCacheReadOnly = errors.New("test cache not writable")
 
 // HostDebianMirror returns the first Debian archive URI the host's apt
 // sources name, so that fixtures are built from the same archive apt uses.
@@ -169,6 +177,9 @@ func DebianKernelDeb(t testing.TB) string {
 		found = m[0]
 		return nil
 	})
+	if errors.Is(err, errCacheReadOnly) {
+		Missing(t, TierRoot, err.Error()+"; run as root or set BANGER_TEST_CACHE")
+	}
 	if err != nil {
 		t.Fatalf("fetch Debian cloud kernel: %v", err)
 	}
