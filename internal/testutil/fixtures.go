@@ -2,10 +2,10 @@ package testutil
 
 import (
 	"bufio"
-	"errors"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
