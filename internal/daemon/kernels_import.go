@@ -65,6 +65,10 @@ func (d *Daemon) handleKernelImport(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
+// importKernel builds every path from name, which handleKernelImport
+// checked with model.ValidateName, under the kernels dir.
+//
+//nolint:gosec // G703: see above; the taint analysis cannot see the validation
 func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bool, report progress.Func) (model.Kernel, error) {
 	// name passed model.ValidateName: no separators, no dots at the start.
 	dst := filepath.Join(d.cfg.KernelsDir(), name)
@@ -98,7 +102,7 @@ func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bo
 		k, err = kernels.AdoptFiles(ctx, tmpDst, name, kernel, initrd, mods)
 	}
 	if err != nil {
-		_ = os.RemoveAll(tmpDst) //nolint:gosec // built from a validated name under the kernels dir
+		_ = os.RemoveAll(tmpDst)
 		if errors.Is(err, kernels.ErrUnknownFormat) {
 			return k, api.Errorf(api.CodeInvalid, "%v", err)
 		}
@@ -106,7 +110,7 @@ func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bo
 	}
 	// Move into place, replacing an old kernel when forced.
 	old := ""
-	if _, serr := os.Stat(dst); serr == nil { //nolint:gosec // built from a validated name under the kernels dir
+	if _, serr := os.Stat(dst); serr == nil {
 		if !force {
 			_ = os.RemoveAll(tmpDst)
 			return k, api.Errorf(api.CodeConflict, "kernel %q already exists: pass --force to replace it", name)
@@ -117,7 +121,7 @@ func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bo
 			return k, err
 		}
 	}
-	if err := os.Rename(tmpDst, dst); err != nil { //nolint:gosec // built from a validated name under the kernels dir
+	if err := os.Rename(tmpDst, dst); err != nil {
 		_ = os.RemoveAll(tmpDst)
 		return k, err
 	}

@@ -52,12 +52,6 @@ func (s *liveSet) set(id string, l *live) {
 	s.m[id] = l
 }
 
-func (s *liveSet) get(id string) *live {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.m[id]
-}
-
 // take removes and returns the entry of id.
 func (s *liveSet) take(id string) *live {
 	s.mu.Lock()

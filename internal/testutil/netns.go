@@ -28,15 +28,15 @@ func InNetNS(t testing.TB) {
 	}
 	ns, err := netns.New() // creates the namespace and moves this thread into it
 	if err != nil {
-		orig.Close()
+		_ = orig.Close()
 		t.Fatalf("create network namespace: %v", err)
 	}
 	t.Cleanup(func() {
 		if err := netns.Set(orig); err != nil {
 			t.Errorf("return to the original network namespace: %v (this thread is discarded)", err)
 		}
-		ns.Close() // the last reference: the kernel deletes the namespace
-		orig.Close()
+		_ = ns.Close() // the last reference: the kernel deletes the namespace
+		_ = orig.Close()
 	})
 	// Loopback starts down in a new namespace; most tests want it up.
 	lo, err := netlink.LinkByName("lo")
