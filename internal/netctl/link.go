@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Tap describes a tap device banger created for a VM.
@@ -89,6 +91,11 @@ func CreateTap(ctx context.Context, cfg Config, vmID string) (Tap, error) {
 	created := false
 	switch {
 	case isNotFound(err):
+		// The tap is made non-persistent with its file descriptor held
+		// open, and only made persistent once it carries banger's alias:
+		// if the daemon dies in between, the kernel removes the tap with
+		// the descriptor, so an untagged tap (which teardown would refuse
+		// to delete) can never be left behind.
 		tt := &netlink.Tuntap{
 			LinkAttrs: netlink.LinkAttrs{Name: name},
 			Mode:      netlink.TUNTAP_MODE_TAP,
@@ -96,17 +103,26 @@ func CreateTap(ctx context.Context, cfg Config, vmID string) (Tap, error) {
 			// name in between; the VM monitor sets its own NO_PI/VNET_HDR
 			// flags when it attaches.
 			Flags:      netlink.TUNTAP_TUN_EXCL | netlink.TUNTAP_ONE_QUEUE | netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR,
-			NonPersist: false,
+			NonPersist: true,
+			Queues:     1,
 			Owner:      0,
 			Group:      0,
 		}
 		if err := netlink.LinkAdd(tt); err != nil {
 			return Tap{}, fmt.Errorf("create tap %s: %w", name, err)
 		}
+		defer func() {
+			for _, f := range tt.Fds {
+				_ = f.Close()
+			}
+		}()
 		created = true
 		link, err = netlink.LinkByName(name)
 		if err == nil {
 			err = netlink.LinkSetAlias(link, alias)
+		}
+		if err == nil {
+			err = persist(tt)
 		}
 	case err != nil:
 		return Tap{}, fmt.Errorf("create tap %s: %w", name, err)
@@ -130,6 +146,27 @@ func CreateTap(ctx context.Context, cfg Config, vmID string) (Tap, error) {
 		return Tap{}, fmt.Errorf("set up tap %s: %w", name, err)
 	}
 	return Tap{Name: name, VMID: vmID, Alias: alias, Index: link.Attrs().Index, Bridge: cfg.Bridge, Up: true}, nil
+}
+
+// persist makes the tap outlive the file descriptor LinkAdd left open.
+func persist(tt *netlink.Tuntap) error {
+	if len(tt.Fds) == 0 {
+		return errors.New("no tap file descriptor to make the tap persistent with")
+	}
+	raw, err := tt.Fds[0].SyscallConn()
+	if err != nil {
+		return err
+	}
+	var errno syscall.Errno
+	if err := raw.Control(func(fd uintptr) {
+		_, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(unix.TUNSETPERSIST), 1)
+	}); err != nil {
+		return err
+	}
+	if errno != 0 {
+		return fmt.Errorf("TUNSETPERSIST: %w", errno)
+	}
+	return nil
 }
 
 // DeleteTap deletes the tap named name if, and only if, its alias is
