@@ -185,3 +185,9 @@ func DebianKernelDeb(t testing.TB) string {
 	}
 	return found
 }
+
+// Run runs a program and returns its combined output.
+func Run(ctx context.Context, name string, args ...string) (string, error) {
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	return string(out), err
+}
