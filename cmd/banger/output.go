@@ -7,6 +7,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/bangerdev/banger/internal/units"
 )
 
 // printJSON writes v as indented JSON.
@@ -38,18 +40,7 @@ func printKV(w io.Writer, pairs [][2]string) error {
 	return tw.Flush()
 }
 
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
+func humanBytes(n int64) string { return units.HumanBytes(n) }
 
 func ago(t time.Time) string {
 	if t.IsZero() {

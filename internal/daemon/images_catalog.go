@@ -17,6 +17,7 @@ import (
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/units"
 )
 
 func init() {
@@ -109,7 +110,7 @@ func (d *Daemon) pullCatalogImage(ctx context.Context, req api.PullRequest, _ Ca
 			"image %q already exists and %q is also a catalog entry: pass --force to replace the local image with the catalog's, or --name to pull it under another name",
 			name, entry.Name)
 	}
-	size, err := ParseSize(req.Size)
+	size, err := units.ParseSize(req.Size)
 	if err != nil {
 		return img, api.Errorf(api.CodeInvalid, "%v", err)
 	}
@@ -175,10 +176,10 @@ func (d *Daemon) pullCatalogImage(ctx context.Context, req api.PullRequest, _ Ca
 	}
 	ext4 := un.RootFS
 	if size != 0 && size != un.Metadata.RootFSSize {
-		report.Report(progress.Event{Phase: "resize", Message: fmt.Sprintf("%s to %s", humanBytes(un.Metadata.RootFSSize), humanBytes(size))})
+		report.Report(progress.Event{Phase: "resize", Message: fmt.Sprintf("%s to %s", units.HumanBytes(un.Metadata.RootFSSize), units.HumanBytes(size))})
 		if err := imagecat.GrowExt4(ctx, ext4, size); err != nil {
 			if errors.Is(err, imagecat.ErrShrink) {
-				return img, api.Errorf(api.CodeInvalid, "--size %s: %v (%s)", req.Size, err, humanBytes(un.Metadata.RootFSSize))
+				return img, api.Errorf(api.CodeInvalid, "--size %s: %v (%s)", req.Size, err, units.HumanBytes(un.Metadata.RootFSSize))
 			}
 			return img, err
 		}

@@ -20,6 +20,7 @@ import (
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/units"
 )
 
 // PullRequest is the body of POST /v1/images/pull.
@@ -100,30 +101,6 @@ func newID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// ParseSize parses "10G", "512M", "1.5GiB" or a plain byte count.
-func ParseSize(s string) (int64, error) {
-	s = strings.TrimSpace(s)
-	if s == "" {
-		return 0, nil
-	}
-	i := strings.IndexFunc(s, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
-	if i < 0 {
-		i = len(s)
-	}
-	num := s[:i]
-	unit := strings.ToUpper(strings.TrimSpace(s[i:]))
-	unit = strings.TrimSuffix(strings.TrimSuffix(unit, "B"), "I")
-	f, err := strconv.ParseFloat(num, 64)
-	if err != nil || f < 0 {
-		return 0, fmt.Errorf("size %q: use a number with an optional K, M, G or T suffix (powers of 1024)", s)
-	}
-	mult := map[string]float64{"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
-	if mult == 0 {
-		return 0, fmt.Errorf("size %q: unknown unit %q: use K, M, G or T", s, unit)
-	}
-	return int64(f * mult), nil
-}
-
 // pullFromOCI pulls an image from an OCI registry and publishes it: stage at
 // <images>/<id>.staging, extract under $TMPDIR/banger-pull-<rand>, build and
 // fix the ext4, inject the guest agents, stage the kernel, rename into
@@ -144,7 +121,7 @@ func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Ca
 	if _, err := d.store.GetImage(name); err == nil && !req.Force {
 		return img, api.Errorf(api.CodeConflict, "image %q already exists: pass --force to replace it, or --name to pull under another name", name)
 	}
-	size, err := ParseSize(req.Size)
+	size, err := units.ParseSize(req.Size)
 	if err != nil {
 		return img, api.Errorf(api.CodeInvalid, "%v", err)
 	}
@@ -222,7 +199,7 @@ func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Ca
 		return img, api.Errorf(api.CodeInvalid, "%v", err)
 	}
 	ext4 := filepath.Join(staging, "rootfs.ext4")
-	report.Report(progress.Event{Phase: "mkfs", Message: fmt.Sprintf("%s of content into a %s ext4", humanBytes(content), humanBytes(size))})
+	report.Report(progress.Event{Phase: "mkfs", Message: fmt.Sprintf("%s of content into a %s ext4", units.HumanBytes(content), units.HumanBytes(size))})
 	if err := imagepull.BuildExt4(ctx, rootDir, ext4, size); err != nil {
 		return img, err
 	}
@@ -295,18 +272,6 @@ func classifyPullError(err error) error {
 	return err
 }
 
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
 
 // layerCache is the shared OCI blob cache.
 func (d *Daemon) layerCache() *imagepull.Cache {

@@ -16,6 +16,7 @@ import (
 	"github.com/bangerdev/banger/internal/netctl"
 	"github.com/bangerdev/banger/internal/progress"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/units"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -75,7 +76,7 @@ func (d *Daemon) createVM(ctx context.Context, req api.CreateVMRequest, caller C
 	}
 	mem := int64(defaultMemoryMiB) << 20
 	if req.Memory != "" {
-		if mem, err = ParseSize(req.Memory); err != nil {
+		if mem, err = units.ParseSize(req.Memory); err != nil {
 			return vm, api.Errorf(api.CodeInvalid, "--memory: %v", err)
 		}
 		if mem < 128<<20 || mem > 256<<30 {
@@ -84,11 +85,11 @@ func (d *Daemon) createVM(ctx context.Context, req api.CreateVMRequest, caller C
 	}
 	var disk int64
 	if req.Disk != "" {
-		if disk, err = ParseSize(req.Disk); err != nil {
+		if disk, err = units.ParseSize(req.Disk); err != nil {
 			return vm, api.Errorf(api.CodeInvalid, "--disk: %v", err)
 		}
 		if disk < img.Size {
-			return vm, api.Errorf(api.CodeInvalid, "--disk %s is smaller than image %q (%s)", req.Disk, img.Name, humanBytes(img.Size))
+			return vm, api.Errorf(api.CodeInvalid, "--disk %s is smaller than image %q (%s)", req.Disk, img.Name, units.HumanBytes(img.Size))
 		}
 	}
 	kernelName := img.Kernel

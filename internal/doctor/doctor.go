@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bangerdev/banger/internal/units"
 	"golang.org/x/sys/unix"
 )
 
@@ -276,7 +277,7 @@ func spaceCheck(name, dir string) Check {
 		return Check{Name: name, Status: Warn, Detail: fmt.Sprintf("statfs %s: %v", p, err)}
 	}
 	free := int64(st.Bavail) * st.Bsize
-	c := Check{Name: name, Status: OK, Detail: fmt.Sprintf("%s free at %s", HumanBytes(free), dir)}
+	c := Check{Name: name, Status: OK, Detail: fmt.Sprintf("%s free at %s", units.HumanBytes(free), dir)}
 	switch {
 	case free < 1<<30:
 		c.Status, c.Required, c.Fix = Fail, true, "free space on the file system holding "+dir+": images need at least 1 GiB each"
@@ -284,20 +285,6 @@ func spaceCheck(name, dir string) Check {
 		c.Status, c.Fix = Warn, "less than 5 GiB free: pulling large images may fail"
 	}
 	return c
-}
-
-// HumanBytes formats n as "1.5 GiB".
-func HumanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 // Failed reports whether a required check failed.

@@ -9,13 +9,14 @@
 package testutil
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
+
+	"github.com/bangerdev/banger/internal/vmm"
 )
 
 // Tier names a group of tests that need the same host feature.
@@ -157,47 +158,9 @@ func RequiresTool(t testing.TB, names ...string) {
 }
 
 // HardwareKVM reports whether /dev/kvm is backed by hardware virtualization
-// (vmx/svm in /proc/cpuinfo and kvm_intel or kvm_amd loaded), and why not.
-// A /dev/kvm that only opens (kvm_pvm) does not count.
-func HardwareKVM() (bool, string) {
-	if _, err := os.Stat("/dev/kvm"); err != nil {
-		return false, "/dev/kvm is absent"
-	}
-	cpuinfo, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return false, "read /proc/cpuinfo: " + err.Error()
-	}
-	if !hasCPUFlag(cpuinfo, "vmx") && !hasCPUFlag(cpuinfo, "svm") {
-		return false, "the CPU exposes no vmx/svm flag"
-	}
-	mods, err := os.ReadFile("/proc/modules")
-	if err == nil && !bytes.Contains(mods, []byte("kvm_intel ")) && !bytes.Contains(mods, []byte("kvm_amd ")) {
-		if _, err := os.Stat("/sys/module/kvm_intel"); err != nil {
-			if _, err := os.Stat("/sys/module/kvm_amd"); err != nil {
-				return false, "neither kvm_intel nor kvm_amd is loaded"
-			}
-		}
-	}
-	return true, ""
-}
-
-func hasCPUFlag(cpuinfo []byte, flag string) bool {
-	for _, line := range bytes.Split(cpuinfo, []byte("\n")) {
-		if !bytes.HasPrefix(line, []byte("flags")) {
-			continue
-		}
-		_, rest, ok := bytes.Cut(line, []byte(":"))
-		if !ok {
-			continue
-		}
-		for _, f := range bytes.Fields(rest) {
-			if string(f) == flag {
-				return true
-			}
-		}
-	}
-	return false
-}
+// (vmx/svm and kvm_intel or kvm_amd loaded), and why not; see
+// vmm.HardwareKVM, which this is.
+func HardwareKVM() (bool, string) { return vmm.HardwareKVM() }
 
 // ErrSkip is returned by helpers that build slow fixtures when the fixture's
 // inputs are unavailable; callers pass it to Missing.

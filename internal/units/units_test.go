@@ -1,4 +1,4 @@
-package daemon
+package units
 
 import "testing"
 
