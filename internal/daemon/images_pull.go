@@ -272,7 +272,6 @@ func classifyPullError(err error) error {
 	return err
 }
 
-
 // layerCache is the shared OCI blob cache.
 func (d *Daemon) layerCache() *imagepull.Cache {
 	d.cacheOnce.Do(func() { d.cache = &imagepull.Cache{Dir: d.cfg.CacheDir} })
