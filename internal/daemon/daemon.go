@@ -135,7 +135,7 @@ func (d *Daemon) Listen() (net.Listener, error) {
 		return nil, fmt.Errorf("listen on %s: %w", sock, err)
 	}
 	if err := os.Chmod(sock, 0o660); err != nil {
-		ln.Close()
+		_ = ln.Close()
 		return nil, fmt.Errorf("chmod socket: %w", err)
 	}
 	if d.cfg.SocketGroup != "" {

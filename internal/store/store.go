@@ -55,7 +55,7 @@ func Open(path string, timeout time.Duration) (*Store, error) {
 	}
 	s := &Store{db: db}
 	if err := s.migrate(); err != nil {
-		db.Close()
+		_ = db.Close()
 		return nil, fmt.Errorf("migrate state store %s: %w", path, err)
 	}
 	return s, nil
