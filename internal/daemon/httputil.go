@@ -62,13 +62,6 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = enc.Encode(v)
 }
 
-// writeJSONCompact writes v without indentation (large lists).
-func writeJSONCompact(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(v)
-}
-
 func (d *Daemon) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	ae := toAPIError(err)
 	lvl := slog.LevelInfo

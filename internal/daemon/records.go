@@ -1,13 +1,14 @@
 package daemon
 
 import (
-	"encoding/json"
+	"bytes"
 	"errors"
 	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/bangerdev/banger/internal/api"
@@ -176,10 +177,21 @@ func (d *Daemon) handleVMList(w http.ResponseWriter, r *http.Request) {
 		d.writeError(w, r, err)
 		return
 	}
-	if sums == nil {
-		sums = []json.RawMessage{}
+	// The summaries are stored as compact JSON: join them as they are,
+	// without decoding or re-encoding them.
+	var buf bytes.Buffer
+	buf.WriteByte('[')
+	for i, raw := range sums {
+		if i > 0 {
+			buf.WriteByte(',')
+		}
+		buf.Write(raw)
 	}
-	writeJSONCompact(w, http.StatusOK, sums)
+	buf.WriteString("]\n")
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(buf.Bytes())
 }
 
 func (d *Daemon) handleVMGet(w http.ResponseWriter, r *http.Request) {
