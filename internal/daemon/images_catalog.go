@@ -16,7 +16,6 @@ import (
 	"github.com/bangerdev/banger/internal/kernels"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
-	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/units"
 )
 
@@ -219,42 +218,14 @@ func (d *Daemon) pullCatalogImage(ctx context.Context, req api.PullRequest, _ Ca
 		Dir: final, RootFS: filepath.Join(final, imagecat.MemberRootFS), Size: size,
 		Managed: true, Created: time.Now().UTC(),
 	}
-	if kernel != nil {
-		boot, err := d.stageBootArtifacts(ctx, *kernel, staging, ext4, final)
-		if err != nil {
-			return img, err
-		}
-		img.Kernel, img.Boot = kernel.Name, &boot
-	} else {
-		img.Notes = append(img.Notes, "published without boot artifacts: the catalog entry names no kernel; pass --kernel-ref to vm create")
-	}
-
-	report.Report(progress.Event{Phase: "publish", Item: name})
-	if err := ctx.Err(); err != nil {
-		return img, err
-	}
-	if err := os.Rename(staging, final); err != nil {
-		return img, fmt.Errorf("publish image: %w", err)
-	}
-	published = true
-	old, err := d.store.PutImage(img, req.Force)
+	published, err = d.publishImage(ctx, &img, kernel, "the catalog entry names no kernel", staging, ext4, req.Force, report, log)
 	if err != nil {
-		_ = os.RemoveAll(final)
-		if errors.Is(err, store.ErrConflict) {
-			return img, api.Errorf(api.CodeConflict, "image %q was created by another pull meanwhile: pass --force to replace it", name)
-		}
 		return img, err
-	}
-	if old != nil {
-		if err := d.removeUnder(d.cfg.ImagesDir(), old.Dir); err != nil {
-			log.Error("remove replaced image", "dir", old.Dir, "err", err)
-		}
 	}
 	// The image is the product: the verified bundle is not kept.
 	if err := os.Remove(bundle); err != nil {
 		log.Warn("remove downloaded bundle", "path", bundle, "err", err)
 	}
-	report.Report(progress.Event{Phase: "publish", Item: name, Done: true})
 	log.Info("image published from the catalog", "rootfs", img.RootFS, "size", size, "data", un.DataBytes,
 		"duration", time.Since(start).Round(time.Millisecond))
 	return img, nil

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"os"
 	"os/user"
@@ -224,40 +225,52 @@ func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Ca
 		Dir: final, RootFS: filepath.Join(final, "rootfs.ext4"), Size: size,
 		Layers: pulled.LayerDigests(), Managed: true, Created: time.Now().UTC(),
 	}
+	published, err = d.publishImage(ctx, &img, kernel, "no --kernel-ref was given", staging, ext4, req.Force, report, log)
+	if err != nil {
+		return img, err
+	}
+	log.Info("image published", "rootfs", img.RootFS, "size", size, "duration", time.Since(start).Round(time.Millisecond))
+	return img, nil
+}
+
+// publishImage finishes a pull whose ext4 is built in staging: it stages
+// the kernel beside it (or notes why there is none), renames staging to
+// img.Dir, records img (replacing an image of the same name when force) and
+// removes a replaced image's files. published reports whether the rename
+// happened, after which the caller's cleanup must leave staging alone.
+func (d *Daemon) publishImage(ctx context.Context, img *model.Image, kernel *model.Kernel, whyNoKernel, staging, ext4 string,
+	force bool, report progress.Func, log *slog.Logger) (published bool, err error) {
 	if kernel != nil {
-		boot, err := d.stageBootArtifacts(ctx, *kernel, staging, ext4, final)
+		boot, err := d.stageBootArtifacts(ctx, *kernel, staging, ext4, img.Dir)
 		if err != nil {
-			return img, err
+			return false, err
 		}
 		img.Kernel, img.Boot = kernel.Name, &boot
 	} else {
-		img.Notes = append(img.Notes, "published without boot artifacts: no --kernel-ref was given; pass --kernel-ref to vm create")
+		img.Notes = append(img.Notes, "published without boot artifacts: "+whyNoKernel+"; pass --kernel-ref to vm create")
 	}
-
-	report.Report(progress.Event{Phase: "publish", Item: name})
+	report.Report(progress.Event{Phase: "publish", Item: img.Name})
 	if err := ctx.Err(); err != nil {
-		return img, err
+		return false, err
 	}
-	if err := os.Rename(staging, final); err != nil {
-		return img, fmt.Errorf("publish image: %w", err)
+	if err := os.Rename(staging, img.Dir); err != nil {
+		return false, fmt.Errorf("publish image: %w", err)
 	}
-	published = true
-	old, err := d.store.PutImage(img, req.Force)
+	old, err := d.store.PutImage(*img, force)
 	if err != nil {
-		_ = os.RemoveAll(final)
+		_ = os.RemoveAll(img.Dir)
 		if errors.Is(err, store.ErrConflict) {
-			return img, api.Errorf(api.CodeConflict, "image %q was created by another pull meanwhile: pass --force to replace it", name)
+			return true, api.Errorf(api.CodeConflict, "image %q was created by another pull meanwhile: pass --force to replace it", img.Name)
 		}
-		return img, err
+		return true, err
 	}
 	if old != nil {
 		if err := d.removeUnder(d.cfg.ImagesDir(), old.Dir); err != nil {
 			log.Error("remove replaced image", "dir", old.Dir, "err", err)
 		}
 	}
-	report.Report(progress.Event{Phase: "publish", Item: name, Done: true})
-	log.Info("image published", "rootfs", img.RootFS, "size", size, "duration", time.Since(start).Round(time.Millisecond))
-	return img, nil
+	report.Report(progress.Event{Phase: "publish", Item: img.Name, Done: true})
+	return true, nil
 }
 
 // classifyPullError marks errors caused by the reference or the image

@@ -192,24 +192,34 @@ func (d *Daemon) createVM(ctx context.Context, req api.CreateVMRequest, caller C
 	return vm, err
 }
 
-func (d *Daemon) handleVMStart(w http.ResponseWriter, r *http.Request) {
+// startRequest reads the body of a start or restart and the VM it names,
+// answering the error itself when there is one.
+func (d *Daemon) startRequest(w http.ResponseWriter, r *http.Request) (api.StartVMRequest, model.VM, bool) {
 	var req api.StartVMRequest
 	if r.ContentLength != 0 {
 		if err := decodeBody(r, &req); err != nil {
 			d.writeError(w, r, err)
-			return
+			return req, model.VM{}, false
 		}
 	}
 	vm, err := d.visibleVM(r, r.PathValue("name"))
 	if err != nil {
 		d.writeError(w, r, err)
-		return
+		return req, vm, false
 	}
 	if req.SSHKey != "" {
 		if _, _, err := agent.ParseAuthorizedKeyLine(req.SSHKey); err != nil {
 			d.writeError(w, r, api.Errorf(api.CodeInvalid, "ssh key: %v", err))
-			return
+			return req, vm, false
 		}
+	}
+	return req, vm, true
+}
+
+func (d *Daemon) handleVMStart(w http.ResponseWriter, r *http.Request) {
+	req, vm, ok := d.startRequest(w, r)
+	if !ok {
+		return
 	}
 	d.stream(w, r, func(ctx context.Context, report progress.Func) (any, error) {
 		return d.startVM(ctx, vm.ID, req.SSHKey, req.Wait, report)
@@ -228,16 +238,8 @@ func (d *Daemon) handleVMStop(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) handleVMRestart(w http.ResponseWriter, r *http.Request) {
-	var req api.StartVMRequest
-	if r.ContentLength != 0 {
-		if err := decodeBody(r, &req); err != nil {
-			d.writeError(w, r, err)
-			return
-		}
-	}
-	vm, err := d.visibleVM(r, r.PathValue("name"))
-	if err != nil {
-		d.writeError(w, r, err)
+	req, vm, ok := d.startRequest(w, r)
+	if !ok {
 		return
 	}
 	d.stream(w, r, func(ctx context.Context, report progress.Func) (any, error) {
