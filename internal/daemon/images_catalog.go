@@ -109,27 +109,11 @@ func (d *Daemon) pullCatalogImage(ctx context.Context, req api.PullRequest, _ Ca
 			"image %q already exists and %q is also a catalog entry: pass --force to replace the local image with the catalog's, or --name to pull it under another name",
 			name, entry.Name)
 	}
-	size, err := units.ParseSize(req.Size)
-	if err != nil {
-		return img, api.Errorf(api.CodeInvalid, "%v", err)
-	}
-	if _, err := imagepull.CheckE2fsprogs(ctx); err != nil {
-		return img, err
-	}
-	agent, err := d.agentBinary()
-	if err != nil {
-		return img, err
-	}
-	// A kernel the user names is resolved before the download, so a typo
-	// fails fast; the entry's own kernel ref only once the bundle shows it
+	// The entry's own kernel ref is resolved only once the bundle shows it
 	// carries no kernel.
-	var kernel *model.Kernel
-	if req.KernelRef != "" {
-		k, err := d.resolveKernel(ctx, req.KernelRef, report)
-		if err != nil {
-			return img, err
-		}
-		kernel = &k
+	size, agent, kernel, err := d.pullInputs(ctx, req, report)
+	if err != nil {
+		return img, err
 	}
 
 	id := newID()

@@ -122,24 +122,9 @@ func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Ca
 	if _, err := d.store.GetImage(name); err == nil && !req.Force {
 		return img, api.Errorf(api.CodeConflict, "image %q already exists: pass --force to replace it, or --name to pull under another name", name)
 	}
-	size, err := units.ParseSize(req.Size)
-	if err != nil {
-		return img, api.Errorf(api.CodeInvalid, "%v", err)
-	}
-	if _, err := imagepull.CheckE2fsprogs(ctx); err != nil {
-		return img, err
-	}
-	agent, err := d.agentBinary()
+	size, agent, kernel, err := d.pullInputs(ctx, req, report)
 	if err != nil {
 		return img, err
-	}
-	var kernel *model.Kernel
-	if req.KernelRef != "" {
-		k, err := d.resolveKernel(ctx, req.KernelRef, report)
-		if err != nil {
-			return img, err
-		}
-		kernel = &k
 	}
 
 	id := newID()
@@ -271,6 +256,29 @@ func (d *Daemon) publishImage(ctx context.Context, img *model.Image, kernel *mod
 	}
 	report.Report(progress.Event{Phase: "publish", Item: img.Name, Done: true})
 	return true, nil
+}
+
+// pullInputs checks what every pull needs before it makes anything: the
+// --size, e2fsprogs, the guest agent to inject, and the kernel the user
+// named (resolved first, so that a typo fails before any download).
+func (d *Daemon) pullInputs(ctx context.Context, req api.PullRequest, report progress.Func) (size int64, agent string, kernel *model.Kernel, err error) {
+	if size, err = units.ParseSize(req.Size); err != nil {
+		return 0, "", nil, api.Errorf(api.CodeInvalid, "%v", err)
+	}
+	if _, err := imagepull.CheckE2fsprogs(ctx); err != nil {
+		return 0, "", nil, err
+	}
+	if agent, err = d.agentBinary(); err != nil {
+		return 0, "", nil, err
+	}
+	if req.KernelRef != "" {
+		k, err := d.resolveKernel(ctx, req.KernelRef, report)
+		if err != nil {
+			return 0, "", nil, err
+		}
+		kernel = &k
+	}
+	return size, agent, kernel, nil
 }
 
 // classifyPullError marks errors caused by the reference or the image
