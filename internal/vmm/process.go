@@ -315,3 +315,29 @@ func RemoveSocket(path string) error {
 	}
 	return nil
 }
+
+// StopVerified is the common frame of a backend's Stop: it does nothing
+// (StoppedAlready) unless h's process is alive and is the one Start
+// launched, runs the backend's escalation stop, then removes the VM's
+// sockets. backend names the monitor in errors.
+func StopVerified(h Handle, backend string, stop func() (StopMethod, error)) (StopMethod, error) {
+	alive, err := Alive(h)
+	if err != nil {
+		return "", fmt.Errorf("stop %s pid %d: %w", backend, h.PID, err)
+	}
+	if !alive {
+		// Gone, or the pid belongs to someone else now: touch nothing.
+		// Stale sockets are removed by the next Start.
+		return StoppedAlready, nil
+	}
+	how, err := stop()
+	if err != nil {
+		return "", fmt.Errorf("stop %s pid %d: %w", backend, h.PID, err)
+	}
+	for _, s := range []string{h.APISocket, h.AgentSocket} {
+		if err := RemoveSocket(s); err != nil {
+			return how, err
+		}
+	}
+	return how, nil
+}

@@ -133,25 +133,7 @@ func configure(ctx context.Context, c *Client, spec vmm.Spec) error {
 // Stop implements vmm.Monitor: SendCtrlAltDel (the guest reboots, and
 // Firecracker exits on the CPU reset), then SIGTERM, then SIGKILL.
 func (m *Monitor) Stop(ctx context.Context, h vmm.Handle, graceful time.Duration) (vmm.StopMethod, error) {
-	alive, err := vmm.Alive(h)
-	if err != nil {
-		return "", fmt.Errorf("stop firecracker pid %d: %w", h.PID, err)
-	}
-	if !alive {
-		// Gone, or the pid belongs to someone else now: touch nothing.
-		// Stale sockets are removed by the next Start.
-		return vmm.StoppedAlready, nil
-	}
-	how, err := m.stop(ctx, h, graceful)
-	if err != nil {
-		return "", fmt.Errorf("stop firecracker pid %d: %w", h.PID, err)
-	}
-	for _, s := range []string{h.APISocket, h.AgentSocket} {
-		if err := vmm.RemoveSocket(s); err != nil {
-			return how, err
-		}
-	}
-	return how, nil
+	return vmm.StopVerified(h, "firecracker", func() (vmm.StopMethod, error) { return m.stop(ctx, h, graceful) })
 }
 
 func (m *Monitor) stop(ctx context.Context, h vmm.Handle, graceful time.Duration) (vmm.StopMethod, error) {

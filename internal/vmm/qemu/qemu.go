@@ -236,23 +236,7 @@ func buildArgs(spec vmm.Spec, caps vmm.Caps) (plan, error) {
 // Stop implements vmm.Monitor: system_powerdown (ACPI power button), then
 // QMP quit, then SIGTERM and SIGKILL.
 func (m *Monitor) Stop(ctx context.Context, h vmm.Handle, graceful time.Duration) (vmm.StopMethod, error) {
-	alive, err := vmm.Alive(h)
-	if err != nil {
-		return "", fmt.Errorf("stop qemu pid %d: %w", h.PID, err)
-	}
-	if !alive {
-		return vmm.StoppedAlready, nil
-	}
-	how, err := m.stop(ctx, h, graceful)
-	if err != nil {
-		return "", fmt.Errorf("stop qemu pid %d: %w", h.PID, err)
-	}
-	for _, s := range []string{h.APISocket, h.AgentSocket} {
-		if err := vmm.RemoveSocket(s); err != nil {
-			return how, err
-		}
-	}
-	return how, nil
+	return vmm.StopVerified(h, "qemu", func() (vmm.StopMethod, error) { return m.stop(ctx, h, graceful) })
 }
 
 func (m *Monitor) stop(ctx context.Context, h vmm.Handle, graceful time.Duration) (vmm.StopMethod, error) {
