@@ -62,15 +62,12 @@ func newImageCmd(g *globals) *cobra.Command {
 			},
 		},
 		rmCmd(g, "image", "/images/"),
+		newImagePullCmd(g),
+		newImageCacheCmd(g),
+		newImageCatalogCmd(g),
 	)
-	for _, f := range extraImageCommands {
-		cmd.AddCommand(f(g))
-	}
 	return cmd
 }
-
-// extraImageCommands lets later capabilities add image subcommands.
-var extraImageCommands []func(g *globals) *cobra.Command
 
 // rmCmd is "rm NAME [--force]" for images and kernels.
 func rmCmd(g *globals, kind, path string) *cobra.Command {

@@ -7,10 +7,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func init() {
-	extraImageCommands = append(extraImageCommands, newImageCatalogCmd)
-}
-
 func newImageCatalogCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "catalog",

@@ -9,10 +9,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func init() {
-	extraImageCommands = append(extraImageCommands, newImagePullCmd, newImageCacheCmd)
-}
-
 func newImagePullCmd(g *globals) *cobra.Command {
 	var req api.PullRequest
 	cmd := &cobra.Command{

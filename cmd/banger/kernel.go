@@ -65,12 +65,8 @@ func newKernelCmd(g *globals) *cobra.Command {
 			},
 		},
 		rmCmd(g, "kernel", "/kernels/"),
+		newKernelImportCmd(g),
+		newKernelPullCmd(g),
 	)
-	for _, f := range extraKernelCommands {
-		cmd.AddCommand(f(g))
-	}
 	return cmd
 }
-
-// extraKernelCommands lets later capabilities add kernel subcommands.
-var extraKernelCommands []func(g *globals) *cobra.Command

@@ -17,10 +17,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func init() {
-	extraKernelCommands = append(extraKernelCommands, newKernelImportCmd)
-}
-
 func newKernelImportCmd(g *globals) *cobra.Command {
 	var kernel, initrd, modules, deb string
 	var force bool

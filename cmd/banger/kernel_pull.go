@@ -8,10 +8,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func init() {
-	extraKernelCommands = append(extraKernelCommands, newKernelPullCmd)
-}
-
 func newKernelPullCmd(g *globals) *cobra.Command {
 	var force bool
 	cmd := &cobra.Command{

@@ -69,15 +69,11 @@ func newRootCmd() *cobra.Command {
 		newImageCmd(g),
 		newKernelCmd(g),
 		newVMCmd(g),
+		newSSHCmd(g),
 	)
-	for _, f := range extraCommands {
-		root.AddCommand(f(g))
-	}
+	rejectUnknownSubcommands(root)
 	return root
 }
-
-// extraCommands lets later capabilities add top-level commands.
-var extraCommands []func(g *globals) *cobra.Command
 
 // exactArgs is cobra.ExactArgs with an invalid-input error class.
 func exactArgs(n int, what string) cobra.PositionalArgs {

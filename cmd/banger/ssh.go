@@ -15,10 +15,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func init() {
-	extraCommands = append(extraCommands, newSSHCmd)
-}
-
 func newSSHCmd(g *globals) *cobra.Command {
 	var user string
 	var timeout time.Duration

@@ -53,15 +53,16 @@ func newVMCmd(g *globals) *cobra.Command {
 				return printKV(g.out, vmPairs(v))
 			},
 		},
+		newVMCreateCmd(g, "create", "Create a VM from an image (its disk is made now; start it with banger vm start)", false),
+		newVMCreateCmd(g, "run", "Create a VM, start it and wait until it is ready for banger ssh", true),
+		newVMStartCmd(g),
+		newVMStopCmd(g),
+		newVMRestartCmd(g),
+		newVMRmCmd(g),
+		newVMLogsCmd(g),
 	)
-	for _, f := range extraVMCommands {
-		cmd.AddCommand(f(g))
-	}
 	return cmd
 }
-
-// extraVMCommands lets later capabilities add VM subcommands.
-var extraVMCommands []func(g *globals) *cobra.Command
 
 func vmPairs(v model.VM) [][2]string {
 	pairs := [][2]string{

@@ -15,13 +15,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func init() {
-	extraVMCommands = append(extraVMCommands,
-		newVMCreateCmd("create", "Create a VM from an image (its disk is made now; start it with banger vm start)", false),
-		newVMCreateCmd("run", "Create a VM, start it and wait until it is ready for banger ssh", true),
-		newVMStartCmd, newVMStopCmd, newVMRestartCmd, newVMRmCmd, newVMLogsCmd)
-}
-
 // userKey returns this user's banger SSH key pair, creating it on first use.
 func userKey() (*sshkeys.KeyPair, error) {
 	dir, err := userSSHDir()
@@ -47,57 +40,55 @@ func userSSHDir() (string, error) {
 	return filepath.Join(home, ".local", "state", "banger", "ssh"), nil
 }
 
-func newVMCreateCmd(use, short string, run bool) func(g *globals) *cobra.Command {
-	return func(g *globals) *cobra.Command {
-		var req api.CreateVMRequest
-		cmd := &cobra.Command{
-			Use:   use + " --image IMAGE [--name NAME]",
-			Short: short,
-			Example: "  banger vm " + use + " --image debian-bookworm --name dev --cpus 2 --memory 2G --disk 10G\n" +
-				"  banger vm " + use + " --image devbox --kernel-ref generic-6.1 --vmm qemu",
-			Args: exactArgs(0, "no arguments (use --image and --name)"),
-			RunE: func(c *cobra.Command, _ []string) error {
-				if req.Image == "" {
-					return api.Errorf(api.CodeInvalid, "--image is required (banger image ls lists the images)")
-				}
-				kp, err := userKey()
-				if err != nil {
-					return err
-				}
-				req.SSHKey = kp.AuthorizedKey
-				req.Start, req.Wait = run, run
-				pr := newProgressRenderer(g.errOut)
-				start := time.Now()
-				var vm model.VM
-				err = g.client().Stream(c.Context(), "POST", "/vms", req, pr.Func(), &vm)
-				pr.Close()
-				if err != nil {
-					return err
-				}
-				if g.output == "json" {
-					return printJSON(g.out, vm)
-				}
-				verb := "created"
-				if run {
-					verb = "ready"
-				}
-				fmt.Fprintf(g.out, "VM %s %s in %s (ip %s, %s, disk %s)\n", vm.Name, verb, time.Since(start).Round(100*time.Millisecond), orDash(vm.IP), vm.VMM, vm.DiskDriver)
-				if run {
-					fmt.Fprintf(g.out, "connect with: banger ssh %s\n", vm.Name)
-				}
-				return nil
-			},
-		}
-		f := cmd.Flags()
-		f.StringVar(&req.Image, "image", "", "image to boot (required)")
-		f.StringVar(&req.Name, "name", "", "VM name (default: <image>-<random>)")
-		f.IntVar(&req.CPUs, "cpus", 0, "virtual CPUs (default 2)")
-		f.StringVar(&req.Memory, "memory", "", "memory, e.g. 2G (default 1G)")
-		f.StringVar(&req.Disk, "disk", "", "disk size, e.g. 10G (default: the image's size)")
-		f.StringVar(&req.KernelRef, "kernel-ref", "", "kernel (default: the image's)")
-		f.StringVar(&req.VMM, "vmm", "", "VM monitor: auto, firecracker or qemu (default: the daemon's setting)")
-		return cmd
+func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
+	var req api.CreateVMRequest
+	cmd := &cobra.Command{
+		Use:   use + " --image IMAGE [--name NAME]",
+		Short: short,
+		Example: "  banger vm " + use + " --image debian-bookworm --name dev --cpus 2 --memory 2G --disk 10G\n" +
+			"  banger vm " + use + " --image devbox --kernel-ref generic-6.1 --vmm qemu",
+		Args: exactArgs(0, "no arguments (use --image and --name)"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			if req.Image == "" {
+				return api.Errorf(api.CodeInvalid, "--image is required (banger image ls lists the images)")
+			}
+			kp, err := userKey()
+			if err != nil {
+				return err
+			}
+			req.SSHKey = kp.AuthorizedKey
+			req.Start, req.Wait = run, run
+			pr := newProgressRenderer(g.errOut)
+			start := time.Now()
+			var vm model.VM
+			err = g.client().Stream(c.Context(), "POST", "/vms", req, pr.Func(), &vm)
+			pr.Close()
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				return printJSON(g.out, vm)
+			}
+			verb := "created"
+			if run {
+				verb = "ready"
+			}
+			fmt.Fprintf(g.out, "VM %s %s in %s (ip %s, %s, disk %s)\n", vm.Name, verb, time.Since(start).Round(100*time.Millisecond), orDash(vm.IP), vm.VMM, vm.DiskDriver)
+			if run {
+				fmt.Fprintf(g.out, "connect with: banger ssh %s\n", vm.Name)
+			}
+			return nil
+		},
 	}
+	f := cmd.Flags()
+	f.StringVar(&req.Image, "image", "", "image to boot (required)")
+	f.StringVar(&req.Name, "name", "", "VM name (default: <image>-<random>)")
+	f.IntVar(&req.CPUs, "cpus", 0, "virtual CPUs (default 2)")
+	f.StringVar(&req.Memory, "memory", "", "memory, e.g. 2G (default 1G)")
+	f.StringVar(&req.Disk, "disk", "", "disk size, e.g. 10G (default: the image's size)")
+	f.StringVar(&req.KernelRef, "kernel-ref", "", "kernel (default: the image's)")
+	f.StringVar(&req.VMM, "vmm", "", "VM monitor: auto, firecracker or qemu (default: the daemon's setting)")
+	return cmd
 }
 
 // vmAction runs a streamed VM action and prints the VM's new state.
