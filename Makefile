@@ -16,7 +16,7 @@ help: ## Show this help
 build: ## Build banger and the static guest programs into bin/
 	$(GO) build -ldflags '$(LDFLAGS)' -o bin/banger ./cmd/banger
 	CGO_ENABLED=0 $(GO) build -ldflags '-s -w' -o bin/banger-vsock-agent ./cmd/banger-vsock-agent
-	@if [ -d cmd/banger-init ]; then CGO_ENABLED=0 $(GO) build -ldflags '-s -w' -o bin/banger-init ./cmd/banger-init; fi
+	CGO_ENABLED=0 $(GO) build -ldflags '-s -w' -o bin/banger-init ./cmd/banger-init
 
 test: ## Run every test tier (root, network namespaces, loop devices, QEMU guests) as far as this host allows
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
@@ -41,7 +41,7 @@ lint: lint-go lint-shell ## Run both linters
 install: build ## Install banger, its guest programs and the systemd unit
 	install -D -m 0755 bin/banger $(DESTDIR)$(PREFIX)/bin/banger
 	install -D -m 0755 bin/banger-vsock-agent $(DESTDIR)$(LIBEXECDIR)/banger-vsock-agent
-	@if [ -f bin/banger-init ]; then install -D -m 0755 bin/banger-init $(DESTDIR)$(LIBEXECDIR)/banger-init; fi
+	install -D -m 0755 bin/banger-init $(DESTDIR)$(LIBEXECDIR)/banger-init
 	install -D -m 0644 packaging/banger.service $(DESTDIR)/etc/systemd/system/banger.service
 	@getent group banger >/dev/null || groupadd --system banger || true
 	@echo "installed; start the daemon with: sudo systemctl daemon-reload && sudo systemctl enable --now banger"
