@@ -16,7 +16,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/kvm"
 )
 
 // Tier names a group of tests that need the same host feature.
@@ -126,7 +126,7 @@ func RequiresQEMU(t testing.TB) {
 // RequiresKVM skips unless hardware virtualization is usable.
 func RequiresKVM(t testing.TB) {
 	t.Helper()
-	if ok, why := HardwareKVM(); !ok {
+	if ok, why := kvm.Hardware(); !ok {
 		Missing(t, TierKVM, why)
 	}
 }
@@ -156,11 +156,6 @@ func RequiresTool(t testing.TB, names ...string) {
 		}
 	}
 }
-
-// HardwareKVM reports whether /dev/kvm is backed by hardware virtualization
-// (vmx/svm and kvm_intel or kvm_amd loaded), and why not; see
-// vmm.HardwareKVM, which this is.
-func HardwareKVM() (bool, string) { return vmm.HardwareKVM() }
 
 // ErrSkip is returned by helpers that build slow fixtures when the fixture's
 // inputs are unavailable; callers pass it to Missing.

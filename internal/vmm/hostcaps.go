@@ -1,16 +1,17 @@
 package vmm
 
 import (
-	"bytes"
 	"os"
 	"os/exec"
+
+	"github.com/bangerdev/banger/internal/kvm"
 )
 
 // Caps is what this host offers VM monitors.
 type Caps struct {
 	FirecrackerPath string // "" when firecracker is not in PATH
 	QEMUPath        string // "" when qemu-system-x86_64 is not in PATH
-	KVM             bool   // hardware virtualization usable (see HardwareKVM)
+	KVM             bool   // hardware virtualization usable (see kvm.Hardware)
 	KVMReason       string // why KVM is not usable, when it is not
 	VhostVsock      bool   // /dev/vhost-vsock exists (QEMU can give the guest vsock)
 }
@@ -20,49 +21,8 @@ func HostCaps() Caps {
 	var c Caps
 	c.FirecrackerPath, _ = exec.LookPath("firecracker")
 	c.QEMUPath, _ = exec.LookPath("qemu-system-x86_64")
-	c.KVM, c.KVMReason = HardwareKVM()
+	c.KVM, c.KVMReason = kvm.Hardware()
 	_, err := os.Stat("/dev/vhost-vsock")
 	c.VhostVsock = err == nil
 	return c
-}
-
-// HardwareKVM reports whether /dev/kvm is backed by hardware virtualization
-// (a vmx or svm CPU flag, and kvm_intel or kvm_amd loaded), and why not. A
-// /dev/kvm that merely opens, such as one served by kvm_pvm, does not count:
-// standard guest kernels hang under it.
-func HardwareKVM() (bool, string) {
-	if _, err := os.Stat("/dev/kvm"); err != nil {
-		return false, "/dev/kvm is absent"
-	}
-	cpuinfo, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return false, "read /proc/cpuinfo: " + err.Error()
-	}
-	if !hasCPUFlag(cpuinfo, "vmx") && !hasCPUFlag(cpuinfo, "svm") {
-		return false, "the CPU exposes no vmx/svm flag"
-	}
-	for _, mod := range []string{"kvm_intel", "kvm_amd"} {
-		if _, err := os.Stat("/sys/module/" + mod); err == nil {
-			return true, ""
-		}
-	}
-	return false, "neither kvm_intel nor kvm_amd is loaded"
-}
-
-func hasCPUFlag(cpuinfo []byte, flag string) bool {
-	for _, line := range bytes.Split(cpuinfo, []byte("\n")) {
-		if !bytes.HasPrefix(line, []byte("flags")) {
-			continue
-		}
-		_, rest, ok := bytes.Cut(line, []byte(":"))
-		if !ok {
-			continue
-		}
-		for _, f := range bytes.Fields(rest) {
-			if string(f) == flag {
-				return true
-			}
-		}
-	}
-	return false
 }

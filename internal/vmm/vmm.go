@@ -191,7 +191,7 @@ func Names() []string {
 // daemon records on the VM and shows.
 //
 // "auto" picks Firecracker when its binary is installed and hardware KVM is
-// usable (see HardwareKVM), else QEMU.
+// usable (see kvm.Hardware), else QEMU.
 func Select(pref string) (name, reason string, err error) {
 	return selectWith(pref, HostCaps())
 }
