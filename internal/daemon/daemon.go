@@ -192,6 +192,7 @@ func (d *Daemon) logRequests(h http.Handler) http.Handler {
 	})
 }
 
+// routes is the API's one route table: every endpoint the daemon serves.
 func (d *Daemon) routes() *http.ServeMux {
 	m := http.NewServeMux()
 	p := api.Prefix
@@ -205,20 +206,27 @@ func (d *Daemon) routes() *http.ServeMux {
 	m.HandleFunc("GET "+p+"/kernels/{name}", d.handleKernelGet)
 	m.HandleFunc("DELETE "+p+"/kernels/{name}", d.handleKernelDelete)
 
+	m.HandleFunc("POST "+p+"/images/pull", d.handleImagePull)
+	m.HandleFunc("POST "+p+"/images/cache/prune", d.handleCachePrune)
+	m.HandleFunc("GET "+p+"/images/catalog", d.handleImageCatalog)
+
+	m.HandleFunc("POST "+p+"/kernels/import", d.handleKernelImport)
+	m.HandleFunc("POST "+p+"/kernels/pull", d.handleKernelPull)
+
 	m.HandleFunc("GET "+p+"/vms", d.handleVMList)
 	m.HandleFunc("GET "+p+"/vms/{name}", d.handleVMGet)
+	m.HandleFunc("POST "+p+"/vms", d.handleVMCreate)
+	m.HandleFunc("POST "+p+"/vms/{name}/start", d.handleVMStart)
+	m.HandleFunc("POST "+p+"/vms/{name}/stop", d.handleVMStop)
+	m.HandleFunc("POST "+p+"/vms/{name}/restart", d.handleVMRestart)
+	m.HandleFunc("DELETE "+p+"/vms/{name}", d.handleVMDelete)
+	m.HandleFunc("GET "+p+"/vms/{name}/logs", d.handleVMLogs)
 
-	for _, r := range extraRoutes {
-		r(d, m)
-	}
 	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		d.writeError(w, r, api.Errorf(api.CodeNotFound, "no API endpoint %s %s (is the CLI newer than the daemon?)", r.Method, r.URL.Path))
 	})
 	return m
 }
-
-// extraRoutes lets the files for later capabilities add their endpoints.
-var extraRoutes []func(d *Daemon, m *http.ServeMux)
 
 func (d *Daemon) handleVersion(w http.ResponseWriter, r *http.Request) {
 	v, _ := d.store.SchemaVersion()

@@ -1,6 +1,8 @@
 package daemon
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"syscall"
@@ -14,15 +16,20 @@ import (
 // that the next start-up leaves nothing behind. Unset (the normal case),
 // failpoints do nothing.
 //
+// A name armed as "NAME=error" makes the step fail with an injected error
+// instead, where the code asks for one with injected (tests of the
+// failure paths in process use it).
+//
 // The failpoints, in the order each operation reaches them:
 //
 //	create:recorded      the VM record and IP lease are stored, no disk yet
 //	create:disk          the disk is made, the record still says disk:creating
 //	start:starting       the VM is marked starting, nothing made yet
+//	start:disk           the disk is active, no tap
 //	start:tap-intent     the tap is recorded, not created
-//	start:tap            the tap exists, the disk is not prepared
-//	start:disk           the disk is active, no monitor
+//	start:tap            the tap exists, no monitor
 //	start:vmm            the monitor runs, its pid is not recorded
+//	start:confirm        (=error only) recording the monitor's pid fails
 //	start:recorded       the monitor's pid is recorded, no boot waiter
 //	stop:stopping        the VM is marked stopping, nothing released
 //	stop:released        everything is released, the record still holds it
@@ -55,4 +62,16 @@ func failpoint(name string) {
 	_, _ = os.Stderr.WriteString("banger: failpoint " + name + " reached: killing the daemon\n")
 	_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 	select {} // SIGKILL cannot be caught; wait for it to land
+}
+
+// ErrInjected is the error an armed "NAME=error" failpoint makes its step
+// return.
+var ErrInjected = errors.New("injected failure")
+
+// injected returns ErrInjected when name is armed as "name=error".
+func injected(name string) error {
+	if failpoints[name+"=error"] {
+		return fmt.Errorf("failpoint %s: %w", name, ErrInjected)
+	}
+	return nil
 }

@@ -19,13 +19,6 @@ import (
 	"github.com/bangerdev/banger/internal/units"
 )
 
-func init() {
-	pullFromCatalogHook = (*Daemon).pullCatalogImage
-	extraRoutes = append(extraRoutes, func(d *Daemon, m *http.ServeMux) {
-		m.HandleFunc("GET "+api.Prefix+"/images/catalog", d.handleImageCatalog)
-	})
-}
-
 // CatalogListing is one entry of GET /v1/images/catalog: the index entry
 // and whether it is pulled.
 type CatalogListing struct {

@@ -27,14 +27,6 @@ import (
 // PullRequest is the body of POST /v1/images/pull.
 type PullRequest = api.PullRequest
 
-func init() {
-	extraRoutes = append(extraRoutes, func(d *Daemon, m *http.ServeMux) {
-		m.HandleFunc("POST "+api.Prefix+"/images/pull", d.handleImagePull)
-		m.HandleFunc("POST "+api.Prefix+"/images/cache/prune", d.handleCachePrune)
-	})
-	recoverers = append(recoverers, recoverPullLeftovers)
-}
-
 // scratchOwnerFile marks a $TMPDIR/banger-pull-* dir with the state dir of
 // the daemon that made it, so start-up recovery removes only its own.
 const scratchOwnerFile = ".banger-owner"
@@ -84,11 +76,9 @@ func (d *Daemon) handleImagePull(w http.ResponseWriter, r *http.Request) {
 
 // pullFromCatalog is the catalog fast path. Until an image catalog is
 // configured it explains how to pull from a registry instead.
-var pullFromCatalogHook func(d *Daemon, ctx context.Context, req api.PullRequest, caller Caller, report progress.Func) (model.Image, error)
-
 func (d *Daemon) pullFromCatalog(ctx context.Context, req api.PullRequest, caller Caller, report progress.Func) (model.Image, error) {
-	if pullFromCatalogHook != nil && d.cfg.ImageCatalog != "" {
-		return pullFromCatalogHook(d, ctx, req, caller, report)
+	if d.cfg.ImageCatalog != "" {
+		return d.pullCatalogImage(ctx, req, caller, report)
 	}
 	return model.Image{}, api.Errorf(api.CodeInvalid,
 		"%q is a catalog name, but the image catalog is not configured (set image_catalog in the config file); to pull from a registry use a full reference such as docker.io/library/%s:latest",

@@ -7,6 +7,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/kernels"
+	"github.com/bangerdev/banger/internal/kernels/kernelcat"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -31,16 +32,22 @@ func (l localKernels) KernelNames() []string {
 	return names
 }
 
-// kernelCatalog is the configured kernel catalog, or nil. Set by the
-// kernel-catalog integration.
-var kernelCatalog func(d *Daemon, report progress.Func) kernels.Catalog
+// kernelCatalog is the configured kernel catalog.
+func (d *Daemon) kernelCatalog(report progress.Func) kernels.Catalog {
+	return &kernelcat.Catalog{
+		IndexURL:   d.cfg.KernelCatalog,
+		KernelsDir: d.cfg.KernelsDir(),
+		CacheDir:   filepath.Join(d.cfg.CacheDir, "kernels"),
+		Progress:   report,
+	}
+}
 
 // resolveKernel finds a kernel by name: local first, then the kernel catalog
 // (auto-pulled and recorded), else an error listing what exists.
 func (d *Daemon) resolveKernel(ctx context.Context, ref string, report progress.Func) (model.Kernel, error) {
 	var cat kernels.Catalog
-	if kernelCatalog != nil && d.cfg.KernelCatalog != "" {
-		cat = kernelCatalog(d, report)
+	if d.cfg.KernelCatalog != "" {
+		cat = d.kernelCatalog(report)
 	}
 	k, err := kernels.ResolveKernelInputs(ctx, ref, localKernels{d}, cat)
 	if err != nil {

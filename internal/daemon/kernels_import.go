@@ -23,13 +23,6 @@ import (
 // maxUpload bounds what a kernel import may upload.
 const maxUpload = 4 << 30
 
-func init() {
-	extraRoutes = append(extraRoutes, func(d *Daemon, m *http.ServeMux) {
-		m.HandleFunc("POST "+api.Prefix+"/kernels/import", d.handleKernelImport)
-	})
-	recoverers = append(recoverers, recoverKernelLeftovers)
-}
-
 // handleKernelImport imports a kernel whose files the CLI uploads as a tar
 // stream: "kernel" [+ "initrd"] [+ "modules/..."], or "package.deb". The
 // daemon never opens a path the client names, so a caller cannot make it

@@ -10,24 +10,9 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/kernels"
-	"github.com/bangerdev/banger/internal/kernels/kernelcat"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
 )
-
-func init() {
-	kernelCatalog = func(d *Daemon, report progress.Func) kernels.Catalog {
-		return &kernelcat.Catalog{
-			IndexURL:   d.cfg.KernelCatalog,
-			KernelsDir: d.cfg.KernelsDir(),
-			CacheDir:   filepath.Join(d.cfg.CacheDir, "kernels"),
-			Progress:   report,
-		}
-	}
-	extraRoutes = append(extraRoutes, func(d *Daemon, m *http.ServeMux) {
-		m.HandleFunc("POST "+api.Prefix+"/kernels/pull", d.handleKernelPull)
-	})
-}
 
 // handleKernelPull downloads a kernel catalog entry, verifies it and
 // records it.
@@ -67,11 +52,11 @@ func (d *Daemon) handleKernelPull(w http.ResponseWriter, r *http.Request) {
 				_ = os.Rename(old, dst)
 			}
 		}
-		k, err := kernelCatalog(d, report).PullKernel(ctx, req.Name)
+		k, err := d.kernelCatalog(report).PullKernel(ctx, req.Name)
 		if err != nil {
 			restore()
 			if errors.Is(err, kernels.ErrNotInCatalog) {
-				names, _ := kernelCatalog(d, nil).CatalogNames(ctx)
+				names, _ := d.kernelCatalog(nil).CatalogNames(ctx)
 				return nil, api.Errorf(api.CodeNotFound, "kernel %q is not in the catalog %s (it has: %v)", req.Name, d.cfg.KernelCatalog, names)
 			}
 			return nil, err

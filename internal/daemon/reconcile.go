@@ -23,10 +23,6 @@ import (
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
-func init() {
-	recoverers = append(recoverers, reconcileVMs, scanOrphans)
-}
-
 // Phases of VM.Runtime that are not about a running VM: they mark a create
 // or a delete in progress, so that start-up finishes what a dead daemon
 // began.
@@ -299,19 +295,11 @@ func (d *Daemon) reconcileVM(ctx context.Context, vm model.VM, boot string, proc
 	case rt.PID == 0:
 		why = "its start had not finished"
 	}
-	removed, rerr := d.releaseRuntime(ctx, vm, false)
-	removed = append(removed, d.killStrays(ctx, procs, 0)...)
-	st, reason := model.VMStopped, ""
-	if rerr != nil {
-		st, reason = model.VMError, "cleanup after restart failed: "+rerr.Error()
-	}
-	_, _ = d.setState(vm.ID, st, reason, func(v *model.VM) {
-		v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
-		if rerr == nil {
-			v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
-		}
-	})
-	log.Info("VM stopped at start-up: "+why, "removed", strings.Join(removed, ", "), "err", rerr)
+	strays := d.killStrays(ctx, procs, 0)
+	out, rerr := d.releaseAndMark(ctx, vm, mark{state: model.VMStopped, also: strays, failed: func(err error) string {
+		return "cleanup after restart failed: " + err.Error()
+	}})
+	log.Info("VM stopped at start-up: "+why, "removed", strings.Join(out.Recovery.Removed, ", "), "err", rerr)
 	if rerr != nil {
 		return failed
 	}
@@ -485,7 +473,6 @@ func scanOrphans(ctx context.Context, d *Daemon) error {
 	}
 	known := map[string]model.VM{}
 	inUse := map[string]bool{} // backing files, tap names, dm names in use
-	active := false
 	for _, vm := range vms {
 		known[vm.ID] = vm
 		rt := vm.Runtime
@@ -493,10 +480,6 @@ func scanOrphans(ctx context.Context, d *Daemon) error {
 		inUse["dm:"+rt.DMName] = rt.DMName != ""
 		for _, l := range rt.Loops {
 			inUse["loop:"+l.BackingFile] = true
-		}
-		switch vm.State {
-		case model.VMRunning, model.VMStarting, model.VMStopping:
-			active = true
 		}
 	}
 	var errs []error
@@ -556,11 +539,7 @@ func scanOrphans(ctx context.Context, d *Daemon) error {
 		}
 		d.log.Info("removed orphan loop device", "loop", dev, "backing_file", file)
 	}
-	if !active {
-		if err := d.removeIdleNAT(ctx); err != nil {
-			errs = append(errs, err)
-		}
-	}
+	d.releaseNetworkIfIdle(ctx)
 	if ents, err := os.ReadDir(filepath.Join(d.cfg.RuntimeDir, "vms")); err == nil {
 		for _, e := range ents {
 			if _, ok := known[e.Name()]; ok {
@@ -592,26 +571,6 @@ func scanOrphans(ctx context.Context, d *Daemon) error {
 	if len(errs) > 0 {
 		d.log.Warn("orphan scan could not remove everything", "err", errors.Join(errs...))
 	}
-	return nil
-}
-
-// removeIdleNAT removes banger's nftables table, which exists only while a
-// VM runs; called at start-up when none does.
-func (d *Daemon) removeIdleNAT(ctx context.Context) error {
-	netOnce.Lock()
-	defer netOnce.Unlock()
-	st, err := netctl.InspectNAT(ctx)
-	if err != nil {
-		d.log.Debug("cannot read nftables; skipping the NAT table check", "err", err)
-		return nil
-	}
-	if !st.Present {
-		return nil
-	}
-	if err := netctl.RemoveNAT(ctx); err != nil {
-		return fmt.Errorf("orphan nftables table %s: %w", netctl.NATTable, err)
-	}
-	d.log.Info("removed orphan nftables table: no VM runs", "table", netctl.NATTable, "rules", len(st.Rules))
 	return nil
 }
 

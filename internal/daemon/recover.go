@@ -2,16 +2,33 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 )
 
-// recoverers run at start-up, in order, after the store is open. Later
-// capabilities (image staging cleanup, VM reconcile) add theirs.
-var recoverers []func(ctx context.Context, d *Daemon) error
+// recovery is start-up recovery: the steps that run, in this order, after
+// the store is open and before the daemon listens. Leftovers of interrupted
+// pulls and imports go first; then VM records are reconciled with the host
+// (adopting live monitors, releasing the rest); the orphan scan runs last,
+// once every record says what it holds.
+func (d *Daemon) recovery() []recoveryStep {
+	return []recoveryStep{
+		{"pull leftovers", recoverPullLeftovers},
+		{"kernel import leftovers", recoverKernelLeftovers},
+		{"VM reconcile", reconcileVMs},
+		{"orphan scan", scanOrphans},
+	}
+}
+
+// recoveryStep is one named step of start-up recovery.
+type recoveryStep struct {
+	name string
+	run  func(ctx context.Context, d *Daemon) error
+}
 
 func (d *Daemon) recover(ctx context.Context) error {
-	for _, r := range recoverers {
-		if err := r(ctx, d); err != nil {
-			return err
+	for _, s := range d.recovery() {
+		if err := s.run(ctx, d); err != nil {
+			return fmt.Errorf("%s: %w", s.name, err)
 		}
 	}
 	return nil

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -178,15 +179,11 @@ func (d *Daemon) setState(id string, st model.VMState, reason string, extra func
 var netOnce sync.Mutex
 
 // ensureNetwork makes the bridge and the NAT table exist.
-func (d *Daemon) ensureNetwork(ctx context.Context) (netctl.Config, error) {
+func (d *Daemon) ensureNetwork(ctx context.Context, nc netctl.Config) error {
 	netOnce.Lock()
 	defer netOnce.Unlock()
-	nc, err := d.netConfig()
-	if err != nil {
-		return nc, err
-	}
 	if err := netctl.EnsureBridge(ctx, nc); err != nil {
-		return nc, fmt.Errorf("create bridge %s: %w", nc.Bridge, err)
+		return fmt.Errorf("create bridge %s: %w", nc.Bridge, err)
 	}
 	if err := netctl.EnableIPForward(); err != nil {
 		d.log.Warn("cannot enable ip_forward: guests will not reach beyond the host", "err", err)
@@ -194,11 +191,13 @@ func (d *Daemon) ensureNetwork(ctx context.Context) (netctl.Config, error) {
 	if err := netctl.EnsureNAT(ctx, nc, ""); err != nil {
 		d.log.Warn("cannot set up NAT: guests will not reach beyond the host", "err", err)
 	}
-	return nc, nil
+	return nil
 }
 
-// releaseNetworkIfIdle removes the NAT table once no VM runs, so that a
-// host without VMs carries no banger rules. The bridge stays.
+// releaseNetworkIfIdle removes banger's nftables table once no VM runs, so
+// that a host without VMs carries no banger rules: after a stop, a failed
+// start, a monitor exit, and at start-up. The bridge stays. It is the one
+// place the NAT table is removed.
 func (d *Daemon) releaseNetworkIfIdle(ctx context.Context) {
 	netOnce.Lock()
 	defer netOnce.Unlock()
@@ -212,9 +211,19 @@ func (d *Daemon) releaseNetworkIfIdle(ctx context.Context) {
 			return
 		}
 	}
-	if err := netctl.RemoveNAT(ctx); err != nil {
-		d.log.Warn("remove NAT table", "err", err)
+	st, err := netctl.InspectNAT(ctx)
+	if err != nil {
+		d.log.Debug("cannot read nftables; skipping the NAT table check", "err", err)
+		return
 	}
+	if !st.Present {
+		return
+	}
+	if err := netctl.RemoveNAT(ctx); err != nil {
+		d.log.Warn("cannot remove the nftables table", "table", netctl.NATTable, "err", err)
+		return
+	}
+	d.log.Info("removed the nftables table: no VM runs", "table", netctl.NATTable, "rules", len(st.Rules))
 }
 
 // bootArtifacts returns the kernel and initrd a VM boots.
@@ -256,10 +265,12 @@ func (d *Daemon) cmdline(vm model.VM, nc netctl.Config) string {
 	return strings.Join(parts, " ")
 }
 
-// startVM starts a created or stopped VM: tap, disk, monitor. Each resource
-// is recorded in VM.Runtime before it is created. On failure everything
-// made so far is released and the VM goes to error. The boot waiter then
-// runs in the background; when wait is true startVM waits for it.
+// startVM starts a created or stopped VM. It reads as its steps:
+// beginStart (mark it starting) → prepareDisk → attachNetwork →
+// launchMonitor → supervise. Each step records a resource in VM.Runtime
+// before it creates it; when a step fails, failStart releases everything
+// made so far and the VM goes to error. The boot waiter then runs in the
+// background; when wait is true startVM waits for it.
 func (d *Daemon) startVM(ctx context.Context, idOrName string, sshKey string, wait bool, report progress.Func) (model.VM, error) {
 	vm, err := d.store.GetVM(idOrName)
 	if err != nil {
@@ -267,107 +278,149 @@ func (d *Daemon) startVM(ctx context.Context, idOrName string, sshKey string, wa
 	}
 	mu := d.vmLock(vm.ID)
 	mu.Lock()
-	locked := true
-	defer func() {
-		if locked {
-			mu.Unlock()
-		}
-	}()
-	vm, err = d.store.GetVM(vm.ID)
+	run, err := d.beginStart(ctx, vm.ID, sshKey)
 	if err != nil {
-		return vm, err
+		mu.Unlock()
+		return run.vm, err
+	}
+	l, err := d.runStart(ctx, run, report, d.prepareDisk, d.attachNetwork, d.launchMonitor)
+	mu.Unlock()
+	if err != nil || !wait {
+		return run.vm, err
+	}
+	return d.waitReady(ctx, run.vm, l, report)
+}
+
+// startStep is one step of a start; it updates run.vm as it records.
+type startStep func(context.Context, *startRun, progress.Func) error
+
+// runStart runs the steps of a start in order, then supervises the VM. The
+// first step that fails ends the start: failStart releases what the steps
+// made and the VM goes to error, so no monitor is ever left running
+// without a watcher.
+func (d *Daemon) runStart(ctx context.Context, run *startRun, report progress.Func, steps ...startStep) (*live, error) {
+	for _, step := range steps {
+		if err := step(ctx, run, report); err != nil {
+			run.vm, err = d.failStart(ctx, run, err)
+			return nil, err
+		}
+	}
+	return d.watch(run.vm), nil
+}
+
+// startRun is what the steps of one start share.
+type startRun struct {
+	vm             model.VM
+	mon            vmm.Monitor
+	kernel, initrd string
+	nc             netctl.Config
+	disk           blockdev.Disk
+	log            *slog.Logger
+	began          time.Time
+}
+
+// record takes the VM a store update returned as the run's current record,
+// unless the update failed.
+func (r *startRun) record(vm model.VM, err error) error {
+	if err == nil {
+		r.vm = vm
+	}
+	return err
+}
+
+// beginStart checks that the VM can start, releases leftovers of an
+// earlier run, and marks it starting with its runtime dir and
+// handles.json. The caller holds the VM's lock.
+func (d *Daemon) beginStart(ctx context.Context, id, sshKey string) (*startRun, error) {
+	vm, err := d.store.GetVM(id)
+	run := &startRun{vm: vm, began: time.Now()}
+	if err != nil {
+		return run, err
 	}
 	switch vm.State {
 	case model.VMCreated, model.VMStopped, model.VMError:
 	case model.VMRunning, model.VMStarting:
-		return vm, api.Errorf(api.CodeConflict, "VM %q is already %s", vm.Name, vm.State)
+		return run, api.Errorf(api.CodeConflict, "VM %q is already %s", vm.Name, vm.State)
 	default:
-		return vm, api.Errorf(api.CodeConflict, "VM %q is %s: try again when it has stopped", vm.Name, vm.State)
+		return run, api.Errorf(api.CodeConflict, "VM %q is %s: try again when it has stopped", vm.Name, vm.State)
 	}
 	if !vm.Runtime.Empty() {
 		// Leftovers of a crash that reconcile could not clear: clean first.
 		if _, err := d.releaseRuntime(ctx, vm, false); err != nil {
-			return vm, fmt.Errorf("VM %q holds resources from an earlier run that cannot be released: %w", vm.Name, err)
+			return run, fmt.Errorf("VM %q holds resources from an earlier run that cannot be released: %w", vm.Name, err)
 		}
 	}
-	kernelPath, initrdPath, err := d.bootArtifacts(vm)
-	if err != nil {
-		return vm, err
+	if run.kernel, run.initrd, err = d.bootArtifacts(vm); err != nil {
+		return run, err
 	}
-	mon, err := d.monitor(vm.VMM)
-	if err != nil {
-		return vm, err
+	if run.mon, err = d.monitor(vm.VMM); err != nil {
+		return run, err
 	}
-	log := d.log.With("vm", vm.Name, "id", vm.ID)
-	start := time.Now()
+	if run.nc, err = d.netConfig(); err != nil {
+		return run, err
+	}
+	run.log = d.log.With("vm", vm.Name, "id", vm.ID)
 	rtDir := d.vmRuntimeDir(vm.ID)
-	vm, err = d.store.UpdateVM(vm.ID, func(v *model.VM) error {
+	err = run.record(d.store.UpdateVM(vm.ID, func(v *model.VM) error {
 		v.State, v.Reason, v.FirstBoot, v.FirstBootLog = model.VMStarting, "", "", nil
 		if sshKey != "" {
 			v.SSHKey = sshKey
 		}
 		v.Runtime = model.Runtime{Phase: "runtime-dir", RuntimeDir: rtDir, ConsoleLog: d.consoleLog(v.ID)}
 		return nil
-	})
+	}))
 	if err != nil {
-		return vm, err
+		return run, err
 	}
 	failpoint("start:starting")
-	fail := func(cause error) (model.VM, error) {
-		log.Warn("start failed; releasing what it made", "err", cause)
-		cleanCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
-		defer cancel()
-		cur, _ := d.store.GetVM(vm.ID)
-		removed, rerr := d.releaseRuntime(cleanCtx, cur, false)
-		reason := "start failed: " + cause.Error()
-		if rerr != nil {
-			reason += "; cleanup: " + rerr.Error()
+	for _, dir := range []string{rtDir, d.vmDir(vm.ID)} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return d.failedBegin(ctx, run, err)
 		}
-		out, _ := d.setState(vm.ID, model.VMError, reason, func(v *model.VM) {
-			v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
-			if rerr == nil {
-				v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
-			}
-		})
-		d.releaseNetworkIfIdle(cleanCtx)
-		if ctx.Err() != nil {
-			return out, api.Errorf(api.CodeCanceled, "start of VM %q canceled; everything it made was released", vm.Name)
-		}
-		return out, fmt.Errorf("start VM %q: %w", vm.Name, cause)
 	}
-	if err := os.MkdirAll(rtDir, 0o700); err != nil {
-		return fail(err)
+	if err := d.writeHandles(run.vm); err != nil {
+		return d.failedBegin(ctx, run, err)
 	}
-	if err := os.MkdirAll(d.vmDir(vm.ID), 0o700); err != nil {
-		return fail(err)
-	}
-	if err := d.writeHandles(vm); err != nil {
-		return fail(err)
-	}
+	return run, nil
+}
 
-	// Network: bridge + NAT, then the tap (intent first).
-	report.Report(progress.Event{Phase: "network", Item: vm.Name})
-	nc, err := d.ensureNetwork(ctx)
+// failedBegin undoes a beginStart that marked the VM starting.
+func (d *Daemon) failedBegin(ctx context.Context, run *startRun, cause error) (*startRun, error) {
+	var err error
+	run.vm, err = d.failStart(ctx, run, cause)
+	return run, err
+}
+
+// failStart releases what a start made and moves the VM to error with the
+// cause.
+func (d *Daemon) failStart(ctx context.Context, run *startRun, cause error) (model.VM, error) {
+	vm := run.vm
+	d.log.Warn("start failed; releasing what it made", "vm", vm.Name, "id", vm.ID, "err", cause)
+	cur, err := d.store.GetVM(vm.ID)
 	if err != nil {
-		return fail(err)
+		cur = vm
 	}
-	tapName := netctl.TapName(vm.ID)
-	if _, err := d.setRuntime(vm.ID, func(rt *model.Runtime) {
-		rt.Phase, rt.Tap, rt.TapAlias = "tap:creating", tapName, netctl.TapAlias(vm.ID)
-	}); err != nil {
-		return fail(err)
+	reason := "start failed: " + cause.Error()
+	out, _ := d.releaseAndMark(ctx, cur, mark{state: model.VMError, reason: reason, failed: func(err error) string {
+		return reason + "; cleanup: " + err.Error()
+	}})
+	if out.ID == "" {
+		out = cur
 	}
-	failpoint("start:tap-intent")
-	if _, err := netctl.CreateTap(ctx, nc, vm.ID); err != nil {
-		return fail(fmt.Errorf("create tap %s: %w", tapName, err))
+	if ctx.Err() != nil {
+		return out, api.Errorf(api.CodeCanceled, "start of VM %q canceled; everything it made was released", vm.Name)
 	}
-	failpoint("start:tap")
+	return out, fmt.Errorf("start VM %q: %w", vm.Name, cause)
+}
 
-	// Disk: reuse the VM's disk, activating it (dm-snapshot) as needed.
+// prepareDisk activates the VM's disk (made at create; dm-snapshot devices
+// come up again), recording it before and after.
+func (d *Daemon) prepareDisk(ctx context.Context, run *startRun, report progress.Func) error {
+	vm := run.vm
 	report.Report(progress.Event{Phase: "disk", Item: vm.DiskDriver})
 	img, err := d.store.GetImage(vm.ImageID)
 	if err != nil {
-		return fail(err)
+		return err
 	}
 	disk, err := d.disks().Prepare(ctx, blockdev.PrepareOptions{
 		VMID: vm.ID, BaseImage: img.RootFS, VMDir: d.vmDir(vm.ID), SizeBytes: vm.DiskBytes, Driver: vm.DiskDriver,
@@ -377,59 +430,99 @@ func (d *Daemon) startVM(ctx context.Context, idOrName string, sshKey string, wa
 		},
 	})
 	if err != nil {
-		return fail(fmt.Errorf("prepare disk: %w", err))
+		return fmt.Errorf("prepare disk: %w", err)
 	}
-	if vm, err = d.setRuntime(vm.ID, func(rt *model.Runtime) { setDisk(rt, disk, "vmm:starting") }); err != nil {
-		return fail(err)
+	if err := run.record(d.setRuntime(vm.ID, func(rt *model.Runtime) { setDisk(rt, disk, "disk:ready") })); err != nil {
+		return err
 	}
+	run.disk = disk
 	failpoint("start:disk")
+	return nil
+}
 
-	// The VM monitor.
+// attachNetwork makes sure the bridge and NAT exist, then creates the VM's
+// tap (recorded first).
+func (d *Daemon) attachNetwork(ctx context.Context, run *startRun, report progress.Func) error {
+	vm := run.vm
+	report.Report(progress.Event{Phase: "network", Item: vm.Name})
+	if err := d.ensureNetwork(ctx, run.nc); err != nil {
+		return err
+	}
+	tapName := netctl.TapName(vm.ID)
+	if err := run.record(d.setRuntime(vm.ID, func(rt *model.Runtime) {
+		rt.Phase, rt.Tap, rt.TapAlias = "tap:creating", tapName, netctl.TapAlias(vm.ID)
+	})); err != nil {
+		return err
+	}
+	failpoint("start:tap-intent")
+	if _, err := netctl.CreateTap(ctx, run.nc, vm.ID); err != nil {
+		return fmt.Errorf("create tap %s: %w", tapName, err)
+	}
+	if err := run.record(d.setRuntime(vm.ID, func(rt *model.Runtime) { rt.Phase = "vmm:starting" })); err != nil {
+		return err
+	}
+	failpoint("start:tap")
+	return nil
+}
+
+// launchMonitor starts the VM monitor and confirms it in the record. A
+// monitor whose handle cannot be recorded is stopped before the error is
+// returned: nothing would watch it.
+func (d *Daemon) launchMonitor(ctx context.Context, run *startRun, report progress.Func) error {
+	vm := run.vm
 	report.Report(progress.Event{Phase: "vmm", Item: vm.VMM})
+	rtDir := d.vmRuntimeDir(vm.ID)
 	spec := vmm.Spec{
 		VMID: vm.ID, Name: vm.Name, CPUs: vm.CPUs, MemoryMiB: vm.MemoryMiB,
-		Kernel: kernelPath, Initrd: initrdPath, Cmdline: d.cmdline(vm, nc),
-		Disk: disk.Path, Tap: tapName, MAC: vm.MAC, RuntimeDir: rtDir,
+		Kernel: run.kernel, Initrd: run.initrd, Cmdline: d.cmdline(vm, run.nc),
+		Disk: run.disk.Path, Tap: vm.Runtime.Tap, MAC: vm.MAC, RuntimeDir: rtDir,
 		ConsoleLog: d.consoleLog(vm.ID), AgentSocket: filepath.Join(rtDir, "agent.sock"),
 		VsockCID: vm.Runtime.VsockCID,
 	}
 	if spec.VsockCID == 0 {
 		spec.VsockCID = vsockCID(vm.IP)
 	}
-	h, err := mon.Start(ctx, spec)
+	h, err := run.mon.Start(ctx, spec)
 	if err != nil {
-		return fail(fmt.Errorf("start %s: %w", vm.VMM, err))
+		return fmt.Errorf("start %s: %w", vm.VMM, err)
 	}
 	failpoint("start:vmm")
-	vm, err = d.setRuntime(vm.ID, func(rt *model.Runtime) {
+	// Confirm the monitor in one update: its handle, the start time and
+	// the command line. Until it is stored nothing watches the monitor, so
+	// a failure here stops it before the rest is released.
+	if err := run.record(d.confirmMonitor(vm.ID, h, spec)); err != nil {
+		_, _ = run.mon.Stop(context.WithoutCancel(ctx), h, 0)
+		return fmt.Errorf("record the VM monitor: %w", err)
+	}
+	failpoint("start:recorded")
+	run.log.Info("VM monitor started", "vmm", vm.VMM, "pid", h.PID, "disk", run.disk.Driver, "tap", vm.Runtime.Tap, "ip", vm.IP,
+		"start_overhead", time.Since(run.began).Round(time.Millisecond))
+	report.Report(progress.Event{Phase: "vmm", Item: vm.VMM, Done: true, Message: fmt.Sprintf("pid %d", h.PID)})
+	return nil
+}
+
+// confirmMonitor records a started monitor on the VM: its handle in
+// VM.Runtime (and handles.json), the start time and the kernel command
+// line, in one store update.
+func (d *Daemon) confirmMonitor(id string, h vmm.Handle, spec vmm.Spec) (model.VM, error) {
+	if err := injected("start:confirm"); err != nil {
+		return model.VM{}, err
+	}
+	vm, err := d.store.UpdateVM(id, func(v *model.VM) error {
+		rt := &v.Runtime
 		rt.Phase = "running"
 		rt.PID, rt.PIDStart, rt.BootID, rt.Cmdline = h.PID, h.PIDStart, h.BootID, h.Cmdline
 		rt.APISocket, rt.AgentSocket, rt.AgentTransport, rt.VsockCID = h.APISocket, h.AgentSocket, h.AgentTransport, spec.VsockCID
-	})
-	if err != nil {
-		// The monitor runs but its handle is not recorded: stop it now.
-		_, _ = mon.Stop(context.WithoutCancel(ctx), h, 0)
-		return fail(err)
-	}
-	failpoint("start:recorded")
-	vm, err = d.store.UpdateVM(vm.ID, func(v *model.VM) error {
 		v.StartedAt, v.KernelCmdline = time.Now().UTC(), spec.Cmdline
 		return nil
 	})
 	if err != nil {
 		return vm, err
 	}
-	log.Info("VM monitor started", "vmm", vm.VMM, "pid", h.PID, "disk", disk.Driver, "tap", tapName, "ip", vm.IP,
-		"start_overhead", time.Since(start).Round(time.Millisecond))
-	report.Report(progress.Event{Phase: "vmm", Item: vm.VMM, Done: true, Message: fmt.Sprintf("pid %d", h.PID)})
-
-	l := d.watch(vm)
-	mu.Unlock()
-	locked = false
-	if !wait {
-		return vm, nil
+	if err := d.writeHandles(vm); err != nil {
+		return vm, fmt.Errorf("write handles.json: %w", err)
 	}
-	return d.waitReady(ctx, vm, l, report)
+	return vm, nil
 }
 
 func setDisk(rt *model.Runtime, dk blockdev.Disk, phase string) {
@@ -500,26 +593,16 @@ func (d *Daemon) watchMonitor(ctx context.Context, vm model.VM, l *live) {
 			return
 		}
 		d.log.Info("VM monitor exited on its own; releasing the VM's resources", "vm", cur.Name, "pid", h.PID)
-		cctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		removed, rerr := d.releaseRuntime(cctx, cur, false)
-		cancel()
-		st, reason := model.VMStopped, ""
+		m := mark{state: model.VMStopped, failed: func(err error) string {
+			return "the VM monitor exited and cleanup failed: " + err.Error()
+		}}
 		if cur.State == model.VMStarting {
-			st, reason = model.VMError, "the VM monitor exited while the guest was booting: see banger vm logs "+cur.Name
+			m.state, m.reason = model.VMError, "the VM monitor exited while the guest was booting: see banger vm logs "+cur.Name
 		}
-		if rerr != nil {
-			st, reason = model.VMError, "the VM monitor exited and cleanup failed: "+rerr.Error()
-		}
-		_, _ = d.setState(vm.ID, st, reason, func(v *model.VM) {
-			v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
-			if rerr == nil {
-				v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
-			}
-		})
+		_, _ = d.releaseAndMark(d.bgCtx, cur, m)
 		d.lives.take(vm.ID)
 		l.cancel()
 		mu.Unlock()
-		d.releaseNetworkIfIdle(context.Background())
 		return
 	}
 }
@@ -567,19 +650,12 @@ func (d *Daemon) bootWait(ctx context.Context, vm model.VM) error {
 		l.stopping = true
 		l.cancel()
 	}
-	cctx, ccancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer ccancel()
-	removed, rerr := d.releaseRuntime(cctx, cur, false)
-	if rerr != nil {
-		reason += "; cleanup: " + rerr.Error()
+	out, _ := d.releaseAndMark(d.bgCtx, cur, mark{state: model.VMError, reason: reason, failed: func(err error) string {
+		return reason + "; cleanup: " + err.Error()
+	}})
+	if out.Reason != "" {
+		reason = out.Reason
 	}
-	_, _ = d.setState(vm.ID, model.VMError, reason, func(v *model.VM) {
-		v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
-		if rerr == nil {
-			v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
-		}
-	})
-	go d.releaseNetworkIfIdle(d.bgCtx)
 	return errors.New(reason)
 }
 
@@ -735,24 +811,65 @@ func (d *Daemon) stopVM(ctx context.Context, idOrName string, report progress.Fu
 	}
 	failpoint("stop:stopping")
 	report.Report(progress.Event{Phase: "stop", Item: vm.Name})
-	removed, rerr := d.releaseRuntime(ctx, vm, false)
-	if rerr != nil {
-		out, _ := d.setState(vm.ID, model.VMError, "stop: "+rerr.Error(), nil)
-		return out, fmt.Errorf("stop VM %q: %w", vm.Name, rerr)
-	}
-	failpoint("stop:released")
-	reason := ""
+	m := mark{state: model.VMStopped, failpoint: "stop:released", failed: func(err error) string { return "stop: " + err.Error() }}
 	if prev == model.VMError {
-		reason = vm.Reason
+		m.reason = vm.Reason
 	}
-	st := model.VMStopped
-	out, err := d.setState(vm.ID, st, reason, func(v *model.VM) {
-		v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
-		v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
-	})
-	d.releaseNetworkIfIdle(ctx)
+	out, err := d.releaseAndMark(ctx, vm, m)
+	if err != nil {
+		return out, fmt.Errorf("stop VM %q: %w", vm.Name, err)
+	}
 	report.Report(progress.Event{Phase: "stop", Item: vm.Name, Done: true})
-	d.log.Info("VM stopped", "vm", vm.Name, "released", strings.Join(removed, ", "))
+	d.log.Info("VM stopped", "vm", vm.Name, "released", strings.Join(out.Recovery.Removed, ", "))
+	return out, nil
+}
+
+// cleanupTimeout bounds releasing a VM's resources.
+const cleanupTimeout = 2 * time.Minute
+
+// mark is what releaseAndMark records once the release is done: state and
+// reason when everything was released, VMError with failed(err) when not.
+type mark struct {
+	state  model.VMState
+	reason string
+	failed func(err error) string
+	// also are resources released before the call (stray monitors), named
+	// in Recovery.Removed with the rest.
+	also []string
+	// failpoint is reached between the release and the record.
+	failpoint string
+}
+
+// releaseAndMark releases what vm.Runtime holds and records the outcome:
+// the state of m, the runtime cleared, and what was removed in Recovery.
+// When the release fails the VM goes to error with m.failed's reason and
+// keeps its runtime, so the next start or start-up retries from it; the
+// error is returned. It runs on its own cleanup context (ctx's values, not
+// its cancellation, bounded by cleanupTimeout), so that a canceled request
+// or a daemon shutting down never leaves a release half done; it then
+// releases the network when no VM runs any more.
+func (d *Daemon) releaseAndMark(ctx context.Context, vm model.VM, m mark) (model.VM, error) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	removed, rerr := d.releaseRuntime(cctx, vm, false)
+	removed = append(m.also, removed...)
+	if m.failpoint != "" && rerr == nil {
+		failpoint(m.failpoint)
+	}
+	st, reason := m.state, m.reason
+	if rerr != nil {
+		st, reason = model.VMError, m.failed(rerr)
+	}
+	out, err := d.setState(vm.ID, st, reason, func(v *model.VM) {
+		v.Recovery.CleanedAt, v.Recovery.Removed = time.Now().UTC(), removed
+		if rerr == nil {
+			v.Runtime = model.Runtime{ConsoleLog: v.Runtime.ConsoleLog}
+		}
+	})
+	d.releaseNetworkIfIdle(cctx)
+	if rerr != nil {
+		return out, rerr
+	}
 	return out, err
 }
 

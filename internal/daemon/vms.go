@@ -20,18 +20,6 @@ import (
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
-func init() {
-	extraRoutes = append(extraRoutes, func(d *Daemon, m *http.ServeMux) {
-		p := api.Prefix
-		m.HandleFunc("POST "+p+"/vms", d.handleVMCreate)
-		m.HandleFunc("POST "+p+"/vms/{name}/start", d.handleVMStart)
-		m.HandleFunc("POST "+p+"/vms/{name}/stop", d.handleVMStop)
-		m.HandleFunc("POST "+p+"/vms/{name}/restart", d.handleVMRestart)
-		m.HandleFunc("DELETE "+p+"/vms/{name}", d.handleVMDelete)
-		m.HandleFunc("GET "+p+"/vms/{name}/logs", d.handleVMLogs)
-	})
-}
-
 // Defaults of a new VM.
 const (
 	defaultCPUs      = 2
