@@ -58,9 +58,7 @@ func TestStartConfirmFailureLeavesNoMonitor(t *testing.T) {
 		t.Error("a failed start returned a supervisor")
 	}
 	if procs := d.monitorProcs()[id]; len(procs) != 0 {
-		for _, h := range procs {
-			r.mons = append(r.mons, h)
-		}
+		r.mons = append(r.mons, procs...)
 		t.Fatalf("a monitor of the failed start still runs: %+v", procs)
 	}
 	if got := d.lives.take(id); got != nil {
