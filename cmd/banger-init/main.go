@@ -33,15 +33,15 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/guestabi"
 )
 
-// modulesList is initramfs.ModulesListPath, rooted.
-const modulesList = "/etc/banger/modules"
+const modulesList = guestabi.ModulesList
 
 const newRoot = "/newroot"
 
@@ -169,76 +169,30 @@ func mountEarly() error {
 	return nil
 }
 
-// parseCmdline reads the parameters banger-init honours. Values may be
-// double-quoted; words after "--" go to the real init.
+// parseCmdline reads the parameters banger-init honours (guestabi.Parse),
+// with the initramfs defaults: root /dev/vda, ext4, read-only unless rw,
+// init /sbin/init, a 10 s root wait.
 func parseCmdline(s string) (config, error) {
-	cfg := config{root: "/dev/vda", fstype: "ext4", flags: unix.MS_RDONLY, init: "/sbin/init", rootwait: 10 * time.Second}
-	words := splitCmdline(s)
-	for i, w := range words {
-		if w == "--" {
-			cfg.initArgs = words[i+1:]
-			break
-		}
-		key, val, _ := strings.Cut(w, "=")
-		switch key {
-		case "root":
-			cfg.root = val
-		case "rootfstype":
-			cfg.fstype = val
-		case "rootflags":
-			cfg.data = val
-		case "ro":
-			cfg.flags |= unix.MS_RDONLY
-		case "rw":
-			cfg.flags &^= unix.MS_RDONLY
-		case "init":
-			cfg.init = val
-		case "banger.rootwait":
-			secs, err := strconv.ParseFloat(val, 64)
-			if err != nil || secs < 0 || secs > 3600 {
-				return cfg, fmt.Errorf("banger.rootwait=%q: want seconds between 0 and 3600", val)
-			}
-			cfg.rootwait = time.Duration(secs * float64(time.Second))
-		case "banger.debug":
-			cfg.debugMode = true
-		}
+	c, err := guestabi.Parse(s)
+	if err != nil {
+		return config{}, err
 	}
-	if !strings.HasPrefix(cfg.root, "/dev/") || strings.Contains(cfg.root, "..") {
-		return cfg, fmt.Errorf("root=%q: only /dev/<name> device paths are supported (no udev for UUID= or LABEL=)", cfg.root)
+	cfg := config{
+		root:      c.RootDevice(),
+		fstype:    c.FSType(),
+		data:      c.RootFlags,
+		init:      c.Init,
+		rootwait:  c.RootWaitOrDefault(),
+		initArgs:  c.InitArgs,
+		debugMode: c.Debug,
 	}
-	if !strings.HasPrefix(cfg.init, "/") {
-		return cfg, fmt.Errorf("init=%q: must be an absolute path", cfg.init)
+	if !c.ReadWrite {
+		cfg.flags |= unix.MS_RDONLY
 	}
-	if cfg.fstype == "" {
-		return cfg, errors.New("rootfstype= is empty")
+	if cfg.init == "" {
+		cfg.init = guestabi.DefaultImageInit
 	}
 	return cfg, nil
-}
-
-func splitCmdline(s string) []string {
-	var words []string
-	var cur strings.Builder
-	inQuote, have := false, false
-	for _, r := range s {
-		switch {
-		case r == '"':
-			inQuote = !inQuote
-			have = true
-		case (r == ' ' || r == '\n' || r == '\t') && !inQuote:
-			if have {
-				words = append(words, cur.String())
-				cur.Reset()
-				have = false
-			}
-		default:
-			cur.WriteRune(r)
-			have = true
-		}
-	}
-	if have {
-		words = append(words, cur.String())
-	}
-	return words
 }
 
 // loadModules loads every module named in the list file, in order.

@@ -74,8 +74,7 @@ func (s *Server) firstBootState() FirstBootState {
 	b, err := readLimited(s.path(FirstBootStatusFile), 64)
 	switch {
 	case err == nil:
-		switch st := FirstBootState(strings.TrimSpace(string(b))); st {
-		case FirstBootPending, FirstBootRunning, FirstBootDone, FirstBootFailed:
+		if st := FirstBootState(strings.TrimSpace(string(b))); st.Valid() {
 			return st
 		}
 		return FirstBootUnknown

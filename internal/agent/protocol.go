@@ -47,6 +47,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/bangerdev/banger/internal/guestabi"
 )
 
 // ProtocolVersion is the version of the wire protocol this package speaks.
@@ -54,11 +56,11 @@ import (
 const ProtocolVersion = 1
 
 // DefaultPort is the AF_VSOCK port the agent listens on.
-const DefaultPort uint32 = 1024
+const DefaultPort = guestabi.AgentVsockPort
 
 // SerialPortName is the name of the virtio-serial port the agent serves on
 // (QEMU: -device virtserialport,name=org.banger.agent).
-const SerialPortName = "org.banger.agent"
+const SerialPortName = guestabi.AgentSerialPort
 
 // MaxFrameSize is the largest payload either end accepts, in bytes.
 const MaxFrameSize = 64 << 10
@@ -169,28 +171,28 @@ type Health struct {
 	Hostname string `json:"hostname"`
 }
 
-// FirstBootState is the progress of the guest's first-boot service.
-type FirstBootState string
+// FirstBootState is the progress of the guest's first-boot service
+// (guestabi.FirstBootState).
+type FirstBootState = guestabi.FirstBootState
 
-// First-boot states. The first-boot service writes one of pending, running,
-// done or failed to FirstBootStatusFile; the agent falls back to
-// FirstBootMarkerFile when that file is absent (marker present: pending;
-// absent: done) and reports unknown for any other content.
+// First-boot states, see guestabi.
 const (
-	FirstBootPending FirstBootState = "pending"
-	FirstBootRunning FirstBootState = "running"
-	FirstBootDone    FirstBootState = "done"
-	FirstBootFailed  FirstBootState = "failed"
-	FirstBootUnknown FirstBootState = "unknown"
+	FirstBootPending = guestabi.FirstBootPending
+	FirstBootRunning = guestabi.FirstBootRunning
+	FirstBootDone    = guestabi.FirstBootDone
+	FirstBootFailed  = guestabi.FirstBootFailed
+	FirstBootSkipped = guestabi.FirstBootSkipped
+	FirstBootUnknown = guestabi.FirstBootUnknown
 )
 
-// Guest paths the agent reads and writes, relative to the guest root.
+// Guest paths the agent reads and writes (absolute guest paths, joined
+// under Server.Root), see guestabi.
 const (
-	FirstBootStatusFile = "var/lib/banger/first-boot-status"
-	FirstBootMarkerFile = "var/lib/banger/first-boot-pending"
-	FirstBootLogFile    = "var/log/banger-first-boot.log"
-	HostKeyFile         = "etc/ssh/ssh_host_ed25519_key.pub"
-	AuthorizedKeysFile  = "root/.ssh/authorized_keys"
+	FirstBootStatusFile = guestabi.FirstBootStatus
+	FirstBootMarkerFile = guestabi.FirstBootMarker
+	FirstBootLogFile    = guestabi.FirstBootLog
+	HostKeyFile         = guestabi.HostKey
+	AuthorizedKeysFile  = guestabi.AuthorizedKeys
 )
 
 // FirstBootLogLines is how many trailing lines of the first-boot log Status

@@ -10,6 +10,8 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
+
+	"github.com/bangerdev/banger/internal/guestabi"
 )
 
 // assetFS holds the guest-side scripts and units, see assets/.
@@ -17,20 +19,20 @@ import (
 //go:embed assets
 var assetFS embed.FS
 
-// Where InjectGuestAgents puts things in the guest. The agent reads the
-// first-boot files to report the first-boot status.
+// Where InjectGuestAgents puts things in the guest. The guest paths
+// banger's guest program also uses come from guestabi.
 const (
-	GuestAgentPath        = "/usr/local/bin/banger-vsock-agent"
-	GuestLibDir           = "/usr/local/lib/banger"
+	GuestAgentPath        = guestabi.AgentPath
+	GuestLibDir           = guestabi.LibDir
 	GuestNetworkScript    = GuestLibDir + "/banger-network.sh"
-	GuestFirstBootScript  = GuestLibDir + "/first-boot.sh"
+	GuestFirstBootScript  = guestabi.FirstBootScript
 	GuestUnitDir          = "/etc/systemd/system"
 	GuestWantsDir         = GuestUnitDir + "/multi-user.target.wants"
 	GuestModulesLoadFile  = "/etc/modules-load.d/banger-vsock.conf"
-	GuestStateDir         = "/var/lib/banger"
-	GuestFirstBootPending = GuestStateDir + "/first-boot-pending" // present until first boot succeeds
-	GuestFirstBootStatus  = GuestStateDir + "/first-boot-status"  // pending, running, done or failed
-	GuestFirstBootLog     = "/var/log/banger-first-boot.log"
+	GuestStateDir         = guestabi.StateDir
+	GuestFirstBootPending = guestabi.FirstBootMarker // present until first boot succeeds
+	GuestFirstBootStatus  = guestabi.FirstBootStatus // a guestabi.FirstBootState
+	GuestFirstBootLog     = guestabi.FirstBootLog
 )
 
 // GuestUnits are the systemd units InjectGuestAgents installs and enables.
@@ -67,7 +69,7 @@ func guestFiles(a GuestAssets) []injectFile {
 		{guest: GuestFirstBootScript, mode: 0o100755, asset: "first-boot.sh"},
 		{guest: GuestModulesLoadFile, mode: 0o100644, asset: "banger-vsock.conf"},
 		{guest: GuestFirstBootPending, mode: 0o100644},
-		{guest: GuestFirstBootStatus, mode: 0o100644, data: "pending\n"},
+		{guest: GuestFirstBootStatus, mode: 0o100644, data: string(guestabi.FirstBootPending) + "\n"},
 	}
 	for _, u := range GuestUnits {
 		files = append(files, injectFile{guest: GuestUnitDir + "/" + u, mode: 0o100644, asset: u})

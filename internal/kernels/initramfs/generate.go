@@ -32,13 +32,15 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/bangerdev/banger/internal/guestabi"
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
 )
 
-// ModulesListPath is where the load-order list lives in the archive.
+// ModulesListPath is where the load-order list lives in the archive
+// (guestabi.ModulesList, relative).
 // cmd/banger-init reads the same path.
-const ModulesListPath = "etc/banger/modules"
+var ModulesListPath = strings.TrimPrefix(guestabi.ModulesList, "/")
 
 // Compression names.
 const (
