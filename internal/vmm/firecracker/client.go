@@ -146,6 +146,75 @@ func (c *Client) DescribeInstance(ctx context.Context) (InstanceInfo, error) {
 	return info, err
 }
 
+// VMState is a Vm.state: the running state of a booted microVM.
+type VMState string
+
+// The states PATCH /vm sets.
+const (
+	VMPaused  VMState = "Paused"
+	VMResumed VMState = "Resumed"
+)
+
+// PatchVM sends PATCH /vm, pausing or resuming a booted microVM.
+func (c *Client) PatchVM(ctx context.Context, state VMState) error {
+	return c.do(ctx, http.MethodPatch, "/vm", struct {
+		State VMState `json:"state"`
+	}{state}, nil)
+}
+
+// SnapshotCreate is the SnapshotCreateParams definition.
+type SnapshotCreate struct {
+	MemFilePath  string `json:"mem_file_path"`
+	SnapshotPath string `json:"snapshot_path"`
+	SnapshotType string `json:"snapshot_type,omitempty"` // "Full" (default) or "Diff"
+}
+
+// CreateSnapshot sends PUT /snapshot/create (the microVM must be paused).
+func (c *Client) CreateSnapshot(ctx context.Context, p SnapshotCreate) error {
+	return c.do(ctx, http.MethodPut, "/snapshot/create", p, nil)
+}
+
+// MemoryBackend is the MemoryBackend definition.
+type MemoryBackend struct {
+	BackendType string `json:"backend_type"` // "File" or "Uffd"
+	BackendPath string `json:"backend_path"`
+}
+
+// NetworkOverride is the NetworkOverride definition: the tap a restored
+// interface uses instead of the one recorded in the snapshot.
+type NetworkOverride struct {
+	IfaceID     string `json:"iface_id"`
+	HostDevName string `json:"host_dev_name"`
+}
+
+// VsockOverride is the VsockOverride definition.
+type VsockOverride struct {
+	UDSPath string `json:"uds_path"`
+}
+
+// SnapshotLoad is the SnapshotLoadParams definition (the fields banger sets).
+type SnapshotLoad struct {
+	SnapshotPath     string            `json:"snapshot_path"`
+	MemBackend       *MemoryBackend    `json:"mem_backend,omitempty"`
+	ResumeVM         bool              `json:"resume_vm"`
+	NetworkOverrides []NetworkOverride `json:"network_overrides,omitempty"`
+	VsockOverride    *VsockOverride    `json:"vsock_override,omitempty"`
+}
+
+// LoadSnapshot sends PUT /snapshot/load (on a fresh, unconfigured process).
+func (c *Client) LoadSnapshot(ctx context.Context, p SnapshotLoad) error {
+	return c.do(ctx, http.MethodPut, "/snapshot/load", p, nil)
+}
+
+// Version sends GET /version and returns firecracker_version.
+func (c *Client) Version(ctx context.Context) (string, error) {
+	var v struct {
+		FirecrackerVersion string `json:"firecracker_version"`
+	}
+	err := c.do(ctx, http.MethodGet, "/version", nil, &v)
+	return v.FirecrackerVersion, err
+}
+
 // checkID refuses ids that would change the request path. Firecracker's own
 // ids are alphanumeric plus '_' (and '-' is accepted here too).
 func checkID(what, id string) error {

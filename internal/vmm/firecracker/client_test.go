@@ -64,6 +64,8 @@ func (s *specServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case fault != "":
 		w.WriteHeader(http.StatusBadRequest)
 		_ = json.NewEncoder(w).Encode(map[string]string{"fault_message": fault})
+	case op.OperationID == "getFirecrackerVersion":
+		_ = json.NewEncoder(w).Encode(map[string]string{"firecracker_version": "1.17.0"})
 	case op.OperationID == "describeInstance":
 		_ = json.NewEncoder(w).Encode(InstanceInfo{AppName: "Firecracker", ID: "x", State: "Running", VMMVersion: "1.17.0"})
 	default:
@@ -123,6 +125,39 @@ func TestClientContract(t *testing.T) {
 		"Action": {
 			func(c *Client) error { return c.Action(ctx, ActionInstanceStart) },
 			func(c *Client) error { return c.Action(ctx, ActionSendCtrlAltDel) },
+		},
+		"PatchVM": {
+			func(c *Client) error { return c.PatchVM(ctx, VMPaused) },
+			func(c *Client) error { return c.PatchVM(ctx, VMResumed) },
+		},
+		"CreateSnapshot": {
+			func(c *Client) error {
+				return c.CreateSnapshot(ctx, SnapshotCreate{MemFilePath: "/s/mem", SnapshotPath: "/s/state"})
+			},
+			func(c *Client) error {
+				return c.CreateSnapshot(ctx, SnapshotCreate{MemFilePath: "/s/mem", SnapshotPath: "/s/state", SnapshotType: "Full"})
+			},
+		},
+		"LoadSnapshot": {
+			func(c *Client) error {
+				return c.LoadSnapshot(ctx, SnapshotLoad{SnapshotPath: "/s/state", MemBackend: &MemoryBackend{BackendType: "File", BackendPath: "/s/mem"}})
+			},
+			func(c *Client) error {
+				return c.LoadSnapshot(ctx, SnapshotLoad{
+					SnapshotPath: "/s/state", MemBackend: &MemoryBackend{BackendType: "File", BackendPath: "/s/mem"}, ResumeVM: true,
+					NetworkOverrides: []NetworkOverride{{IfaceID: "eth0", HostDevName: "bgr-tap9"}},
+					VsockOverride:    &VsockOverride{UDSPath: "/run/b/agent.sock"},
+				})
+			},
+		},
+		"Version": {
+			func(c *Client) error {
+				v, err := c.Version(ctx)
+				if err == nil && v != "1.17.0" {
+					return errors.New("Version = " + v)
+				}
+				return err
+			},
 		},
 		"DescribeInstance": {
 			func(c *Client) error {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -64,6 +65,7 @@ func TestConformanceFake(t *testing.T) {
 		Spec:         fakeSpec,
 		WantGraceful: true, // the fake honours SendCtrlAltDel
 		Graceful:     5 * time.Second,
+		Continued:    sameFakeBoot,
 	})
 }
 
@@ -144,5 +146,25 @@ func TestStartThroughExecWrapper(t *testing.T) {
 	}
 	if how, err := m.Stop(t.Context(), h, 5*time.Second); err != nil || how != vmm.StoppedGraceful {
 		t.Fatalf("Stop = %q, %v; want graceful", how, err)
+	}
+}
+
+// sameFakeBoot checks that the restored fake guest names the boot of the
+// saved one: its "memory" (the memory file) came from the snapshot.
+func sameFakeBoot(t *testing.T, saved, restored vmm.Spec) {
+	t.Helper()
+	id := func(log, prefix string) string {
+		b, _ := os.ReadFile(log) //nolint:gosec // test log
+		for _, line := range strings.Split(string(b), "\n") {
+			if rest, ok := strings.CutPrefix(line, prefix); ok {
+				id, _, _ := strings.Cut(rest, " ")
+				return id
+			}
+		}
+		return ""
+	}
+	boot, back := id(saved.ConsoleLog, fake.BootIDLine), id(restored.ConsoleLog, fake.RestoredLine)
+	if boot == "" || back != boot {
+		t.Errorf("restored guest names boot %q, the saved guest booted as %q", back, boot)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -51,31 +52,58 @@ func New() *Monitor {
 // Name implements vmm.Monitor.
 func (m *Monitor) Name() string { return Name }
 
+// DiskLinkName is the root drive's name inside Spec.RuntimeDir: a symlink
+// to Spec.Disk. Firecracker runs in the runtime dir and is given this
+// relative path, which is what its snapshots record, so a snapshot
+// restores in another runtime dir onto another disk (as under the jailer).
+const DiskLinkName = "rootfs.disk"
+
 // Start implements vmm.Monitor.
-func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (h vmm.Handle, err error) {
+func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, error) {
+	return m.launch(ctx, spec, "start", configure)
+}
+
+// launch starts the firecracker process for spec in its runtime dir and
+// calls setup with a client for its API and the validated spec once the
+// socket answers.
+func (m *Monitor) launch(ctx context.Context, spec vmm.Spec, verb string, setup func(ctx context.Context, c *Client, spec vmm.Spec) error) (h vmm.Handle, err error) {
 	if err := spec.Validate(); err != nil {
 		return vmm.Handle{}, err
 	}
+	fail := func(format string, a ...any) error {
+		return fmt.Errorf("%s firecracker for VM %q: %w", verb, spec.Name, fmt.Errorf(format, a...))
+	}
 	bin, err := exec.LookPath(m.Binary)
 	if err != nil {
-		return vmm.Handle{}, fmt.Errorf("start firecracker for VM %q: %w (is firecracker installed?)", spec.Name, err)
+		return vmm.Handle{}, fail("%w (is firecracker installed?)", err)
 	}
 	if err := os.MkdirAll(spec.RuntimeDir, 0o700); err != nil {
-		return vmm.Handle{}, fmt.Errorf("start firecracker for VM %q: create runtime dir: %w", spec.Name, err)
+		return vmm.Handle{}, fail("create runtime dir: %w", err)
 	}
 	apiSock := filepath.Join(spec.RuntimeDir, APISocketName)
 	// Stale sockets from a crashed run make Firecracker fail with "address
 	// in use"; they are ours (inside this VM's runtime dir), so remove them.
 	for _, s := range []string{apiSock, spec.AgentSocket} {
 		if err := vmm.RemoveSocket(s); err != nil {
-			return vmm.Handle{}, fmt.Errorf("start firecracker for VM %q: %w", spec.Name, err)
+			return vmm.Handle{}, fail("%w", err)
+		}
+	}
+	link := filepath.Join(spec.RuntimeDir, DiskLinkName)
+	if spec.Disk != "" {
+		if err := os.Remove(link); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return vmm.Handle{}, fail("replace disk link: %w", err)
+		}
+		if err := os.Symlink(spec.Disk, link); err != nil {
+			return vmm.Handle{}, fail("disk link: %w", err)
 		}
 	}
 
 	args := append(append([]string{}, m.Args...), "--api-sock", apiSock)
-	proc, err := vmm.StartDetached(exec.Command(bin, args...), spec.ConsoleLog) //nolint:gosec // binary is configuration, args are validated paths
+	cmd := exec.Command(bin, args...) //nolint:gosec // binary is configuration, args are validated paths
+	cmd.Dir = spec.RuntimeDir
+	proc, err := vmm.StartDetached(cmd, spec.ConsoleLog)
 	if err != nil {
-		return vmm.Handle{}, fmt.Errorf("start firecracker for VM %q: %w", spec.Name, err)
+		return vmm.Handle{}, fail("%w", err)
 	}
 	h = proc.Handle
 	h.APISocket = apiSock
@@ -84,24 +112,27 @@ func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (h vmm.Handle, err e
 	h.AgentCID = spec.VsockCID
 	defer func() {
 		if err != nil {
-			// Release what was made: the process and its sockets.
+			// Release what was made: the process, its sockets, the link.
 			proc.Kill()
 			_ = vmm.RemoveSocket(apiSock)
 			_ = vmm.RemoveSocket(spec.AgentSocket)
+			if spec.Disk != "" {
+				_ = os.Remove(link)
+			}
 		}
 	}()
 
 	sctx, cancel := context.WithTimeout(ctx, m.StartTimeout)
 	defer cancel()
 	if err := vmm.WaitForSocket(sctx, apiSock, proc.Exited); err != nil {
-		return h, fmt.Errorf("start firecracker for VM %q: API socket: %w", spec.Name, err)
+		return h, fail("API socket: %w", err)
 	}
 	if err := proc.Reidentify(); err != nil {
-		return h, fmt.Errorf("start firecracker for VM %q: %w", spec.Name, err)
+		return h, fail("%w", err)
 	}
 	h.Cmdline = proc.Handle.Cmdline
-	if err := configure(sctx, NewClient(apiSock), spec); err != nil {
-		return h, fmt.Errorf("start firecracker for VM %q: %w", spec.Name, err)
+	if err := setup(sctx, NewClient(apiSock), spec); err != nil {
+		return h, fail("%w", err)
 	}
 	return h, nil
 }
@@ -115,12 +146,12 @@ func configure(ctx context.Context, c *Client, spec vmm.Spec) error {
 		return err
 	}
 	if spec.Disk != "" {
-		if err := c.PutDrive(ctx, Drive{DriveID: "rootfs", PathOnHost: spec.Disk, IsRootDevice: true}); err != nil {
+		if err := c.PutDrive(ctx, Drive{DriveID: "rootfs", PathOnHost: DiskLinkName, IsRootDevice: true}); err != nil {
 			return err
 		}
 	}
 	if spec.Tap != "" {
-		if err := c.PutNetworkInterface(ctx, NetworkInterface{IfaceID: "eth0", HostDevName: spec.Tap, GuestMAC: spec.MAC}); err != nil {
+		if err := c.PutNetworkInterface(ctx, NetworkInterface{IfaceID: ifaceID, HostDevName: spec.Tap, GuestMAC: spec.MAC}); err != nil {
 			return err
 		}
 	}
@@ -129,6 +160,9 @@ func configure(ctx context.Context, c *Client, spec vmm.Spec) error {
 	}
 	return c.Action(ctx, ActionInstanceStart)
 }
+
+// ifaceID is the guest network interface's id in the API.
+const ifaceID = "eth0"
 
 // Stop implements vmm.Monitor: SendCtrlAltDel (the guest reboots, and
 // Firecracker exits on the CPU reset), then SIGTERM, then SIGKILL.

@@ -73,21 +73,41 @@ func (m *Monitor) hostCaps() vmm.Caps {
 }
 
 // Start implements vmm.Monitor.
-func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (h vmm.Handle, err error) {
+func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, error) {
+	return m.launch(ctx, spec, "start", func(ctx context.Context, q *QMP) error {
+		st, err := q.QueryStatus(ctx)
+		if err != nil {
+			return err
+		}
+		if !st.Running {
+			return fmt.Errorf("guest status is %q, want running", st.Status)
+		}
+		return nil
+	})
+}
+
+// launch starts QEMU for spec and calls ready once QMP answers; with a
+// non-nil incoming, QEMU waits for a migration stream (-incoming defer)
+// that ready feeds it. verb names the operation in errors.
+func (m *Monitor) launch(ctx context.Context, spec vmm.Spec, verb string, ready func(ctx context.Context, q *QMP) error, extra ...string) (h vmm.Handle, err error) {
 	if err := spec.Validate(); err != nil {
 		return vmm.Handle{}, err
 	}
+	fail := func(format string, a ...any) error {
+		return fmt.Errorf("%s qemu for VM %q: %w", verb, spec.Name, fmt.Errorf(format, a...))
+	}
 	bin, err := exec.LookPath(m.Binary)
 	if err != nil {
-		return vmm.Handle{}, fmt.Errorf("start qemu for VM %q: %w (apt-get install qemu-system-x86)", spec.Name, err)
+		return vmm.Handle{}, fail("%w (apt-get install qemu-system-x86)", err)
 	}
 	caps := m.hostCaps()
 	plan, err := buildArgs(spec, caps)
 	if err != nil {
-		return vmm.Handle{}, fmt.Errorf("start qemu for VM %q: %w", spec.Name, err)
+		return vmm.Handle{}, fail("%w", err)
 	}
+	plan.args = append(plan.args, extra...)
 	if err := os.MkdirAll(spec.RuntimeDir, 0o700); err != nil {
-		return vmm.Handle{}, fmt.Errorf("start qemu for VM %q: create runtime dir: %w", spec.Name, err)
+		return vmm.Handle{}, fail("create runtime dir: %w", err)
 	}
 	sockets := []string{plan.qmp}
 	if plan.transport == vmm.TransportVirtioSerial {
@@ -95,13 +115,13 @@ func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (h vmm.Handle, err e
 	}
 	for _, s := range sockets {
 		if err := vmm.RemoveSocket(s); err != nil {
-			return vmm.Handle{}, fmt.Errorf("start qemu for VM %q: stale socket: %w", spec.Name, err)
+			return vmm.Handle{}, fail("stale socket: %w", err)
 		}
 	}
 
 	proc, err := vmm.StartDetached(exec.Command(bin, plan.args...), spec.ConsoleLog) //nolint:gosec // binary is configuration; arguments are validated and escaped
 	if err != nil {
-		return vmm.Handle{}, fmt.Errorf("start qemu for VM %q: %w", spec.Name, err)
+		return vmm.Handle{}, fail("%w", err)
 	}
 	h = proc.Handle
 	h.APISocket = plan.qmp
@@ -122,7 +142,7 @@ func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (h vmm.Handle, err e
 		case <-time.After(200 * time.Millisecond):
 		}
 		if exited := proc.Exited(); exited != nil {
-			err = fmt.Errorf("start qemu for VM %q: %w (while: %w)", spec.Name, exited, err)
+			err = fmt.Errorf("%s qemu for VM %q: %w (while: %w)", verb, spec.Name, exited, err)
 		}
 		proc.Kill()
 		for _, s := range sockets {
@@ -134,23 +154,19 @@ func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (h vmm.Handle, err e
 	sctx, cancel := context.WithTimeout(ctx, m.StartTimeout)
 	defer cancel()
 	if err := vmm.WaitForSocket(sctx, plan.qmp, proc.Exited); err != nil {
-		return h, fmt.Errorf("start qemu for VM %q: QMP socket: %w", spec.Name, err)
+		return h, fail("QMP socket: %w", err)
 	}
 	if err := proc.Reidentify(); err != nil {
-		return h, fmt.Errorf("start qemu for VM %q: %w", spec.Name, err)
+		return h, fail("%w", err)
 	}
 	h.Cmdline = proc.Handle.Cmdline
 	q, err := DialQMP(sctx, plan.qmp)
 	if err != nil {
-		return h, fmt.Errorf("start qemu for VM %q: %w", spec.Name, err)
+		return h, fail("%w", err)
 	}
 	defer q.Close()
-	st, err := q.QueryStatus(sctx)
-	if err != nil {
-		return h, fmt.Errorf("start qemu for VM %q: %w", spec.Name, err)
-	}
-	if !st.Running {
-		return h, fmt.Errorf("start qemu for VM %q: guest status is %q, want running", spec.Name, st.Status)
+	if err := ready(sctx, q); err != nil {
+		return h, fail("%w", err)
 	}
 	return h, nil
 }

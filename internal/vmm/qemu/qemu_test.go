@@ -203,6 +203,7 @@ func TestConformanceQEMU(t *testing.T) {
 		Ready:        waitConsole(vmmtest.ReadyLine, 90*time.Second),
 		WantGraceful: true, // the test guest powers off on the ACPI button
 		Graceful:     20 * time.Second,
+		Continued:    vmmtest.TicksContinue,
 	})
 }
 

@@ -7,8 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // QMP is a minimal client for the QEMU Machine Protocol on a Unix socket:
@@ -27,6 +30,20 @@ type QMP struct {
 type Event struct {
 	Name string          `json:"event"`
 	Data json.RawMessage `json:"data"`
+	// Time is when QEMU emitted the event (its wall clock).
+	Time time.Time `json:"-"`
+}
+
+// eventTime decodes QMP's {"seconds": s, "microseconds": us} timestamp.
+func eventTime(raw json.RawMessage) time.Time {
+	var ts struct {
+		Seconds      int64 `json:"seconds"`
+		Microseconds int64 `json:"microseconds"`
+	}
+	if json.Unmarshal(raw, &ts) != nil || ts.Seconds <= 0 {
+		return time.Time{}
+	}
+	return time.Unix(ts.Seconds, ts.Microseconds*1000)
 }
 
 // QMPError is an error a command returned.
@@ -86,6 +103,17 @@ func (q *QMP) setDeadline(ctx context.Context) {
 // value into out (which may be nil). Events read while waiting are kept for
 // Events.
 func (q *QMP) Execute(ctx context.Context, cmd string, args, out any) error {
+	return q.execute(ctx, cmd, args, out, nil)
+}
+
+// ExecuteWithFile runs cmd while passing f's descriptor along with it
+// (SCM_RIGHTS), as getfd and add-fd expect. QEMU keeps its own copy; the
+// caller still owns f.
+func (q *QMP) ExecuteWithFile(ctx context.Context, cmd string, args, out any, f *os.File) error {
+	return q.execute(ctx, cmd, args, out, f)
+}
+
+func (q *QMP) execute(ctx context.Context, cmd string, args, out any, f *os.File) error {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.setDeadline(ctx)
@@ -99,7 +127,7 @@ func (q *QMP) Execute(ctx context.Context, cmd string, args, out any) error {
 	if err != nil {
 		return fmt.Errorf("qmp %s: encode: %w", cmd, err)
 	}
-	if _, err := q.conn.Write(append(b, '\n')); err != nil {
+	if err := q.write(append(b, '\n'), f); err != nil {
 		return fmt.Errorf("qmp %s: write: %w", cmd, err)
 	}
 	for {
@@ -108,11 +136,12 @@ func (q *QMP) Execute(ctx context.Context, cmd string, args, out any) error {
 			return fmt.Errorf("qmp %s: read: %w", cmd, err)
 		}
 		var msg struct {
-			Event  string          `json:"event"`
-			Data   json.RawMessage `json:"data"`
-			ID     *int            `json:"id"`
-			Return json.RawMessage `json:"return"`
-			Error  *struct {
+			Event     string          `json:"event"`
+			Data      json.RawMessage `json:"data"`
+			Timestamp json.RawMessage `json:"timestamp"`
+			ID        *int            `json:"id"`
+			Return    json.RawMessage `json:"return"`
+			Error     *struct {
 				Class string `json:"class"`
 				Desc  string `json:"desc"`
 			} `json:"error"`
@@ -122,7 +151,7 @@ func (q *QMP) Execute(ctx context.Context, cmd string, args, out any) error {
 		}
 		switch {
 		case msg.Event != "":
-			q.events = append(q.events, Event{Name: msg.Event, Data: msg.Data})
+			q.events = append(q.events, Event{Name: msg.Event, Data: msg.Data, Time: eventTime(msg.Timestamp)})
 			continue
 		case msg.ID == nil || *msg.ID != id:
 			continue // a reply to someone else's request; not ours
@@ -164,15 +193,35 @@ func (q *QMP) WaitEvent(ctx context.Context, name string) (Event, error) {
 		if err != nil {
 			return Event{}, fmt.Errorf("qmp wait for %s: %w", name, err)
 		}
-		var ev Event
+		var ev struct {
+			Event
+			Timestamp json.RawMessage `json:"timestamp"`
+		}
 		if json.Unmarshal(line, &ev) != nil || ev.Name == "" {
 			continue
 		}
+		ev.Time = eventTime(ev.Timestamp)
 		if ev.Name == name {
-			return ev, nil
+			return ev.Event, nil
 		}
-		q.events = append(q.events, ev)
+		q.events = append(q.events, ev.Event)
 	}
+}
+
+func (q *QMP) write(b []byte, f *os.File) error {
+	if f == nil {
+		_, err := q.conn.Write(b)
+		return err
+	}
+	uc, ok := q.conn.(*net.UnixConn)
+	if !ok {
+		return errors.New("passing a file needs a Unix socket")
+	}
+	n, _, err := uc.WriteMsgUnix(b, unix.UnixRights(int(f.Fd())), nil)
+	if err == nil && n < len(b) {
+		_, err = q.conn.Write(b[n:])
+	}
+	return err
 }
 
 // Status is the result of query-status.

@@ -6,15 +6,63 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/bangerdev/banger/internal/testutil"
+	"github.com/bangerdev/banger/internal/vmm"
 )
 
 // ReadyLine is what the test guest's /init prints on the console once it
 // watches the ACPI power button (so system_powerdown will be honoured).
 const ReadyLine = "banger-test-guest: ready"
+
+// TickPrefix starts the console lines of the test guest's counter, which
+// counts seconds in memory from boot: "banger-test-guest: tick 7".
+const TickPrefix = "banger-test-guest: tick "
+
+// Ticks returns the counter values on a console log, in order.
+func Ticks(consoleLog string) []int {
+	b, _ := os.ReadFile(consoleLog) //nolint:gosec // test log
+	var ticks []int
+	for _, line := range strings.Split(string(b), "\n") {
+		if i := strings.Index(line, TickPrefix); i >= 0 {
+			if n, err := strconv.Atoi(strings.TrimSpace(line[i+len(TickPrefix):])); err == nil {
+				ticks = append(ticks, n)
+			}
+		}
+	}
+	return ticks
+}
+
+// TicksContinue is a Config.Continued check for the test guest: the
+// restored guest's first tick comes after the last one the saved guest
+// printed, so its memory (the counter) came from the snapshot.
+func TicksContinue(t *testing.T, saved, restored vmm.Spec) {
+	t.Helper()
+	before := Ticks(saved.ConsoleLog)
+	if len(before) == 0 {
+		t.Fatalf("the saved guest printed no %q lines", TickPrefix)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		after := Ticks(restored.ConsoleLog)
+		if len(after) > 0 {
+			last := before[len(before)-1]
+			t.Logf("counter: saved guest printed up to %d, restored guest went on with %v", last, after)
+			if after[0] <= 1 || after[0] < before[0] {
+				t.Errorf("restored guest counts %v: it started over (saved guest reached %d)", after, last)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the restored guest printed no tick in 30 s:\n%s", tail(restored.ConsoleLog))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
 
 // DebianKernel returns the vmlinuz and the modules directory of the cached
 // Debian cloud kernel package, extracted once with dpkg-deb -x into the test
@@ -65,6 +113,9 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 insmod /lib/evdev.ko
 insmod /lib/button.ko
+# A counter in memory, for the snapshot tests: a restored guest goes on
+# counting from where the saved one was.
+( n=0; while :; do n=$((n + 1)); echo "` + TickPrefix + `$n"; sleep 1; done ) &
 dev=
 i=0
 while [ -z "$dev" ] && [ $i -lt 100 ]; do

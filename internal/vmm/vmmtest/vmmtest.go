@@ -41,6 +41,10 @@ type Config struct {
 	WantGraceful bool
 	// Graceful is the graceful-stop budget; 0 means 20 s.
 	Graceful time.Duration
+	// Continued, when set, checks that the guest restored from a snapshot
+	// carries on from the saved one (saved and restored are their specs):
+	// for example a counter on the console that goes on.
+	Continued func(t *testing.T, saved, restored vmm.Spec)
 }
 
 // Run runs the suite with newMonitor and specFor and default settings.
@@ -56,6 +60,7 @@ func RunConfig(t *testing.T, cfg Config) {
 	t.Run("Lifecycle", func(t *testing.T) { testLifecycle(t, cfg) })
 	t.Run("KilledExternally", func(t *testing.T) { testKilled(t, cfg) })
 	t.Run("FailedStartLeavesNothing", func(t *testing.T) { testFailedStart(t, cfg) })
+	t.Run("Snapshot", func(t *testing.T) { testSnapshot(t, cfg) })
 }
 
 func startVM(t *testing.T, cfg Config, m vmm.Monitor, spec vmm.Spec) vmm.Handle {

@@ -16,7 +16,11 @@
 //     agent handler (none: the connection is closed, as Firecracker does
 //     when no guest program listens on the port);
 //   - SendCtrlAltDel makes it exit 0 shortly after, as Firecracker does
-//     when the guest resets the CPU; SIGTERM makes it exit.
+//     when the guest resets the CPU; SIGTERM makes it exit;
+//   - snapshots (snapshot.go): PATCH /vm pauses and resumes a booted VM,
+//     PUT /snapshot/create writes real state and memory files of a paused
+//     VM, PUT /snapshot/load restores them into a fresh process, with the
+//     refusals Firecracker documents for each.
 //
 // The optional tap check (Options.CheckTap) verifies /sys/class/net/<tap>
 // at PUT /network-interfaces, where real Firecracker opens the tap.
@@ -39,6 +43,9 @@ import (
 
 	"github.com/bangerdev/banger/internal/vmm/firecracker/apispec"
 )
+
+// Version is the Firecracker version the fake reports.
+const Version = "1.17.0-dev"
 
 // AgentHandler serves one host connection to guest vsock port. It owns conn.
 type AgentHandler func(port uint32, conn net.Conn)
@@ -71,9 +78,16 @@ type Server struct {
 	drives    map[string]map[string]any
 	ifaces    map[string]map[string]any
 	vsockPath string
+	vsockCID  json.Number
 	vsockLn   net.Listener
-	exit      chan struct{}
-	exitOnce  sync.Once
+	// configured is set by any pre-boot resource: a snapshot can then no
+	// longer be loaded into this process.
+	configured bool
+	paused     bool
+	guest      guestState
+	resumedAt  time.Time
+	exit       chan struct{}
+	exitOnce   sync.Once
 }
 
 // New returns a Server for opts.
@@ -205,18 +219,22 @@ func (s *Server) handle(opID string, params map[string]string, doc map[string]an
 	switch opID {
 	case "describeInstance":
 		state := "Not started"
-		if s.started {
+		switch {
+		case s.started && s.paused:
+			state = "Paused"
+		case s.started:
 			state = "Running"
 		}
-		return map[string]string{"app_name": "Firecracker", "id": "anonymous-instance", "state": state, "vmm_version": "1.17.0-dev (banger fake)"}, nil
+		return map[string]string{"app_name": "Firecracker", "id": "anonymous-instance", "state": state, "vmm_version": Version + " (banger fake)"}, nil
 	case "getFirecrackerVersion":
-		return map[string]string{"firecracker_version": "1.17.0-dev"}, nil
+		return map[string]string{"firecracker_version": Version}, nil
 	case "getMachineConfiguration":
 		return s.machine, nil
 	case "putMachineConfiguration", "patchMachineConfiguration":
 		if f := preBoot(); f != nil {
 			return nil, f
 		}
+		s.configured = true
 		return nil, s.machineConfig(opID == "patchMachineConfiguration", doc)
 	case "putGuestBootSource":
 		if f := preBoot(); f != nil {
@@ -230,25 +248,41 @@ func (s *Server) handle(opID string, params map[string]string, doc map[string]an
 			}
 		}
 		s.boot = doc
+		s.configured = true
 		return nil, nil
 	case "putGuestDriveByID":
 		if f := preBoot(); f != nil {
 			return nil, f
 		}
+		s.configured = true
 		return nil, s.drive(params["drive_id"], doc)
 	case "putGuestNetworkInterfaceByID":
 		if f := preBoot(); f != nil {
 			return nil, f
 		}
+		s.configured = true
 		return nil, s.iface(params["iface_id"], doc)
 	case "putGuestVsock":
 		if f := preBoot(); f != nil {
 			return nil, f
 		}
+		s.configured = true
 		return nil, s.vsock(doc)
+	case "patchVm":
+		if !s.started {
+			return nil, badRequest(msgBeforeBoot)
+		}
+		return nil, s.setPaused(doc["state"] == "Paused")
+	case "createSnapshot":
+		if !s.started {
+			return nil, badRequest(msgBeforeBoot)
+		}
+		return nil, s.createSnapshot(doc)
+	case "loadSnapshot":
+		return nil, s.loadSnapshot(doc)
 	case "createSyncAction":
 		return nil, s.action(doc["action_type"].(string))
-	case "patchGuestDriveByID", "patchGuestNetworkInterfaceByID", "patchVm":
+	case "patchGuestDriveByID", "patchGuestNetworkInterfaceByID":
 		if !s.started {
 			return nil, badRequest(msgBeforeBoot)
 		}
@@ -354,6 +388,7 @@ func (s *Server) vsock(doc map[string]any) *fault {
 		return badRequest("Cannot create backend for vsock device: %v", err)
 	}
 	s.vsockLn, s.vsockPath = ln, path
+	s.vsockCID, _ = doc["guest_cid"].(json.Number)
 	return nil
 }
 
@@ -368,6 +403,9 @@ func (s *Server) action(kind string) *fault {
 		}
 		s.started = true
 		s.bootGuest()
+		s.guest = guestState{BootID: newBootID()}
+		s.resumedAt = time.Now()
+		fmt.Fprintf(s.opts.Console, "%s%s\n", BootIDLine, s.guest.BootID)
 		return nil
 	case "SendCtrlAltDel":
 		if !s.started {

@@ -128,6 +128,9 @@ func TestRejectsWhatTheSpecRejects(t *testing.T) {
 	}
 }
 
+// booted is the setup of a started fake guest.
+var booted = []string{`PUT /boot-source {"kernel_image_path":"KERNEL"}`, `PUT /actions {"action_type":"InstanceStart"}`}
+
 func TestFirecrackerRules(t *testing.T) {
 	tests := []struct {
 		name  string
@@ -154,6 +157,21 @@ func TestFirecrackerRules(t *testing.T) {
 		{"start twice", []string{`PUT /boot-source {"kernel_image_path":"KERNEL"}`, `PUT /actions {"action_type":"InstanceStart"}`},
 			`PUT /actions {"action_type":"InstanceStart"}`, "only be called once"},
 		{"patch drive before start", nil, `PATCH /drives/rootfs {"drive_id":"rootfs"}`, "before starting"},
+		{"pause before start", nil, `PATCH /vm {"state":"Paused"}`, "before starting"},
+		{"snapshot before start", nil, `PUT /snapshot/create {"snapshot_path":"DIR/s","mem_file_path":"DIR/m"}`, "before starting"},
+		{"snapshot of a running VM", booted, `PUT /snapshot/create {"snapshot_path":"DIR/s","mem_file_path":"DIR/m"}`, "must be paused"},
+		{"diff snapshot without dirty tracking", append(booted[:2:2], `PATCH /vm {"state":"Paused"}`),
+			`PUT /snapshot/create {"snapshot_path":"DIR/s","mem_file_path":"DIR/m","snapshot_type":"Diff"}`, "dirty page tracking"},
+		{"snapshot into a missing dir", append(booted[:2:2], `PATCH /vm {"state":"Paused"}`),
+			`PUT /snapshot/create {"snapshot_path":"DIR/no/s","mem_file_path":"DIR/no/m"}`, "Cannot write"},
+		{"load after configuring", []string{`PUT /machine-config {"vcpu_count":1,"mem_size_mib":128}`},
+			`PUT /snapshot/load {"snapshot_path":"DIR/s","mem_file_path":"DIR/m"}`, "not allowed after configuring"},
+		{"load after start", booted, `PUT /snapshot/load {"snapshot_path":"DIR/s","mem_file_path":"DIR/m"}`, "after starting"},
+		{"load with both memory fields", nil,
+			`PUT /snapshot/load {"snapshot_path":"DIR/s","mem_file_path":"DIR/m","mem_backend":{"backend_type":"File","backend_path":"DIR/m"}}`, "mutually exclusive"},
+		{"load without memory", nil, `PUT /snapshot/load {"snapshot_path":"DIR/s"}`, "required"},
+		{"load a missing state file", nil, `PUT /snapshot/load {"snapshot_path":"DIR/none","mem_file_path":"DIR/m"}`, "no such file"},
+		{"load a state file that is not one", nil, `PUT /snapshot/load {"snapshot_path":"KERNEL","mem_file_path":"DIR/m"}`, "not a microVM state file"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -278,5 +296,134 @@ func TestVsockWithoutListenerClosesConnection(t *testing.T) {
 	b, err := io.ReadAll(conn)
 	if len(b) != 0 || (err != nil && !errors.Is(err, io.EOF)) {
 		t.Fatalf("read = %q, %v; want the connection closed without OK", b, err)
+	}
+}
+
+// TestSnapshotRoundTrip pauses, snapshots and resumes a booted fake, then
+// loads the files into a second fake: the guest, its devices and its
+// vsock come back, and the refusals of a damaged snapshot hold.
+func TestSnapshotRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	e := start(t, nil)
+	c := firecracker.NewClient(e.sock)
+	vsock := filepath.Join(e.dir, "v.sock")
+	for i, err := range []error{
+		c.PutMachineConfig(ctx, firecracker.MachineConfig{VCPUCount: 2, MemSizeMiB: 64}),
+		c.PutBootSource(ctx, firecracker.BootSource{KernelImagePath: e.kernel}),
+		c.PutDrive(ctx, firecracker.Drive{DriveID: "rootfs", PathOnHost: e.disk, IsRootDevice: true}),
+		c.PutNetworkInterface(ctx, firecracker.NetworkInterface{IfaceID: "eth0", HostDevName: "tap0", GuestMAC: "06:00:0a:00:00:02"}),
+		c.PutVsock(ctx, firecracker.Vsock{GuestCID: 3, UDSPath: vsock}),
+		c.Action(ctx, firecracker.ActionInstanceStart),
+		c.PatchVM(ctx, firecracker.VMPaused),
+	} {
+		if err != nil {
+			t.Fatalf("step %d: %v", i, err)
+		}
+	}
+	if info, err := c.DescribeInstance(ctx); err != nil || info.State != "Paused" {
+		t.Fatalf("DescribeInstance after pause = %+v, %v", info, err)
+	}
+	snap := t.TempDir()
+	state, mem := filepath.Join(snap, "state"), filepath.Join(snap, "mem")
+	if err := c.CreateSnapshot(ctx, firecracker.SnapshotCreate{SnapshotPath: state, MemFilePath: mem}); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(mem); err != nil || fi.Size() != 64<<20 {
+		t.Fatalf("memory file: %v, size %d; want 64 MiB", err, size(fi))
+	}
+	if err := c.PatchVM(ctx, firecracker.VMResumed); err != nil {
+		t.Fatal(err)
+	}
+
+	load := func(e2 *env, mutate func(*firecracker.SnapshotLoad)) error {
+		l := firecracker.SnapshotLoad{
+			SnapshotPath: state, MemBackend: &firecracker.MemoryBackend{BackendType: "File", BackendPath: mem}, ResumeVM: true,
+			NetworkOverrides: []firecracker.NetworkOverride{{IfaceID: "eth0", HostDevName: "tap1"}},
+			VsockOverride:    &firecracker.VsockOverride{UDSPath: filepath.Join(e2.dir, "v.sock")},
+		}
+		if mutate != nil {
+			mutate(&l)
+		}
+		return firecracker.NewClient(e2.sock).LoadSnapshot(ctx, l)
+	}
+	refusals := map[string]struct {
+		mutate func(*firecracker.SnapshotLoad)
+		damage func(t *testing.T)
+		want   string
+	}{
+		"override of an unknown interface": {mutate: func(l *firecracker.SnapshotLoad) {
+			l.NetworkOverrides = []firecracker.NetworkOverride{{IfaceID: "eth9", HostDevName: "tap1"}}
+		}, want: "no network interface"},
+		"vsock socket in use": {mutate: func(l *firecracker.SnapshotLoad) { l.VsockOverride = nil }, want: "vsock"},
+		"uffd backend":        {mutate: func(l *firecracker.SnapshotLoad) { l.MemBackend.BackendType = "Uffd" }, want: "Uffd"},
+		"truncated memory":    {damage: func(t *testing.T) { truncate(t, mem, 1<<20) }, want: "memory file"},
+		"edited state":        {damage: func(t *testing.T) { edit(t, state, `"vcpu_count":2`, `"vcpu_count":4`) }, want: "checksum"},
+	}
+	for name, r := range refusals {
+		t.Run(name, func(t *testing.T) {
+			if r.damage != nil {
+				for _, p := range []string{state, mem} {
+					orig, err := os.ReadFile(p)
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(func() { _ = os.WriteFile(p, orig, 0o600); _ = os.Truncate(mem, 64<<20) })
+				}
+				r.damage(t)
+			}
+			err := load(start(t, nil), r.mutate)
+			if err == nil || !strings.Contains(err.Error(), r.want) {
+				t.Fatalf("LoadSnapshot = %v, want an error mentioning %q", err, r.want)
+			}
+		})
+	}
+
+	e2 := start(t, nil)
+	if err := load(e2, nil); err != nil {
+		t.Fatalf("LoadSnapshot: %v", err)
+	}
+	c2 := firecracker.NewClient(e2.sock)
+	if info, err := c2.DescribeInstance(ctx); err != nil || info.State != "Running" {
+		t.Fatalf("DescribeInstance after load = %+v, %v", info, err)
+	}
+	if !strings.Contains(e2.console.String(), RestoredLine) {
+		t.Errorf("restored console = %q, want %q", e2.console.String(), RestoredLine)
+	}
+	if err := load(e2, nil); err == nil || !strings.Contains(err.Error(), "after starting") {
+		t.Errorf("second LoadSnapshot = %v, want a refusal after start", err)
+	}
+	if err := c2.PutMachineConfig(ctx, firecracker.MachineConfig{VCPUCount: 1, MemSizeMiB: 64}); err == nil {
+		t.Errorf("machine config after a load succeeded")
+	}
+	if _, err := net.Dial("unix", filepath.Join(e2.dir, "v.sock")); err != nil {
+		t.Errorf("restored vsock socket: %v", err)
+	}
+}
+
+func size(fi os.FileInfo) int64 {
+	if fi == nil {
+		return -1
+	}
+	return fi.Size()
+}
+
+func truncate(t *testing.T, p string, n int64) {
+	t.Helper()
+	if err := os.Truncate(p, n); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func edit(t *testing.T, p, old, repl string) {
+	t.Helper()
+	b, err := os.ReadFile(p) //nolint:gosec // test file
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(b, []byte(old)) {
+		t.Fatalf("%s does not contain %q:\n%s", p, old, b)
+	}
+	if err := os.WriteFile(p, bytes.ReplaceAll(b, []byte(old), []byte(repl)), 0o600); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -20,6 +20,7 @@ import (
 // themselves as the fake.
 //
 //	--api-sock PATH   the API socket (required, as for firecracker)
+//	--version         print the version, as firecracker --version
 //	--id ID           accepted and ignored, as firecracker's --id
 //	--check-tap       PUT /network-interfaces requires /sys/class/net/<tap>
 //	--agent-root DIR  guest vsock port 1024 runs banger's real guest agent
@@ -36,8 +37,13 @@ func Main(args []string) int {
 	agentRoot := fs.String("agent-root", "", "serve banger's guest agent on vsock port 1024 over this guest root")
 	echo := fs.Bool("agent-echo", false, "guest vsock ports echo their input")
 	agentExec := fs.String("agent-exec", "", "program that serves each guest vsock connection on stdin/stdout")
+	version := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *version {
+		fmt.Println("Firecracker v" + Version)
+		return 0
 	}
 	if *apiSock == "" {
 		fmt.Fprintln(os.Stderr, "banger-fake-firecracker: --api-sock is required")
