@@ -97,7 +97,7 @@ func testSnapshot(t *testing.T, cfg Config) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(filepath.Join(bad, f), b[:len(b)/2], 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(bad, f), b[:len(b)/2], 0o600); err != nil { //nolint:gosec // test files named by the backend
 			t.Fatal(err)
 		}
 	}
