@@ -88,7 +88,7 @@ func (r *recorder) Detach(_ context.Context, dev, expect, _ string) error {
 
 func dmFixture(t *testing.T, imageBytes int64) (*Manager, *recorder, string, string) {
 	state := t.TempDir()
-	// A private lock file: the default under /run/lock is root's.
+	// A private lock file: the default under /run/banger is root's.
 	prevLock := LockPath
 	LockPath = filepath.Join(t.TempDir(), "blockdev.lock")
 	t.Cleanup(func() { LockPath = prevLock })

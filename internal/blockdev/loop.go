@@ -14,25 +14,28 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/privdir"
 )
 
 // LockPath is the lock file that serializes loop and dm operations between
 // processes (the daemon, tests, tools); a package mutex serializes them
 // within one process. Concurrent attachers otherwise race for the same free
-// loop device.
-var LockPath = "/run/lock/banger-blockdev.lock"
+// loop device. It lives in root's runtime dir, which no other user can
+// write (see privdir): in a world-writable dir such as /run/lock any user
+// could hold the lock and hang every VM start, stop and teardown, or plant a
+// symlink so that root creates a file where they choose.
+var LockPath = "/run/banger/locks/blockdev.lock"
 
 var procLock sync.Mutex
 
 // lock takes the package mutex and the flock on LockPath, polling so that
-// ctx can cancel the wait.
+// ctx can cancel the wait. The lock's dir must be private (owned by this
+// process's euid, not group or world writable) and the file is opened
+// without following symlinks.
 func lock(ctx context.Context) (unlock func(), err error) {
 	procLock.Lock()
-	if err := os.MkdirAll(filepath.Dir(LockPath), 0o755); err != nil { //nolint:gosec // /run/lock is world-readable by convention
-		procLock.Unlock()
-		return nil, fmt.Errorf("blockdev lock: %w", err)
-	}
-	f, err := os.OpenFile(LockPath, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+	f, err := privdir.OpenFile(LockPath, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		procLock.Unlock()
 		return nil, fmt.Errorf("blockdev lock: %w", err)

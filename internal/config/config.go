@@ -182,6 +182,11 @@ func (c Config) KernelsDir() string { return filepath.Join(c.StateDir, "kernels"
 // VMsDir is where per-VM disks live.
 func (c Config) VMsDir() string { return filepath.Join(c.StateDir, "vms") }
 
+// ScratchDir is the daemon's private scratch dir (pull extraction trees):
+// root-owned, mode 0700, emptied at start-up. Not $TMPDIR, where any user
+// could plant what start-up recovery would then read.
+func (c Config) ScratchDir() string { return filepath.Join(c.StateDir, "tmp") }
+
 // DBPath is the state store.
 func (c Config) DBPath() string { return filepath.Join(c.StateDir, "banger.db") }
 

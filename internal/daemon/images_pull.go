@@ -19,6 +19,7 @@ import (
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/imagepull"
 	"github.com/bangerdev/banger/internal/model"
+	"github.com/bangerdev/banger/internal/privdir"
 	"github.com/bangerdev/banger/internal/progress"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/units"
@@ -26,10 +27,6 @@ import (
 
 // PullRequest is the body of POST /v1/images/pull.
 type PullRequest = api.PullRequest
-
-// scratchOwnerFile marks a $TMPDIR/banger-pull-* dir with the state dir of
-// the daemon that made it, so start-up recovery removes only its own.
-const scratchOwnerFile = ".banger-owner"
 
 // pulls tracks the layer digests of pulls in progress, so that a cache prune
 // running meanwhile keeps them.
@@ -93,7 +90,7 @@ func newID() string {
 }
 
 // pullFromOCI pulls an image from an OCI registry and publishes it: stage at
-// <images>/<id>.staging, extract under $TMPDIR/banger-pull-<rand>, build and
+// <images>/<id>.staging, extract under <state>/tmp/pull-<rand>, build and
 // fix the ext4, inject the guest agents, stage the kernel, rename into
 // place, then record it. Any failure or cancellation removes everything it
 // made.
@@ -124,7 +121,7 @@ func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Ca
 	if err := os.Mkdir(staging, 0o700); err != nil {
 		return img, fmt.Errorf("create staging dir: %w", err)
 	}
-	scratch, err := os.MkdirTemp("", "banger-pull-")
+	scratch, err := privdir.MkdirTemp(d.cfg.ScratchDir(), "pull-")
 	if err != nil {
 		_ = os.RemoveAll(staging)
 		return img, fmt.Errorf("create scratch dir: %w", err)
@@ -143,9 +140,6 @@ func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Ca
 			log.Info("image pull failed; nothing was published", "err", retErr)
 		}
 	}()
-	if err := os.WriteFile(filepath.Join(scratch, scratchOwnerFile), []byte(d.cfg.StateDir+"\n"), 0o600); err != nil {
-		return img, fmt.Errorf("mark scratch dir: %w", err)
-	}
 	rootDir := filepath.Join(scratch, "rootfs")
 	if err := os.Mkdir(rootDir, 0o700); err != nil {
 		return img, fmt.Errorf("create extraction dir: %w", err)
@@ -327,7 +321,11 @@ func findHelper(configured, name, key string) (string, error) {
 }
 
 // recoverPullLeftovers removes what a pull that died with the daemon left:
-// <images>/*.staging dirs and this daemon's $TMPDIR/banger-pull-* dirs.
+// <images>/*.staging dirs and everything in the scratch dir <state>/tmp.
+// That dir is private to the daemon (root-owned, no other user may write
+// it; privdir.Check refuses it otherwise), so nothing in it can have been
+// planted, and nothing in it is read: entries are removed without
+// following symlinks.
 func recoverPullLeftovers(_ context.Context, d *Daemon) error {
 	stagings, _ := filepath.Glob(filepath.Join(d.cfg.ImagesDir(), "*.staging"))
 	for _, s := range stagings {
@@ -337,12 +335,16 @@ func recoverPullLeftovers(_ context.Context, d *Daemon) error {
 		}
 		d.log.Info("removed leftover staging dir of an interrupted pull", "dir", s)
 	}
-	scratches, _ := filepath.Glob(filepath.Join(os.TempDir(), "banger-pull-*"))
-	for _, s := range scratches {
-		owner, err := os.ReadFile(filepath.Join(s, scratchOwnerFile))
-		if err != nil || strings.TrimSpace(string(owner)) != d.cfg.StateDir {
-			continue
-		}
+	scratch := d.cfg.ScratchDir()
+	if err := privdir.Ensure(scratch); err != nil {
+		return err
+	}
+	ents, err := os.ReadDir(scratch)
+	if err != nil {
+		return fmt.Errorf("read scratch dir: %w", err)
+	}
+	for _, e := range ents {
+		s := filepath.Join(scratch, e.Name())
 		if err := os.RemoveAll(s); err != nil {
 			d.log.Error("remove leftover scratch dir", "dir", s, "err", err)
 			continue

@@ -121,11 +121,9 @@ func (f *pullFixture) leftovers(t *testing.T) []string {
 	for _, e := range ents {
 		out = append(out, "images/"+e.Name())
 	}
-	scratch, _ := filepath.Glob(filepath.Join(os.TempDir(), "banger-pull-*"))
-	for _, s := range scratch {
-		if b, err := os.ReadFile(filepath.Join(s, ".banger-owner")); err == nil && strings.TrimSpace(string(b)) == f.s.Config.StateDir {
-			out = append(out, s)
-		}
+	scratch, _ := os.ReadDir(f.s.Config.ScratchDir())
+	for _, e := range scratch {
+		out = append(out, "tmp/"+e.Name())
 	}
 	return out
 }

@@ -74,6 +74,7 @@ var allowed = map[string][]string{
 	"internal/kvm":        {},
 	"internal/lockfile":   {},
 	"internal/model":      {},
+	"internal/privdir":    {},
 	"internal/progress":   {},
 	"internal/units":      {},
 	"internal/testutil":   {"internal/kvm"},

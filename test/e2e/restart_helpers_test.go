@@ -268,12 +268,8 @@ func leaks(t *testing.T, e *env, vms []model.VM) []string {
 	// Staging and scratch dirs.
 	stagings, _ := filepath.Glob(filepath.Join(d.StateDir(), "images", "*.staging"))
 	out = append(out, prefixAll("staging dir ", stagings)...)
-	scratches, _ := filepath.Glob(filepath.Join(os.TempDir(), "banger-pull-*"))
-	for _, s := range scratches {
-		if owner, err := os.ReadFile(filepath.Join(s, ".banger-owner")); err == nil && strings.TrimSpace(string(owner)) == d.StateDir() {
-			out = append(out, "pull scratch dir "+s)
-		}
-	}
+	scratches, _ := filepath.Glob(filepath.Join(d.StateDir(), "tmp", "*"))
+	out = append(out, prefixAll("pull scratch dir ", scratches)...)
 	return out
 }
 
