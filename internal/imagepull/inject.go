@@ -3,6 +3,7 @@ package imagepull
 import (
 	"context"
 	"embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -48,8 +49,11 @@ var ErrGuestLayout = errors.New("image layout prevents injecting banger's guest 
 // embedded in banger itself.
 type GuestAssets struct {
 	// AgentBinary is the host path of the static banger-vsock-agent
-	// executable. Required.
+	// executable (banger's guest program: agent and PID 1). Required.
 	AgentBinary string
+	// Config is the image's run configuration, written to
+	// guestabi.ImageConfigFile for banger's PID 1. Nil writes none.
+	Config *guestabi.ImageConfig
 }
 
 // injectFile is one regular file to put in the guest.
@@ -74,13 +78,18 @@ func guestFiles(a GuestAssets) []injectFile {
 	for _, u := range GuestUnits {
 		files = append(files, injectFile{guest: GuestUnitDir + "/" + u, mode: 0o100644, asset: u})
 	}
+	if a.Config != nil {
+		b, _ := json.MarshalIndent(a.Config, "", "  ") // plain strings: cannot fail
+		files = append(files, injectFile{guest: guestabi.ImageConfigFile, mode: 0o100644, data: string(b) + "\n"})
+	}
 	return files
 }
 
 // guestLinks maps each multi-user.target.wants link to its target, as
-// `systemctl enable` would make it.
+// `systemctl enable` would make it, and banger's PID 1 (guestabi.InitPath)
+// to the guest program.
 func guestLinks() map[string]string {
-	links := map[string]string{}
+	links := map[string]string{guestabi.InitPath: GuestAgentPath}
 	for _, u := range GuestUnits {
 		links[GuestWantsDir+"/"+u] = GuestUnitDir + "/" + u
 	}
@@ -92,8 +101,10 @@ func guestLinks() map[string]string {
 // GuestAgentPath, the network bootstrap script and banger-network.service,
 // the first-boot script and banger-first-boot.service,
 // banger-vsock-agent.service, the multi-user.target.wants links that enable
-// all three, the vsock modules-load.d file, and the first-boot marker and
-// status ("pending"). Missing parent directories are created (root, 0755).
+// all three, the vsock modules-load.d file, the first-boot marker and
+// status ("pending"), the link guestabi.InitPath to the agent binary
+// (banger's PID 1 for images without systemd) and, when a.Config is set,
+// the image's run configuration at guestabi.ImageConfigFile. Missing parent directories are created (root, 0755).
 //
 // It is idempotent: files and links that exist are replaced. It fails with
 // ErrGuestLayout rather than write through a symlink or over a directory.

@@ -3,10 +3,15 @@ package imagepull
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/bangerdev/banger/internal/guestabi"
 )
 
 // dumpFile reads a file out of the image with debugfs dump.
@@ -52,10 +57,18 @@ func TestInjectGuestAgents(t *testing.T) {
 
 	// Again, with a new agent: replaced, not duplicated or failed.
 	agent2 := fakeAgent(t, "\x7fELF agent v2, longer than the first one")
-	if err := InjectGuestAgents(ctx, img, GuestAssets{AgentBinary: agent2}); err != nil {
+	cfg := &guestabi.ImageConfig{Entrypoint: []string{"/app"}, Cmd: []string{"--serve"}, Env: []string{"A=1"}, User: "app:staff", WorkingDir: "/srv", ExposedPorts: []string{"80/tcp"}}
+	if err := InjectGuestAgents(ctx, img, GuestAssets{AgentBinary: agent2, Config: cfg}); err != nil {
 		t.Fatalf("second InjectGuestAgents: %v", err)
 	}
 	checkInjected(t, img, "\x7fELF agent v2, longer than the first one")
+	var got guestabi.ImageConfig
+	if err := json.Unmarshal(dumpFile(t, img, guestabi.ImageConfigFile), &got); err != nil {
+		t.Fatalf("image config in the guest: %v", err)
+	}
+	if diff := cmp.Diff(*cfg, got); diff != "" {
+		t.Errorf("image config in the guest (-want +got):\n%s", diff)
+	}
 	if got := statPaths(t, img, "/usr")["/usr"]; got.UID != 5 {
 		t.Errorf("/usr: %+v, an existing directory must keep its owner", got)
 	}
@@ -84,6 +97,7 @@ func checkInjected(t *testing.T, img, agentContent string) {
 	for _, u := range GuestUnits {
 		want[GuestWantsDir+"/"+u] = inodeInfo{Type: "symlink", Mode: 0o777, Target: GuestUnitDir + "/" + u}
 	}
+	want[guestabi.InitPath] = inodeInfo{Type: "symlink", Mode: 0o777, Target: GuestAgentPath}
 	checkInodes(t, img, want)
 
 	if got := dumpFile(t, img, GuestAgentPath); string(got) != agentContent {

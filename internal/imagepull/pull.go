@@ -18,6 +18,7 @@ import (
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 
+	"github.com/bangerdev/banger/internal/guestabi"
 	"github.com/bangerdev/banger/internal/progress"
 )
 
@@ -62,6 +63,8 @@ type Image struct {
 	// IndexDigest is the digest of the index Ref resolved to, when it was
 	// an index (multi-platform image); empty otherwise.
 	IndexDigest string
+	// Config is the image's run configuration (see runconfig.go).
+	Config guestabi.ImageConfig
 
 	layers   []Layer
 	remote   []v1.Layer
@@ -195,6 +198,7 @@ func (im *Image) load(r name.Reference, img v1.Image) error {
 		}
 		return fmt.Errorf("%s: %w; it has %s", r, ErrPlatformNotFound, got)
 	}
+	im.Config = runConfig(cfg)
 	layers, err := img.Layers()
 	if err != nil {
 		return fmt.Errorf("list layers of %s: %w", r, err)

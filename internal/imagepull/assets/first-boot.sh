@@ -80,8 +80,14 @@ install_sshd() {
 }
 
 # enable_sshd FAMILY enables and starts the SSH service: ssh.service on the
-# Debian family, sshd elsewhere; OpenRC when there is no systemctl.
+# Debian family, sshd elsewhere; OpenRC when there is no systemctl. Under
+# banger's own PID 1 (BANGER_INIT=banger), which starts sshd itself, there
+# is nothing to enable.
 enable_sshd() {
+	if [ "${BANGER_INIT:-}" = banger ]; then
+		log "banger's init starts sshd: nothing to enable"
+		return 0
+	fi
 	unit=sshd
 	[ "$1" = apt ] && unit=ssh
 	if command -v systemctl >/dev/null 2>&1; then

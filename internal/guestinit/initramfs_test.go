@@ -1,4 +1,4 @@
-package main
+package guestinit
 
 import (
 	"testing"
@@ -18,7 +18,7 @@ func TestParseCmdline(t *testing.T) {
 		args    []string
 		wantErr bool
 	}{
-		{in: "console=ttyS0 panic=-1", root: "/dev/vda", fstype: "ext4", ro: true, init: "/sbin/init", wait: 10 * time.Second},
+		{in: "console=ttyS0 panic=-1", root: "/dev/vda", fstype: "ext4", ro: true, init: "", wait: 10 * time.Second},
 		{in: "root=/dev/vdb rootfstype=xfs rw init=/lib/systemd/systemd banger.rootwait=2.5", root: "/dev/vdb", fstype: "xfs", init: "/lib/systemd/systemd", wait: 2500 * time.Millisecond},
 		{in: `rw ro init="/sbin/my init" -- single x=1`, root: "/dev/vda", fstype: "ext4", ro: true, init: "/sbin/my init", wait: 10 * time.Second, args: []string{"single", "x=1"}},
 		{in: "root=UUID=1234", wantErr: true},

@@ -1,0 +1,90 @@
+package guestinit
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agent"
+	"github.com/bangerdev/banger/internal/guestabi"
+)
+
+// RunAgent runs the guest agent with the command-line arguments args and
+// returns the exit status. It serves AF_VSOCK port guestabi.AgentVsockPort
+// when /dev/vsock exists and the virtio-serial port guestabi.AgentSerialPort
+// when that exists, waiting for either to appear, and logs to stderr.
+func RunAgent(version string, args []string) int {
+	fs := flag.NewFlagSet("banger-vsock-agent", flag.ContinueOnError)
+	root := fs.String("root", "/", "guest root filesystem the agent reads and writes under")
+	port := fs.Uint("vsock-port", uint(guestabi.AgentVsockPort), "AF_VSOCK port to listen on")
+	serial := fs.String("serial-port", guestabi.AgentSerialPort, "name of the virtio-serial port to serve (empty: none)")
+	noVsock := fs.Bool("no-vsock", false, "do not listen on AF_VSOCK")
+	retry := fs.Duration("retry", time.Second, "how often to look again for a missing vsock device or serial port")
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *showVersion {
+		fmt.Println(version)
+		return 0
+	}
+	if *port > 1<<32-1 {
+		fmt.Fprintf(os.Stderr, "banger-vsock-agent: -vsock-port %d is out of range\n", *port)
+		return 2
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	logger := log.New(os.Stderr, "", 0)
+	srv := agent.NewServer(*root, version)
+	srv.Log = logger
+	srv.PowerOff = agentPowerOff
+	logger.Printf("banger-vsock-agent %s (protocol v%d) starting", version, agent.ProtocolVersion)
+
+	var wg sync.WaitGroup
+	run := func(name string, fn func() error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := fn(); err != nil && !errors.Is(err, context.Canceled) {
+				logger.Printf("%s: %v", name, err)
+			}
+		}()
+	}
+	if !*noVsock {
+		run("vsock", func() error { return srv.RunVsock(ctx, uint32(*port), *retry) }) //nolint:gosec // range checked above
+	}
+	if *serial != "" {
+		run("serial", func() error { return srv.RunSerial(ctx, *serial, *retry) })
+	}
+	wg.Wait()
+	logger.Printf("banger-vsock-agent stopping")
+	return 0
+}
+
+// agentPowerOff asks banger's PID 1 to shut the guest down when it runs the
+// guest, else powers off as agent.PowerOffGuest does (systemd, or sync and
+// reboot).
+func agentPowerOff() (string, error) {
+	if runningBangerInit() {
+		time.AfterFunc(200*time.Millisecond, func() { _ = syscall.Kill(1, sigPoweroff) })
+		return "banger-init", nil
+	}
+	return agent.PowerOffGuest()
+}
+
+// runningBangerInit reports whether PID 1 is banger's init: it records
+// itself in guestabi.InitFile at start.
+func runningBangerInit() bool {
+	b, err := os.ReadFile(guestabi.InitFile)
+	return err == nil && strings.TrimSpace(string(b)) == string(guestabi.InitBanger)
+}

@@ -1,0 +1,53 @@
+// Package guestinit is banger's guest program: one static binary that is
+// the init of banger's initramfs, the PID 1 of images without systemd, and
+// the guest agent. Main picks the mode:
+//
+//   - PID 1 on the initramfs (a ramfs or tmpfs root): RunInitramfs loads the
+//     virtio modules, mounts the root disk, picks the init with the rule in
+//     package selection and switches to it;
+//   - PID 1 on a real root file system (after that switch, or booted
+//     directly with init=guestabi.InitPath): RunPID1, banger's init;
+//   - any other process: the guest agent (package agent), as
+//     banger-vsock-agent.service or banger's PID 1 start it.
+//
+// Every failure of the init prints one line on the console,
+//
+//	banger-init: <what failed>: <why>
+//
+// Build it static: CGO_ENABLED=0 go build ./cmd/banger-vsock-agent.
+package guestinit
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// Main runs the mode the process was started in (see the package doc) and
+// exits. version is the build's version string.
+func Main(version string) {
+	if os.Getpid() == 1 {
+		if onInitramfs() {
+			RunInitramfs()
+		}
+		RunPID1(version)
+		return
+	}
+	name := filepath.Base(os.Args[0])
+	if name == "banger-init" || name == "init" {
+		fmt.Fprintln(os.Stderr, "banger-init: refusing to run: not PID 1 (this is banger's guest init; run banger-vsock-agent for the agent)")
+		os.Exit(2)
+	}
+	os.Exit(RunAgent(version, os.Args[1:]))
+}
+
+// onInitramfs reports whether "/" is the initramfs (ramfs or tmpfs).
+func onInitramfs() bool {
+	var sfs unix.Statfs_t
+	if err := unix.Statfs("/", &sfs); err != nil {
+		return false
+	}
+	return sfs.Type == unix.RAMFS_MAGIC || sfs.Type == unix.TMPFS_MAGIC
+}
