@@ -1,0 +1,164 @@
+package snapshot
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/blockdev"
+	"github.com/bangerdev/banger/internal/vmm"
+)
+
+// CopyDisk copies the disk file src to dst, which must not exist: a
+// reflink (FICLONE) where the filesystem shares extents, else a sparse
+// copy (holes stay holes). It says which. dst is synced; on error it is
+// removed. dm-snapshot is not used: it needs device-mapper, which a host
+// may lack, and a snapshot's disk must outlive the VM's devices.
+func CopyDisk(ctx context.Context, src, dst string) (how string, err error) {
+	if src == "" {
+		return "", errNoDisk
+	}
+	in, err := os.Open(src) //nolint:gosec // the VM's own disk, named by the daemon
+	if err != nil {
+		return "", fmt.Errorf("copy disk: %w", err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY|unix.O_CLOEXEC, 0o600) //nolint:gosec // a path under the state dir
+	if err != nil {
+		return "", fmt.Errorf("copy disk: %w", err)
+	}
+	defer func() {
+		if cerr := out.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("copy disk: %w", cerr)
+		}
+		if err != nil {
+			_ = os.Remove(dst)
+		}
+	}()
+	how = "reflink"
+	if rerr := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); rerr != nil {
+		how = "sparse copy (no reflink: " + rerr.Error() + ")"
+		if err := blockdev.SparseCopy(ctx, out, in); err != nil {
+			return "", fmt.Errorf("copy disk %s to %s: %w", src, dst, err)
+		}
+	}
+	if err := out.Sync(); err != nil {
+		return "", fmt.Errorf("copy disk: sync %s: %w", dst, err)
+	}
+	return how, nil
+}
+
+// fileSHA256 returns the hex SHA-256 of a file, stopping when ctx ends.
+func fileSHA256(ctx context.Context, path string) (string, error) {
+	f, err := os.Open(path) //nolint:gosec // a snapshot file under the state dir
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	buf := make([]byte, 4<<20)
+	for {
+		if err := ctx.Err(); err != nil {
+			return "", err
+		}
+		n, err := f.Read(buf)
+		h.Write(buf[:n])
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return "", fmt.Errorf("checksum %s: %w", path, err)
+		}
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// Verify checks every file of snap against its recorded size and SHA-256.
+// The error names the first file that fails and wraps ErrCorrupt.
+func (s *Store) Verify(ctx context.Context, snap Snapshot) error {
+	if len(snap.Files) == 0 {
+		return fmt.Errorf("snapshot %q records no files: %w", snap.Name, ErrCorrupt)
+	}
+	dir := s.dir(snap.ID)
+	for _, f := range snap.Files {
+		if f.Name != filepath.Base(f.Name) || f.Name == RecordName || strings.HasPrefix(f.Name, ".") {
+			return fmt.Errorf("snapshot %q: file name %q: %w", snap.Name, f.Name, ErrCorrupt)
+		}
+		p := filepath.Join(dir, f.Name)
+		fi, err := os.Stat(p)
+		if err != nil {
+			return fmt.Errorf("snapshot %q: %w (%w)", snap.Name, err, ErrCorrupt)
+		}
+		if fi.Size() != f.Size {
+			return fmt.Errorf("snapshot %q: %s is %d bytes, %d were saved (banger snapshot rm it and take it again): %w",
+				snap.Name, f.Name, fi.Size(), f.Size, ErrCorrupt)
+		}
+		sum, err := fileSHA256(ctx, p)
+		if err != nil {
+			return fmt.Errorf("snapshot %q: %w", snap.Name, err)
+		}
+		if sum != f.SHA256 {
+			return fmt.Errorf("snapshot %q: %s has SHA-256 %s, %s was saved: the file changed or is damaged (banger snapshot rm it and take it again): %w",
+				snap.Name, f.Name, sum[:12], f.SHA256[:min(12, len(f.SHA256))], ErrCorrupt)
+		}
+	}
+	return nil
+}
+
+// HostCPUFeatures is a digest of this host's CPU feature flags (the first
+// "flags" line of /proc/cpuinfo, sorted), as recorded in Machine.CPUFeatures.
+func HostCPUFeatures() (string, error) {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "", fmt.Errorf("cpu features: %w", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok || strings.TrimSpace(k) != "flags" {
+			continue
+		}
+		flags := strings.Fields(v)
+		sort.Strings(flags)
+		sum := sha256.Sum256([]byte(strings.Join(flags, " ")))
+		return hex.EncodeToString(sum[:]), nil
+	}
+	return "", errors.New("cpu features: no flags line in /proc/cpuinfo")
+}
+
+// CheckHost refuses a snapshot this host cannot restore: one made by
+// another VM monitor or another version of it, or under KVM on a CPU with
+// other features (the guest saw the host CPU). m is the backend named
+// monitor that would run the restore.
+func CheckHost(ctx context.Context, snap Snapshot, monitor string, m vmm.Snapshotter) error {
+	if monitor != snap.Machine.Monitor {
+		return fmt.Errorf("snapshot %q was made by VM monitor %s; this VM would run under %s (restore it with --vmm %s): %w",
+			snap.Name, snap.Machine.Monitor, monitor, snap.Machine.Monitor, ErrIncompatible)
+	}
+	v, err := m.Version(ctx)
+	if err != nil {
+		return fmt.Errorf("snapshot %q: %w", snap.Name, err)
+	}
+	if v != snap.Machine.MonitorVersion {
+		return fmt.Errorf("snapshot %q was made by %s; this host has %s, which may not load its state: %w",
+			snap.Name, snap.Machine.MonitorVersion, v, ErrIncompatible)
+	}
+	if snap.Machine.Accel == "kvm" {
+		cpu, err := HostCPUFeatures()
+		if err != nil {
+			return err
+		}
+		if cpu != snap.Machine.CPUFeatures {
+			return fmt.Errorf("snapshot %q was made under KVM on a CPU with other features than this host's: %w", snap.Name, ErrIncompatible)
+		}
+	}
+	return nil
+}
