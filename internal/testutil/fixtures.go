@@ -191,3 +191,59 @@ func Run(ctx context.Context, name string, args ...string) (string, error) {
 	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
 	return string(out), err
 }
+
+// CachedDir returns the cache entry <cache>/<name>, building it first when
+// it is missing or older than any of the input files: build fills a fresh
+// temporary directory, which then replaces the entry. All of it happens
+// under the entry's lock, so test binaries running in parallel build it
+// once and never see it half written.
+func CachedDir(t testing.TB, name string, inputs []string, build func(dir string) error) string {
+	t.Helper()
+	dir := filepath.Join(CacheDir(), name)
+	stamp := filepath.Join(dir, ".complete")
+	err := withCacheLock(name, func() error {
+		if fresh(stamp, inputs) {
+			return nil
+		}
+		tmp := dir + ".tmp"
+		if err := os.RemoveAll(tmp); err != nil {
+			return err
+		}
+		if err := os.MkdirAll(tmp, 0o755); err != nil {
+			return err
+		}
+		if err := build(tmp); err != nil {
+			_ = os.RemoveAll(tmp)
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(tmp, ".complete"), nil, 0o644); err != nil {
+			return err
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			return err
+		}
+		return os.Rename(tmp, dir)
+	})
+	if errors.Is(err, errCacheReadOnly) {
+		Missing(t, TierRoot, err.Error()+"; run as root or set BANGER_TEST_CACHE")
+	}
+	if err != nil {
+		t.Fatalf("build test cache entry %s: %v", name, err)
+	}
+	return dir
+}
+
+// fresh reports whether stamp exists and is no older than any input.
+func fresh(stamp string, inputs []string) bool {
+	sfi, err := os.Stat(stamp)
+	if err != nil {
+		return false
+	}
+	for _, in := range inputs {
+		fi, err := os.Stat(in)
+		if err != nil || fi.ModTime().After(sfi.ModTime()) {
+			return false
+		}
+	}
+	return true
+}

@@ -1,4 +1,7 @@
-package e2e
+// Package crash holds the crash-injection test: the daemon SIGKILLed in the
+// middle of create, start, stop or delete, round after round, and nothing
+// leaked after each restart.
+package crash
 
 import (
 	"context"
@@ -12,7 +15,10 @@ import (
 
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/test/e2e/e2etest"
 )
+
+func TestMain(m *testing.M) { e2etest.Main(m) }
 
 // crashOps are the operations crash injection interrupts, each with the
 // daemon's failpoints on its way (internal/daemon/failpoint.go).
@@ -44,8 +50,8 @@ type vmBrief struct {
 // rounds are in TestE2ERestartQEMU. BANGER_CRASH_ROUNDS (default 50) and
 // BANGER_CRASH_SEED (default: the time) repeat a run.
 func TestE2ECrashInjection(t *testing.T) {
-	e := fakeEnv(t, nil)
-	d := e.d
+	e := e2etest.FakeEnv(t, nil)
+	d := e.D
 	rounds := envInt(t, "BANGER_CRASH_ROUNDS", 50)
 	seed := int64(envInt(t, "BANGER_CRASH_SEED", int(time.Now().UnixNano()%1e9)))
 	t.Logf("crash injection: %d rounds, seed %d (BANGER_CRASH_SEED=%d repeats it)", rounds, seed, seed)
@@ -78,7 +84,7 @@ func TestE2ECrashInjection(t *testing.T) {
 		}
 		if op == "delete" && len(vms) == 0 {
 			name := newName()
-			d.MustCLI(ctx, "vm", "create", "--image", e.imgName, "--name", name, "--memory", "256M", "--cpus", "1")
+			d.MustCLI(ctx, "vm", "create", "--image", e.Image, "--name", name, "--memory", "256M", "--cpus", "1")
 			vms = append(vms, vmBrief{Name: name, State: model.VMCreated})
 		}
 		// Bring a VM into the state the operation needs, with a daemon
@@ -86,12 +92,12 @@ func TestE2ECrashInjection(t *testing.T) {
 		var args []string
 		switch op {
 		case "create":
-			args = []string{"vm", "create", "--image", e.imgName, "--name", newName(), "--memory", "256M", "--cpus", "1"}
+			args = []string{"vm", "create", "--image", e.Image, "--name", newName(), "--memory", "256M", "--cpus", "1"}
 		case "start":
 			name := pick(rng, vms, model.VMCreated, model.VMStopped)
 			if name == "" {
 				name = newName()
-				d.MustCLI(ctx, "vm", "create", "--image", e.imgName, "--name", name, "--memory", "256M", "--cpus", "1")
+				d.MustCLI(ctx, "vm", "create", "--image", e.Image, "--name", name, "--memory", "256M", "--cpus", "1")
 			}
 			args = []string{"vm", "start", name, "--wait"}
 		case "stop":
@@ -99,7 +105,7 @@ func TestE2ECrashInjection(t *testing.T) {
 			if name == "" {
 				if name = pick(rng, vms, model.VMCreated, model.VMStopped); name == "" {
 					name = newName()
-					d.MustCLI(ctx, "vm", "create", "--image", e.imgName, "--name", name, "--memory", "256M", "--cpus", "1")
+					d.MustCLI(ctx, "vm", "create", "--image", e.Image, "--name", name, "--memory", "256M", "--cpus", "1")
 				}
 				d.MustCLI(ctx, "vm", "start", name, "--wait")
 			}
@@ -117,11 +123,11 @@ func TestE2ECrashInjection(t *testing.T) {
 		if fp != "" {
 			how = "failpoint " + fp
 			d.Stop()
-			startWithEnv(d, map[string]string{"BANGER_FAILPOINT": fp})
-			logBefore := len(daemonLog(t, d))
+			d.StartEnv(map[string]string{"BANGER_FAILPOINT": fp})
+			logBefore := len(d.Log())
 			r := d.CLI(ctx, args...)
 			d.Kill()
-			if strings.Contains(daemonLog(t, d)[logBefore:], "failpoint "+fp+" reached") {
+			if strings.Contains(d.Log()[logBefore:], "failpoint "+fp+" reached") {
 				fired++
 			} else {
 				how += " (not reached: " + fmt.Sprintf("exit %d %s", r.Code, strings.TrimSpace(r.Stderr)) + ")"
@@ -129,7 +135,7 @@ func TestE2ECrashInjection(t *testing.T) {
 		} else {
 			delay := time.Duration(rng.IntN(400)) * time.Millisecond
 			how = "SIGKILL after " + delay.String()
-			done := make(chan Result, 1)
+			done := make(chan e2etest.Result, 1)
 			go func() { done <- d.CLI(ctx, args...) }()
 			time.Sleep(delay)
 			d.Kill()
@@ -140,9 +146,9 @@ func TestE2ECrashInjection(t *testing.T) {
 		t.Logf("round %d: banger %s, killed at %s", round, strings.Join(args, " "), how)
 
 		d.Start()
-		waitSettled(ctx, t, d, 30*time.Second)
-		withStore(t, d, func(st *store.Store, recs []model.VM) {
-			l := leaks(t, e, recs)
+		e2etest.WaitSettled(ctx, t, d, 30*time.Second)
+		e2etest.WithStore(t, d, func(st *store.Store, recs []model.VM) {
+			l := e2etest.Leaks(t, e, recs)
 			leases, err := st.Leases()
 			if err != nil {
 				t.Fatal(err)
@@ -156,7 +162,7 @@ func TestE2ECrashInjection(t *testing.T) {
 			leakCount += len(l)
 		})
 		if t.Failed() {
-			t.Logf("daemon log tail:\n%s", tail(daemonLog(t, d), 60))
+			t.Logf("daemon log tail:\n%s", e2etest.Tail(d.Log(), 60))
 			break
 		}
 	}
@@ -173,11 +179,11 @@ func TestE2ECrashInjection(t *testing.T) {
 	for _, v := range vms {
 		d.MustCLI(ctx, "vm", "rm", "--force", v.Name)
 	}
-	withStore(t, d, func(_ *store.Store, recs []model.VM) {
+	e2etest.WithStore(t, d, func(_ *store.Store, recs []model.VM) {
 		if len(recs) != 0 {
 			t.Errorf("%d VM records left after removing all", len(recs))
 		}
-		for _, s := range leaks(t, e, recs) {
+		for _, s := range e2etest.Leaks(t, e, recs) {
 			t.Errorf("after removing every VM: %s", s)
 		}
 	})

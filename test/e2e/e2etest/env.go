@@ -1,4 +1,4 @@
-package e2e
+package e2etest
 
 import (
 	"context"
@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -16,30 +17,72 @@ import (
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/testutil"
 	"github.com/bangerdev/banger/internal/vmm"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/layout"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
-// Helpers of the restart and crash tests: a daemon whose VMs run on
-// banger-fake-firecracker (real processes serving the Firecracker API and
-// banger's real guest agent over the vsock socket; no guest boots), and
-// the leak checks run after every restart.
+// Env is the usual setup of an end-to-end test: a namespace, a registry in
+// it holding a test image, and a daemon with a kernel imported and the
+// image pulled.
+type Env struct {
+	NS     *NetNS
+	Reg    *Registry
+	D      *Daemon
+	Kernel model.Kernel // the imported Debian cloud kernel, "deb-cloud"
+	Image  string       // name of the pulled image
+}
 
-// fakeEnv is a namespace, a registry holding a tiny image, and a daemon
-// that runs VMs on the fake Firecracker with the Debian cloud kernel
-// imported and the tiny image pulled.
-func fakeEnv(t *testing.T, extra map[string]any) *env {
+// Setup is the Env of the QEMU tests: the Debian test image (systemd,
+// sshd) pulled as "debian-test", with the Debian cloud kernel imported as
+// "deb-cloud". daemonCfg is merged into the daemon's config.
+func Setup(t testing.TB, daemonCfg map[string]any) *Env {
+	t.Helper()
+	testutil.RequiresVM(t)
+	testutil.RequiresTool(t, "ssh", "mkfs.ext4", "debugfs")
+	layoutDir := DebianLayout(t, "", nil)
+	return SetupWith(t, daemonCfg, "debian-test", func(ns *NetNS, reg *Registry) string {
+		return reg.Push(t, ns, layoutDir, "banger/debian")
+	})
+}
+
+// SetupWith is Setup with a caller-made image: push puts it into the
+// registry and returns its reference; it is pulled as imageName.
+func SetupWith(t testing.TB, daemonCfg map[string]any, imageName string, push func(ns *NetNS, reg *Registry) string) *Env {
+	t.Helper()
+	testutil.RequiresVM(t)
+	testutil.RequiresTool(t, "ssh", "mkfs.ext4", "debugfs")
+	deb := testutil.DebianKernelDeb(t)
+	ns := NewNetNS(t)
+	reg := StartRegistry(t, ns)
+	ref := push(ns, reg)
+	d := NewDaemon(t, ns, daemonCfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	d.MustCLI(ctx, "kernel", "import", "deb-cloud", "--deb", deb)
+	var k model.Kernel
+	d.JSON(ctx, &k, "kernel", "inspect", "deb-cloud")
+	d.MustCLI(ctx, "image", "pull", ref, "--name", imageName, "--kernel-ref", "deb-cloud")
+	return &Env{NS: ns, Reg: reg, D: d, Kernel: k, Image: imageName}
+}
+
+// FakeEnv is the Env of the restart and crash tests: VMs run on
+// banger-fake-firecracker (real processes serving the Firecracker API and
+// banger's real guest agent over the vsock socket; no guest boots), with
+// the Debian cloud kernel imported and a tiny image (MiniLayout) pulled as
+// "mini". extra is merged into the daemon's config.
+func FakeEnv(t testing.TB, extra map[string]any) *Env {
+	t.Helper()
+	testutil.RequiresRoot(t)
+	return FakeEnvIn(t, NewNetNS(t), extra)
+}
+
+// FakeEnvIn is FakeEnv in an existing namespace.
+func FakeEnvIn(t testing.TB, ns *NetNS, extra map[string]any) *Env {
 	t.Helper()
 	testutil.RequiresRoot(t)
 	testutil.RequiresTool(t, "mkfs.ext4", "debugfs", "nft")
 	deb := testutil.DebianKernelDeb(t)
-	ns := newNetNS(t)
-	reg := startRegistry(t, ns)
-	ref := reg.push(t, ns, miniLayout(t), "banger/mini")
-	bins := binaries(t)
+	reg := StartRegistry(t, ns)
+	ref := reg.Push(t, ns, MiniLayout(t), "banger/mini")
+	bins := Binaries(t)
 	agentRoot := t.TempDir()
 	cfg := map[string]any{
 		"vmm":                     "firecracker",
@@ -53,45 +96,60 @@ func fakeEnv(t *testing.T, extra map[string]any) *env {
 	for k, v := range extra {
 		cfg[k] = v
 	}
-	d := newDaemon(t, ns, cfg)
+	d := NewDaemon(t, ns, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	d.MustCLI(ctx, "kernel", "import", "deb-cloud", "--deb", deb)
 	d.MustCLI(ctx, "image", "pull", ref, "--name", "mini", "--kernel-ref", "deb-cloud")
-	return &env{ns: ns, reg: reg, d: d, imgName: "mini"}
+	return &Env{NS: ns, Reg: reg, D: d, Image: "mini"}
 }
 
-// miniLayout is an OCI layout holding testutil.MiniRootfsTar, tagged "test".
-func miniLayout(t *testing.T) string {
+// Inspect returns the VM record the daemon reports.
+func Inspect(ctx context.Context, t testing.TB, d *Daemon, name string) model.VM {
 	t.Helper()
-	dir := t.TempDir()
-	tarPath := testutil.MiniRootfsTar(t, dir, "restart-test")
-	layer, err := tarball.LayerFromFile(tarPath, tarball.WithMediaType(types.OCILayer))
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := mutate.AppendLayers(empty.Image, layer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if img, err = mutate.ConfigFile(img, mustConfig(img)); err != nil {
-		t.Fatal(err)
-	}
-	img = mutate.ConfigMediaType(mutate.MediaType(img, types.OCIManifestSchema1), types.OCIConfigJSON)
-	out := filepath.Join(dir, "layout")
-	p, err := layout.Write(out, empty.Index)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := p.AppendImage(img, layout.WithAnnotations(map[string]string{"org.opencontainers.image.ref.name": "test"})); err != nil {
-		t.Fatal(err)
-	}
-	return out
+	var vm model.VM
+	d.JSON(ctx, &vm, "vm", "inspect", name)
+	return vm
 }
 
-// withStore stops the daemon (SIGTERM: VMs keep running), opens its store,
+// AssertNoVMResources checks that no VM holds a tap, loop device, monitor
+// process or runtime file; with gone, that no VM dir or NAT rule is left.
+func AssertNoVMResources(t testing.TB, e *Env, gone bool) {
+	t.Helper()
+	links := e.NS.MustRun(t, "ip", "-o", "link", "show")
+	if strings.Contains(links, "bgr-") {
+		t.Errorf("taps left in the namespace:\n%s", links)
+	}
+	loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, l := range loops {
+		b, _ := os.ReadFile(l)
+		if strings.HasPrefix(strings.TrimSpace(string(b)), e.D.StateDir()) {
+			t.Errorf("loop device %s still backed by %s", l, b)
+		}
+	}
+	for _, pid := range e.NS.PIDs() {
+		comm, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm")
+		if strings.HasPrefix(string(comm), "qemu") || strings.HasPrefix(string(comm), "firecracker") {
+			t.Errorf("VM monitor process %d (%s) left running", pid, strings.TrimSpace(string(comm)))
+		}
+	}
+	if ents, _ := os.ReadDir(filepath.Join(e.D.RuntimeDir(), "vms")); len(ents) != 0 {
+		t.Errorf("runtime files left: %v", ents)
+	}
+	if gone {
+		if ents, _ := os.ReadDir(filepath.Join(e.D.StateDir(), "vms")); len(ents) != 0 {
+			t.Errorf("VM dirs left: %v", ents)
+		}
+		rules := e.NS.MustRun(t, "nft", "list", "ruleset")
+		if strings.Contains(rules, "masquerade") {
+			t.Errorf("NAT rules left with no VM:\n%s", rules)
+		}
+	}
+}
+
+// WithStore stops the daemon (SIGTERM: VMs keep running), opens its store,
 // checks it, calls fn with the VM records, and starts the daemon again.
-func withStore(t *testing.T, d *Daemon, fn func(st *store.Store, vms []model.VM)) {
+func WithStore(t testing.TB, d *Daemon, fn func(st *store.Store, vms []model.VM)) {
 	t.Helper()
 	d.Stop()
 	st, err := store.Open(filepath.Join(d.StateDir(), "banger.db"), 5*time.Second)
@@ -114,9 +172,9 @@ func withStore(t *testing.T, d *Daemon, fn func(st *store.Store, vms []model.VM)
 	d.Start()
 }
 
-// waitSettled waits until no VM is starting or stopping (a re-adopted
+// WaitSettled waits until no VM is starting or stopping (a re-adopted
 // starting VM finishes its boot waiter), up to timeout.
-func waitSettled(ctx context.Context, t *testing.T, d *Daemon, timeout time.Duration) {
+func WaitSettled(ctx context.Context, t testing.TB, d *Daemon, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -148,15 +206,15 @@ func waitSettled(ctx context.Context, t *testing.T, d *Daemon, timeout time.Dura
 	}
 }
 
-// leaks compares the host with the VM records (read from the store of the
+// Leaks compares the host with the VM records (read from the store of the
 // stopped daemon) and returns every disagreement: a VM in a state other
 // than created, stopped or running; a running VM without its live, verified
 // monitor; any tap, monitor process, runtime dir, VM dir, loop device, dm
 // device, nftables table, staging or scratch dir, or half-copied disk that
 // no running VM accounts for.
-func leaks(t *testing.T, e *env, vms []model.VM) []string {
+func Leaks(t testing.TB, e *Env, vms []model.VM) []string {
 	t.Helper()
-	d := e.d
+	d := e.D
 	var out []string
 	running := map[string]model.VM{}
 	ids := map[string]bool{}
@@ -182,28 +240,28 @@ func leaks(t *testing.T, e *env, vms []model.VM) []string {
 	for _, vm := range running {
 		wantTaps = append(wantTaps, vm.Runtime.Tap)
 	}
-	for _, l := range strings.Split(e.ns.mustRun(t, "ip", "-o", "link", "show"), "\n") {
+	for _, l := range strings.Split(e.NS.MustRun(t, "ip", "-o", "link", "show"), "\n") {
 		f := strings.Fields(l)
 		if len(f) > 1 && strings.HasPrefix(f[1], "bgr-") {
 			gotTaps = append(gotTaps, strings.TrimSuffix(strings.SplitN(f[1], "@", 2)[0], ":"))
 		}
 	}
-	if !sameSet(wantTaps, gotTaps) {
+	if !SameSet(wantTaps, gotTaps) {
 		out = append(out, fmt.Sprintf("taps %v, want those of the running VMs %v", gotTaps, wantTaps))
 	}
 	// Monitor processes in the namespace.
 	var wantPIDs, gotPIDs []string
 	for _, vm := range running {
-		wantPIDs = append(wantPIDs, itoa(vm.Runtime.PID))
+		wantPIDs = append(wantPIDs, strconv.Itoa(vm.Runtime.PID))
 	}
-	for _, pid := range e.ns.pids() {
-		comm, _ := os.ReadFile("/proc/" + itoa(pid) + "/comm")
+	for _, pid := range e.NS.PIDs() {
+		comm, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm")
 		c := strings.TrimSpace(string(comm))
 		if strings.HasPrefix(c, "qemu") || strings.HasPrefix(c, "banger-fake-fi") || strings.HasPrefix(c, "firecracker") {
-			gotPIDs = append(gotPIDs, itoa(pid))
+			gotPIDs = append(gotPIDs, strconv.Itoa(pid))
 		}
 	}
-	if !sameSet(wantPIDs, gotPIDs) {
+	if !SameSet(wantPIDs, gotPIDs) {
 		out = append(out, fmt.Sprintf("monitor processes %v, want those of the running VMs %v", gotPIDs, wantPIDs))
 	}
 	// Runtime dirs: exactly the running VMs'.
@@ -216,7 +274,7 @@ func leaks(t *testing.T, e *env, vms []model.VM) []string {
 			gotRT = append(gotRT, e.Name())
 		}
 	}
-	if !sameSet(wantRT, gotRT) {
+	if !SameSet(wantRT, gotRT) {
 		out = append(out, fmt.Sprintf("runtime dirs %v, want the running VMs' %v", gotRT, wantRT))
 	}
 	// VM dirs: only known VMs', no half-copied disks.
@@ -248,7 +306,7 @@ func leaks(t *testing.T, e *env, vms []model.VM) []string {
 			gotLoops = append(gotLoops, f)
 		}
 	}
-	if !sameSet(wantLoops, gotLoops) {
+	if !SameSet(wantLoops, gotLoops) {
 		out = append(out, fmt.Sprintf("loops backed by %v, want %v", gotLoops, wantLoops))
 	}
 	// dm devices of our VMs.
@@ -260,54 +318,27 @@ func leaks(t *testing.T, e *env, vms []model.VM) []string {
 		}
 	}
 	// nftables: the banger table exists only while a VM runs.
-	tables := e.ns.mustRun(t, "nft", "list", "tables")
+	tables := e.NS.MustRun(t, "nft", "list", "tables")
 	hasTable := slices.Contains(strings.Split(strings.TrimSpace(tables), "\n"), "table ip banger")
 	if hasTable && len(running) == 0 {
 		out = append(out, "nftables table banger left with no VM running")
 	}
 	// Staging and scratch dirs.
 	stagings, _ := filepath.Glob(filepath.Join(d.StateDir(), "images", "*.staging"))
-	out = append(out, prefixAll("staging dir ", stagings)...)
+	for _, s := range stagings {
+		out = append(out, "staging dir "+s)
+	}
 	scratches, _ := filepath.Glob(filepath.Join(d.StateDir(), "tmp", "*"))
-	out = append(out, prefixAll("pull scratch dir ", scratches)...)
-	return out
-}
-
-func prefixAll(p string, ss []string) []string {
-	out := make([]string, 0, len(ss))
-	for _, s := range ss {
-		out = append(out, p+s)
+	for _, s := range scratches {
+		out = append(out, "pull scratch dir "+s)
 	}
 	return out
 }
 
-func sameSet(a, b []string) bool {
+// SameSet reports whether a and b hold the same strings, in any order.
+func SameSet(a, b []string) bool {
 	a, b = slices.Clone(a), slices.Clone(b)
 	sort.Strings(a)
 	sort.Strings(b)
 	return slices.Equal(a, b)
-}
-
-// daemonLog returns the daemon's log so far.
-func daemonLog(t *testing.T, d *Daemon) string {
-	t.Helper()
-	b, err := os.ReadFile(d.LogPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
-}
-
-// startWithEnv starts the daemon with extra environment variables (the
-// harness's daemon inherits the test's environment).
-func startWithEnv(d *Daemon, kv map[string]string) {
-	for k, v := range kv {
-		_ = os.Setenv(k, v)
-	}
-	defer func() {
-		for k := range kv {
-			_ = os.Unsetenv(k)
-		}
-	}()
-	d.Start()
 }

@@ -1,8 +1,11 @@
-package e2e
+// Package catalog holds the end-to-end test of an image catalog: a bundle
+// built by the maintainer tooling, served inside the test's namespace,
+// pulled and booted.
+package catalog
 
 import (
 	"context"
-	"os"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,7 +14,10 @@ import (
 	"github.com/bangerdev/banger/internal/imagecat"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/testutil"
+	"github.com/bangerdev/banger/test/e2e/e2etest"
 )
+
+func TestMain(m *testing.M) { e2etest.Main(m) }
 
 // TestE2ECatalogImageBoots pulls debian-bookworm from an image catalog
 // (bundle built by the maintainer tooling, served inside the namespace),
@@ -22,16 +28,12 @@ func TestE2ECatalogImageBoots(t *testing.T) {
 	testutil.RequiresTool(t, "ssh", "mkfs.ext4", "debugfs", "busybox")
 	deb := testutil.DebianKernelDeb(t)
 	rootTar := testutil.DebianRootfsTar(t, "", nil)
-	bins := binaries(t)
+	bins := e2etest.Binaries(t)
 	catalog := catalogDir(t, rootTar, filepath.Join(bins, "banger-vsock-agent"))
 
-	ns := newNetNS(t)
-	srv := ns.cmd("busybox", "httpd", "-f", "-p", "127.0.0.1:8081", "-h", catalog)
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = srv.Process.Kill(); _ = srv.Wait() })
-	d := newDaemon(t, ns, map[string]any{"image_catalog": "http://127.0.0.1:8081/index.json"})
+	ns := e2etest.NewNetNS(t)
+	ns.Serve(t, "busybox", "httpd", "-f", "-p", "127.0.0.1:8081", "-h", catalog)
+	d := e2etest.NewDaemon(t, ns, map[string]any{"image_catalog": "http://127.0.0.1:8081/index.json"})
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 
@@ -64,22 +66,15 @@ func TestE2ECatalogImageBoots(t *testing.T) {
 // builder, pointing at the kernel "deb-cloud".
 func catalogDir(t *testing.T, rootTar, agent string) string {
 	t.Helper()
-	dir := filepath.Join(testutil.CacheDir(), "image-catalog")
-	index := filepath.Join(dir, imagecat.IndexFile)
-	if fi, err := os.Stat(index); err == nil {
-		if tfi, err := os.Stat(rootTar); err == nil && !tfi.ModTime().After(fi.ModTime()) {
-			return dir
+	return testutil.CachedDir(t, "image-catalog", []string{rootTar}, func(dir string) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		defer cancel()
+		if _, err := imagecat.BuildFromTar(ctx, imagecat.BuildOptions{
+			RootfsTar: rootTar, Name: "debian-bookworm", Description: "Debian 12 test image",
+			KernelRef: "deb-cloud", AgentBinary: agent, OutDir: dir, Builder: "banger e2e",
+		}); err != nil {
+			return fmt.Errorf("build the image catalog: %w", err)
 		}
-	}
-	_ = os.RemoveAll(dir)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	if _, err := imagecat.BuildFromTar(ctx, imagecat.BuildOptions{
-		RootfsTar: rootTar, Name: "debian-bookworm", Description: "Debian 12 test image",
-		KernelRef: "deb-cloud", AgentBinary: agent, OutDir: dir, Builder: "banger e2e",
-	}); err != nil {
-		_ = os.RemoveAll(dir)
-		t.Fatalf("build the image catalog: %v", err)
-	}
-	return dir
+		return nil
+	})
 }

@@ -1,4 +1,8 @@
-package e2e
+// Package restart holds the end-to-end tests of restart safety: a daemon
+// restarted (or killed) under running VMs re-adopts or cleans each of them
+// from its records, with untrustworthy handles.json files, fifty records,
+// and a real QEMU guest.
+package restart
 
 import (
 	"context"
@@ -17,15 +21,10 @@ import (
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/testutil"
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/test/e2e/e2etest"
 )
 
-// inspect returns the VM record the daemon reports.
-func inspect(ctx context.Context, t *testing.T, d *Daemon, name string) model.VM {
-	t.Helper()
-	var vm model.VM
-	d.JSON(ctx, &vm, "vm", "inspect", name)
-	return vm
-}
+func TestMain(m *testing.M) { e2etest.Main(m) }
 
 // losetup binds a loop device to file and detaches it when the test ends.
 func losetup(t *testing.T, file string) string {
@@ -34,7 +33,7 @@ func losetup(t *testing.T, file string) string {
 	if err := os.WriteFile(file, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("losetup", "-f", "--show", file).CombinedOutput()
+	out, err := e2etest.CombinedOutput(exec.Command("losetup", "-f", "--show", file))
 	if err != nil {
 		t.Fatalf("losetup %s: %v: %s", file, err, out)
 	}
@@ -60,23 +59,23 @@ func loopBacking(dev string) string {
 // made: lo, a veth named eth0, a loop on a file outside the state dir.
 // A live VM with a garbage handles.json is re-adopted from the store.
 func TestE2ECorruptHandles(t *testing.T) {
-	e := fakeEnv(t, nil)
-	d := e.d
+	e := e2etest.FakeEnv(t, nil)
+	d := e.D
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 
 	// Foreign resources.
-	e.ns.mustRun(t, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer")
-	e.ns.mustRun(t, "ip", "link", "set", "eth0", "up")
+	e.NS.MustRun(t, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer")
+	e.NS.MustRun(t, "ip", "link", "set", "eth0", "up")
 	foreignFile := filepath.Join(t.TempDir(), "foreign.img")
 	foreignLoop := losetup(t, foreignFile)
 
 	variants := []string{"missing", "empty", "truncated", "garbage", "other-vm", "lo", "eth0", "foreign-loop", "foreign-dm", "lo-store-empty"}
 	vms := map[string]model.VM{}
 	for _, v := range append(variants, "live-garbage") {
-		d.MustCLI(ctx, "vm", "create", "--image", e.imgName, "--name", v, "--memory", "256M", "--cpus", "1")
+		d.MustCLI(ctx, "vm", "create", "--image", e.Image, "--name", v, "--memory", "256M", "--cpus", "1")
 		d.MustCLI(ctx, "vm", "start", v, "--wait")
-		vms[v] = inspect(ctx, t, d, v)
+		vms[v] = e2etest.Inspect(ctx, t, d, v)
 	}
 	d.Kill()
 
@@ -174,9 +173,9 @@ func TestE2ECorruptHandles(t *testing.T) {
 	}
 
 	d.Start()
-	logs := daemonLog(t, d)
+	logs := d.Log()
 	for _, v := range variants {
-		vm := inspect(ctx, t, d, v)
+		vm := e2etest.Inspect(ctx, t, d, v)
 		if vm.State != model.VMStopped || !vm.Runtime.Empty() {
 			t.Errorf("%s: state %s (%s) runtime %+v, want stopped with no runtime", v, vm.State, vm.Reason, vm.Runtime)
 		}
@@ -205,20 +204,20 @@ func TestE2ECorruptHandles(t *testing.T) {
 	if b := loopBacking(foreignLoop); b != foreignFile {
 		t.Errorf("foreign loop %s is bound to %q, want %q: cleanup touched it", foreignLoop, b, foreignFile)
 	}
-	links := e.ns.mustRun(t, "ip", "-o", "link", "show")
+	links := e.NS.MustRun(t, "ip", "-o", "link", "show")
 	for _, want := range []string{": lo:", ": eth0@", ": eth0-peer@"} {
 		if !strings.Contains(links, want) {
 			t.Errorf("foreign link %q is gone:\n%s", want, links)
 		}
 	}
-	if !strings.Contains(e.ns.mustRun(t, "ip", "-o", "link", "show", "lo"), "UP") {
+	if !strings.Contains(e.NS.MustRun(t, "ip", "-o", "link", "show", "lo"), "UP") {
 		t.Errorf("lo is no longer up")
 	}
 	if !strings.Contains(logs, `refused="tap \"lo\"`) {
 		t.Errorf("no log line refusing lo from handles.json")
 	}
 	// The live VM is re-adopted from the store, its handles.json rewritten.
-	got := inspect(ctx, t, d, "live-garbage")
+	got := e2etest.Inspect(ctx, t, d, "live-garbage")
 	if got.State != model.VMRunning || got.Recovery.ReadoptedAt.IsZero() || got.Runtime.PID != live.Runtime.PID {
 		t.Errorf("live-garbage: state %s readopted %v pid %d, want running, re-adopted, pid %d", got.State, got.Recovery.ReadoptedAt, got.Runtime.PID, live.Runtime.PID)
 	}
@@ -229,8 +228,8 @@ func TestE2ECorruptHandles(t *testing.T) {
 		t.Errorf("handles.json of the re-adopted VM not rewritten: %q", raw)
 	}
 	d.MustCLI(ctx, "vm", "stop", "live-garbage")
-	withStore(t, d, func(_ *store.Store, recs []model.VM) {
-		for _, s := range leaks(t, e, recs) {
+	e2etest.WithStore(t, d, func(_ *store.Store, recs []model.VM) {
+		for _, s := range e2etest.Leaks(t, e, recs) {
 			t.Errorf("after start-up cleanup: %s", s)
 		}
 	})
@@ -238,7 +237,7 @@ func TestE2ECorruptHandles(t *testing.T) {
 
 // inspectPID finds the fake monitor of VM id by its command line (for a
 // VM whose record no longer names it).
-func inspectPID(t *testing.T, d *Daemon, id string) int {
+func inspectPID(t *testing.T, d *e2etest.Daemon, id string) int {
 	t.Helper()
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -261,18 +260,18 @@ var reconciledRE = regexp.MustCompile(`msg="reconciled VMs" vms=(\d+) adopted=(\
 // daemon is down. The figure is the daemon's own "reconciled VMs" log line.
 // Goal: under 1 s.
 func TestE2EReconcile50(t *testing.T) {
-	e := fakeEnv(t, nil)
-	d := e.d
+	e := e2etest.FakeEnv(t, nil)
+	d := e.D
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	var pids []int
 	for i := range 50 {
 		name := fmt.Sprintf("r%02d", i)
-		d.MustCLI(ctx, "vm", "create", "--image", e.imgName, "--name", name, "--memory", "256M", "--cpus", "1")
+		d.MustCLI(ctx, "vm", "create", "--image", e.Image, "--name", name, "--memory", "256M", "--cpus", "1")
 		if i < 30 {
 			d.MustCLI(ctx, "vm", "start", name, "--wait")
 			if i%2 == 0 {
-				pids = append(pids, inspect(ctx, t, d, name).Runtime.PID)
+				pids = append(pids, e2etest.Inspect(ctx, t, d, name).Runtime.PID)
 			}
 		}
 	}
@@ -281,11 +280,11 @@ func TestE2EReconcile50(t *testing.T) {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 	time.Sleep(200 * time.Millisecond)
-	logBefore := len(daemonLog(t, d))
+	logBefore := len(d.Log())
 	d.Start()
-	m := reconciledRE.FindStringSubmatch(daemonLog(t, d)[logBefore:])
+	m := reconciledRE.FindStringSubmatch(d.Log()[logBefore:])
 	if m == nil {
-		t.Fatalf("no \"reconciled VMs\" log line:\n%s", tail(daemonLog(t, d)[logBefore:], 40))
+		t.Fatalf("no \"reconciled VMs\" log line:\n%s", e2etest.Tail(d.Log()[logBefore:], 40))
 	}
 	dur, err := time.ParseDuration(m[5])
 	if err != nil {
@@ -298,8 +297,8 @@ func TestE2EReconcile50(t *testing.T) {
 	if dur > time.Second {
 		t.Errorf("reconcile took %s, goal under 1 s", dur)
 	}
-	withStore(t, d, func(_ *store.Store, recs []model.VM) {
-		for _, s := range leaks(t, e, recs) {
+	e2etest.WithStore(t, d, func(_ *store.Store, recs []model.VM) {
+		for _, s := range e2etest.Leaks(t, e, recs) {
 			t.Error(s)
 		}
 	})
@@ -317,23 +316,23 @@ func TestE2EReconcile50(t *testing.T) {
 //   - a simulated host reboot (BANGER_TEST_BOOT_ID): the running VM is
 //     stopped, its QEMU gone and its runtime state cleared.
 func TestE2ERestartQEMU(t *testing.T) {
-	e := setup(t, nil)
-	d := e.d
+	e := e2etest.Setup(t, nil)
+	d := e.D
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	check := func(what string) {
 		t.Helper()
-		waitSettled(ctx, t, d, 4*time.Minute)
-		withStore(t, d, func(_ *store.Store, recs []model.VM) {
-			for _, s := range leaks(t, e, recs) {
+		e2etest.WaitSettled(ctx, t, d, 4*time.Minute)
+		e2etest.WithStore(t, d, func(_ *store.Store, recs []model.VM) {
+			for _, s := range e2etest.Leaks(t, e, recs) {
 				t.Errorf("%s: %s", what, s)
 			}
 		})
 	}
 
 	// Re-adoption.
-	d.MustCLI(ctx, "vm", "run", "--image", e.imgName, "--name", "keep", "--memory", "768M", "--cpus", "2")
-	before := inspect(ctx, t, d, "keep")
+	d.MustCLI(ctx, "vm", "run", "--image", e.Image, "--name", "keep", "--memory", "768M", "--cpus", "2")
+	before := e2etest.Inspect(ctx, t, d, "keep")
 	bootID := strings.TrimSpace(d.MustCLI(ctx, "ssh", "keep", "--", "cat", "/proc/sys/kernel/random/boot_id"))
 	d.Stop()
 	h := vmm.Handle{PID: before.Runtime.PID, PIDStart: before.Runtime.PIDStart, BootID: before.Runtime.BootID, Cmdline: before.Runtime.Cmdline}
@@ -341,7 +340,7 @@ func TestE2ERestartQEMU(t *testing.T) {
 		t.Fatalf("QEMU pid %d died with the daemon", h.PID)
 	}
 	d.Start()
-	after := inspect(ctx, t, d, "keep")
+	after := e2etest.Inspect(ctx, t, d, "keep")
 	if after.State != model.VMRunning || after.Runtime.PID != before.Runtime.PID || after.Recovery.ReadoptedAt.IsZero() {
 		t.Fatalf("after restart: state %s pid %d readopted %v, want running, pid %d, re-adopted", after.State, after.Runtime.PID, after.Recovery.ReadoptedAt, before.Runtime.PID)
 	}
@@ -352,7 +351,7 @@ func TestE2ERestartQEMU(t *testing.T) {
 		t.Errorf("guest boot id %q after the daemon restart, want %q: the guest rebooted", got, bootID)
 	}
 	d.MustCLI(ctx, "vm", "stop", "keep")
-	if vm := inspect(ctx, t, d, "keep"); vm.State != model.VMStopped {
+	if vm := e2etest.Inspect(ctx, t, d, "keep"); vm.State != model.VMStopped {
 		t.Errorf("vm stop after re-adoption: state %s", vm.State)
 	}
 	if alive, _ := vmm.Alive(h); alive {
@@ -365,25 +364,25 @@ func TestE2ERestartQEMU(t *testing.T) {
 	crashAt := func(fp string, args ...string) {
 		t.Helper()
 		d.Stop()
-		startWithEnv(d, map[string]string{"BANGER_FAILPOINT": fp})
-		logBefore := len(daemonLog(t, d))
+		d.StartEnv(map[string]string{"BANGER_FAILPOINT": fp})
+		logBefore := len(d.Log())
 		d.CLI(ctx, args...)
 		d.Kill()
-		if !strings.Contains(daemonLog(t, d)[logBefore:], "failpoint "+fp+" reached") {
+		if !strings.Contains(d.Log()[logBefore:], "failpoint "+fp+" reached") {
 			t.Fatalf("failpoint %s not reached", fp)
 		}
 		d.Start()
 	}
 	crashAt("start:recorded", "vm", "start", "keep", "--wait")
-	waitSettled(ctx, t, d, 4*time.Minute)
-	if vm := inspect(ctx, t, d, "keep"); vm.State != model.VMRunning || vm.Recovery.ReadoptedAt.IsZero() {
+	e2etest.WaitSettled(ctx, t, d, 4*time.Minute)
+	if vm := e2etest.Inspect(ctx, t, d, "keep"); vm.State != model.VMRunning || vm.Recovery.ReadoptedAt.IsZero() {
 		t.Fatalf("after a crash during boot: state %s (%s) readopted %v, want running and re-adopted", vm.State, vm.Reason, vm.Recovery.ReadoptedAt)
 	}
 	d.MustCLI(ctx, "ssh", "keep", "--", "true")
 	check("crash at start:recorded")
 
 	// Crash round 2: killed at a random time during a graceful stop.
-	done := make(chan Result, 1)
+	done := make(chan e2etest.Result, 1)
 	go func() { done <- d.CLI(ctx, "vm", "stop", "keep") }()
 	time.Sleep(time.Duration(200+time.Now().UnixNano()%1500) * time.Millisecond)
 	d.Kill()
@@ -392,26 +391,26 @@ func TestE2ERestartQEMU(t *testing.T) {
 	check("crash during stop")
 
 	// Crash round 3: QEMU started, its pid not recorded.
-	if vm := inspect(ctx, t, d, "keep"); vm.State == model.VMRunning {
+	if vm := e2etest.Inspect(ctx, t, d, "keep"); vm.State == model.VMRunning {
 		d.MustCLI(ctx, "vm", "stop", "keep")
 	}
 	crashAt("start:vmm", "vm", "start", "keep", "--wait")
-	if !strings.Contains(daemonLog(t, d), "stray monitor pid") {
+	if !strings.Contains(d.Log(), "stray monitor pid") {
 		t.Errorf("no log of the stray QEMU being killed")
 	}
 	check("crash at start:vmm")
 
 	// Simulated reboot.
 	d.MustCLI(ctx, "vm", "start", "keep", "--wait")
-	running := inspect(ctx, t, d, "keep")
+	running := e2etest.Inspect(ctx, t, d, "keep")
 	d.Stop()
-	logBefore := len(daemonLog(t, d))
-	startWithEnv(d, map[string]string{"BANGER_TEST_BOOT_ID": "00000000-0000-4000-8000-00000000b007"})
-	vm := inspect(ctx, t, d, "keep")
+	logBefore := len(d.Log())
+	d.StartEnv(map[string]string{"BANGER_TEST_BOOT_ID": "00000000-0000-4000-8000-00000000b007"})
+	vm := e2etest.Inspect(ctx, t, d, "keep")
 	if vm.State != model.VMStopped || !vm.Runtime.Empty() || vm.Recovery.CleanedAt.IsZero() {
 		t.Errorf("after a reboot: state %s runtime %+v cleaned %v, want stopped, cleared", vm.State, vm.Runtime, vm.Recovery.CleanedAt)
 	}
-	if !strings.Contains(daemonLog(t, d)[logBefore:], "VM stopped at start-up: the host rebooted") {
+	if !strings.Contains(d.Log()[logBefore:], "VM stopped at start-up: the host rebooted") {
 		t.Errorf("no log line for the reboot")
 	}
 	rh := vmm.Handle{PID: running.Runtime.PID, PIDStart: running.Runtime.PIDStart, BootID: running.Runtime.BootID, Cmdline: running.Runtime.Cmdline}

@@ -1,4 +1,6 @@
-package e2e
+// Package bench holds the VM lifecycle benchmark (BANGER_BENCH=1, make
+// bench): start overhead per disk driver, boot times, daemon RSS.
+package bench
 
 import (
 	"bufio"
@@ -13,7 +15,10 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/model"
+	"github.com/bangerdev/banger/test/e2e/e2etest"
 )
+
+func TestMain(m *testing.M) { e2etest.Main(m) }
 
 // TestBenchVMLifecycle measures, on this host: the start overhead (from the
 // start request to the VM monitor running with every device attached,
@@ -42,15 +47,15 @@ func TestBenchVMLifecycle(t *testing.T) {
 				dir := xfsDir(t)
 				extra = map[string]any{"disk_driver": "reflink", "state_dir": filepath.Join(dir, "state")}
 			}
-			e := setup(t, extra)
-			d := e.d
+			e := e2etest.Setup(t, extra)
+			d := e.D
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 			defer cancel()
 			var overheads []time.Duration
 			n := 3
 			for i := range n {
 				name := "b" + strconv.Itoa(i)
-				d.MustCLI(ctx, "vm", "create", "--image", e.imgName, "--name", name, "--memory", "512M", "--cpus", "1")
+				d.MustCLI(ctx, "vm", "create", "--image", e.Image, "--name", name, "--memory", "512M", "--cpus", "1")
 				start := time.Now()
 				d.MustCLI(ctx, "vm", "start", name)
 				overheads = append(overheads, time.Since(start))
@@ -60,7 +65,7 @@ func TestBenchVMLifecycle(t *testing.T) {
 			}
 			var vm model.VM
 			d.JSON(ctx, &vm, "vm", "inspect", "b0")
-			rss := daemonRSS(t, e.ns)
+			rss := daemonRSS(t, e.NS)
 			logged := loggedOverheads(t, d.LogPath)
 			agent, ready := bootTimes(t, d.LogPath)
 			t.Logf("driver %s: start request to monitor running (CLI round trip): %v", drv.name, overheads)
@@ -85,14 +90,14 @@ func xfsDir(t *testing.T) string {
 	if err := os.Truncate(img, 8<<30); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command("mkfs.xfs", "-q", "-m", "reflink=1", img).CombinedOutput(); err != nil {
+	if out, err := e2etest.CombinedOutput(exec.Command("mkfs.xfs", "-q", "-m", "reflink=1", img)); err != nil {
 		t.Fatalf("mkfs.xfs: %v: %s", err, out)
 	}
-	mnt, err := os.MkdirTemp("", "banger-xfs-")
+	mnt, err := os.MkdirTemp("", "xfs-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
+	if out, err := e2etest.CombinedOutput(exec.Command("mount", "-o", "loop", img, mnt)); err != nil {
 		t.Fatalf("mount xfs: %v: %s", err, out)
 	}
 	t.Cleanup(func() {
@@ -102,9 +107,9 @@ func xfsDir(t *testing.T) string {
 	return mnt
 }
 
-func daemonRSS(t *testing.T, ns *NetNS) float64 {
+func daemonRSS(t *testing.T, ns *e2etest.NetNS) float64 {
 	t.Helper()
-	for _, pid := range ns.pids() {
+	for _, pid := range ns.PIDs() {
 		cmdline, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 		if !strings.Contains(string(cmdline), "daemon\x00--config") {
 			continue
