@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/bangerdev/banger/internal/testutil"
 	"time"
 )
 
@@ -362,9 +364,7 @@ func TestParseVsockAddr(t *testing.T) {
 // on a host. Where the socket family exists the listener must bind; a
 // connection is tried only when loopback is available.
 func TestVsockListener(t *testing.T) {
-	if _, err := os.Stat("/dev/vsock"); err != nil {
-		t.Skipf("no AF_VSOCK on this kernel: %v", err)
-	}
+	testutil.RequiresVsock(t)
 	l, err := ListenVsock(0xbad0)
 	if err != nil {
 		t.Fatalf("ListenVsock: %v", err)
@@ -374,7 +374,7 @@ func TestVsockListener(t *testing.T) {
 		t.Errorf("Addr() = %v, want port %d", l.Addr(), 0xbad0)
 	}
 	if _, err := os.Stat("/sys/module/vsock_loopback"); err != nil {
-		t.Skip("vsock_loopback is not loaded: cannot connect to our own listener (bind checked)")
+		testutil.Missing(t, testutil.TierVsock, "vsock_loopback is not loaded: cannot connect to our own listener (bind checked)")
 	}
 	s := newTestServer(t)
 	ctx, cancel := context.WithCancel(context.Background())

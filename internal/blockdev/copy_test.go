@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -191,7 +192,7 @@ func TestReflinkDetectionOnExt4(t *testing.T) {
 		t.Fatal(err)
 	}
 	if sfs.Type != unix.EXT4_SUPER_MAGIC {
-		t.Skipf("the temp dir is not on ext4 (magic %#x); this test checks ext4's lack of reflinks", sfs.Type)
+		testutil.Missing(t, testutil.TierHost, fmt.Sprintf("the temp dir is not on ext4 (magic %#x); this test checks ext4's lack of reflinks", sfs.Type))
 	}
 	ok, err := blockdev.ReflinkSupported(state)
 	if ok || err == nil || !errors.Is(err, unix.EOPNOTSUPP) {
@@ -214,9 +215,7 @@ func TestReflinkDetectionOnExt4(t *testing.T) {
 func xfsStateDir(t testing.TB) string {
 	t.Helper()
 	testutil.RequiresLoop(t)
-	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
-		t.Skip("no reflink-capable filesystem to test on: mkfs.xfs not found (apt-get install xfsprogs)")
-	}
+	testutil.RequiresTool(t, "mkfs.xfs") // a reflink-capable file system to test on (apt-get install xfsprogs)
 	dir := t.TempDir()
 	img := filepath.Join(dir, "xfs.img")
 	sparse(t, img, 8<<30)

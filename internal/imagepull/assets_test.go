@@ -36,9 +36,10 @@ func newScriptEnv(t *testing.T, standIns ...string) *scriptEnv {
 	e := &scriptEnv{root: t.TempDir(), bin: t.TempDir()}
 	e.record = filepath.Join(t.TempDir(), "record")
 	for _, tool := range []string{"sh", "sed", "head", "mkdir", "dirname", "mv", "rm", "date", "cat", "tr", "grep", "sleep"} {
+		testutil.RequiresTool(t, tool)
 		p, err := exec.LookPath(tool)
 		if err != nil {
-			t.Skipf("%s not in PATH", tool)
+			t.Fatal(err)
 		}
 		if err := os.Symlink(p, filepath.Join(e.bin, tool)); err != nil {
 			t.Fatal(err)

@@ -83,9 +83,7 @@ func bangerTimed(t *testing.T, ctx context.Context, ref string, cache *Cache, wo
 //
 //	BANGER_BENCH=1 go test ./internal/imagepull -run TestBenchPull -v -count=1 -timeout 30m
 func TestBenchPull(t *testing.T) {
-	if os.Getenv("BANGER_BENCH") != "1" {
-		t.Skip("set BANGER_BENCH=1 to run the pull benchmark")
-	}
+	testutil.OptIn(t, "BANGER_BENCH", "the pull benchmark")
 	testutil.RequiresRoot(t)
 	testutil.RequiresTool(t, "docker-registry", "skopeo", "umoci", "mkfs.ext4", "debugfs")
 	ctx := context.Background()

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/bangerdev/banger/internal/testutil"
 )
 
 func TestDefaultSize(t *testing.T) {
@@ -188,9 +190,7 @@ func TestBuildExt4RemovesPartialFile(t *testing.T) {
 // inodes and fails; BuildExt4 sizes the inode table from the entry count.
 func TestBuildExt4InodeHeadroom(t *testing.T) {
 	requireE2fsprogs(t)
-	if testing.Short() {
-		t.Skip("-short: creates 20k files")
-	}
+	testutil.SkipIfShort(t, "creates 20k files")
 	staging := fastTempDir(t)
 	const dirs, perDir = 34, 500
 	for d := range dirs {

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/bangerdev/banger/internal/testutil"
+
 	"github.com/google/go-cmp/cmp"
 )
 
@@ -472,9 +474,7 @@ func FuzzFlatten(f *testing.F) {
 }
 
 func TestWriteFuzzCorpus(t *testing.T) {
-	if os.Getenv("BANGER_WRITE_FUZZ_CORPUS") != "1" {
-		t.Skip("set BANGER_WRITE_FUZZ_CORPUS=1 to regenerate testdata/fuzz/FuzzFlatten")
-	}
+	testutil.OptIn(t, "BANGER_WRITE_FUZZ_CORPUS", "regenerating testdata/fuzz/FuzzFlatten")
 	dir := filepath.Join("testdata", "fuzz", "FuzzFlatten")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)

@@ -257,9 +257,7 @@ var tarKind = map[byte]string{
 // the tar, and e2fsck must find nothing. It logs each phase's duration.
 func TestDebianRootfs(t *testing.T) {
 	requireE2fsprogs(t)
-	if testing.Short() {
-		t.Skip("-short: builds a 1 GiB image from the Debian test root filesystem")
-	}
+	testutil.SkipIfShort(t, "builds a 1 GiB image from the Debian test root filesystem")
 	tarPath := testutil.DebianRootfsTar(t, "std", nil)
 	ctx := context.Background()
 	staging := fastTempDir(t)

@@ -24,19 +24,23 @@ type Tier string
 
 // The tiers banger's tests are split into.
 const (
-	TierRoot  Tier = "root"  // euid 0
-	TierNetNS Tier = "netns" // network namespaces, bridges, taps, nftables
-	TierLoop  Tier = "loop"  // loop devices
-	TierDM    Tier = "dm"    // device-mapper (/dev/mapper/control)
-	TierQEMU  Tier = "qemu"  // qemu-system-x86_64 can boot a guest (TCG is enough)
-	TierKVM   Tier = "kvm"   // hardware virtualization
-	TierVM    Tier = "vm"    // end-to-end VM boots (slow; needs qemu + root + test images)
-	TierTools Tier = "tools" // external tools a test compares against (skopeo, umoci, docker-registry, mmdebstrap)
+	TierRoot  Tier = "root"   // euid 0
+	TierNetNS Tier = "netns"  // network namespaces, bridges, taps, nftables
+	TierLoop  Tier = "loop"   // loop devices
+	TierDM    Tier = "dm"     // device-mapper (/dev/mapper/control)
+	TierQEMU  Tier = "qemu"   // qemu-system-x86_64 can boot a guest (TCG is enough)
+	TierKVM   Tier = "kvm"    // hardware virtualization
+	TierVM    Tier = "vm"     // end-to-end VM boots (slow; needs qemu + root + test images)
+	TierTools Tier = "tools"  // external tools a test compares against (skopeo, umoci, docker-registry, mmdebstrap)
+	TierSlow  Tier = "slow"   // tests that -short leaves out (large fixtures, many files)
+	TierHost  Tier = "host"   // a property of the host a test checks, such as the temp dir's file system
+	TierVsock Tier = "vsock"  // AF_VSOCK with a loopback transport (vsock_loopback)
+	TierOptIn Tier = "opt-in" // runs only when asked for: benchmarks, corpus regeneration
 )
 
 // DefaultCITiers are the tiers that must run under CI=true on the machines
 // banger's CI uses (see shared/MACHINE.md): no device-mapper, no hardware KVM.
-var DefaultCITiers = []Tier{TierRoot, TierNetNS, TierLoop, TierQEMU, TierVM, TierTools}
+var DefaultCITiers = []Tier{TierRoot, TierNetNS, TierLoop, TierQEMU, TierVM, TierTools, TierSlow, TierHost}
 
 // Required reports whether tier must not be skipped in this run.
 func Required(tier Tier) bool {
@@ -154,6 +158,34 @@ func RequiresTool(t testing.TB, names ...string) {
 		if _, err := exec.LookPath(n); err != nil {
 			Missing(t, TierTools, n+" not found in PATH")
 		}
+	}
+}
+
+// SkipIfShort skips (or fails, see Missing) a slow test under -short,
+// saying what makes it slow.
+func SkipIfShort(t testing.TB, why string) {
+	t.Helper()
+	if testing.Short() {
+		Missing(t, TierSlow, "-short: "+why)
+	}
+}
+
+// OptIn skips the test unless the environment variable env is "1": for
+// benchmarks and tools that run only when asked (make bench). The opt-in
+// tier is never required by default, so it skips with the reason under CI
+// too, unless BANGER_REQUIRE_TIERS names it.
+func OptIn(t testing.TB, env, what string) {
+	t.Helper()
+	if os.Getenv(env) != "1" {
+		Missing(t, TierOptIn, what+": set "+env+"=1 to run it")
+	}
+}
+
+// RequiresVsock skips unless AF_VSOCK exists on this host.
+func RequiresVsock(t testing.TB) {
+	t.Helper()
+	if _, err := os.Stat("/dev/vsock"); err != nil {
+		Missing(t, TierVsock, "no AF_VSOCK on this kernel: "+err.Error())
 	}
 }
 

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/bangerdev/banger/internal/testutil"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -80,9 +82,10 @@ func TestSpecValidate(t *testing.T) {
 // TestProcStatOddComm runs a program whose name has spaces and parentheses,
 // which naive /proc/<pid>/stat parsing gets wrong.
 func TestProcStatOddComm(t *testing.T) {
+	testutil.RequiresTool(t, "sleep")
 	sleep, err := exec.LookPath("sleep")
 	if err != nil {
-		t.Skip("no sleep binary")
+		t.Fatal(err)
 	}
 	odd := filepath.Join(t.TempDir(), "a) (b c")
 	if err := os.Symlink(sleep, odd); err != nil {

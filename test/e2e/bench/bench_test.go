@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/bangerdev/banger/internal/testutil"
 	"time"
 
 	"github.com/bangerdev/banger/internal/model"
@@ -26,9 +28,7 @@ func TestMain(m *testing.M) { e2etest.Main(m) }
 // agent-healthy and to SSH-ready, and the daemon's RSS with 3 VMs running.
 // It runs only with BANGER_BENCH=1 (make bench).
 func TestBenchVMLifecycle(t *testing.T) {
-	if os.Getenv("BANGER_BENCH") != "1" {
-		t.Skip("benchmark: set BANGER_BENCH=1 (make bench)")
-	}
+	testutil.OptIn(t, "BANGER_BENCH", "benchmark (make bench)")
 	drivers := []struct {
 		name  string
 		fs    string // file system for the state dir: "" = the default, "xfs" = a loop-mounted XFS (reflinks)
@@ -41,9 +41,7 @@ func TestBenchVMLifecycle(t *testing.T) {
 		t.Run(drv.name, func(t *testing.T) {
 			extra := drv.extra
 			if drv.fs == "xfs" {
-				if _, err := exec.LookPath("mkfs.xfs"); err != nil {
-					t.Skip("reflink driver: mkfs.xfs not installed (apt-get install xfsprogs)")
-				}
+				testutil.RequiresTool(t, "mkfs.xfs") // the reflink driver needs XFS (apt-get install xfsprogs)
 				dir := xfsDir(t)
 				extra = map[string]any{"disk_driver": "reflink", "state_dir": filepath.Join(dir, "state")}
 			}
