@@ -79,9 +79,15 @@ func RepoRoot() (string, error) {
 }
 
 // Daemon is a banger daemon process running inside a namespace, with its
-// state, cache and runtime dirs in a directory of its own.
+// state, cache and runtime dirs in a directory of its own. Its methods
+// report to the test that made it; For gives a view reporting to a subtest.
 type Daemon struct {
-	t       testing.TB
+	t testing.TB
+	*daemonProc
+}
+
+// daemonProc is what every view of one daemon shares.
+type daemonProc struct {
 	ns      *NetNS
 	Bin     string // the banger binary
 	Dir     string
@@ -91,6 +97,11 @@ type Daemon struct {
 	cmd     *exec.Cmd
 	sshDir  string
 }
+
+// For returns a view of the same daemon whose failures are reported to t:
+// use it in a subtest (t.Run) that shares the parent's daemon, since a
+// test may only fail from its own goroutine.
+func (d *Daemon) For(t testing.TB) *Daemon { return &Daemon{t: t, daemonProc: d.daemonProc} }
 
 // NewDaemon starts a daemon in ns with the harness's default config (QEMU,
 // the built agent and init) plus extra; it is stopped, and its log tail
@@ -104,7 +115,7 @@ func NewDaemon(t testing.TB, ns *NetNS, extra map[string]any) *Daemon {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(base) })
-	d := &Daemon{t: t, ns: ns, Bin: filepath.Join(bins, "banger"), Dir: base, LogPath: filepath.Join(base, "daemon.log"), sshDir: filepath.Join(base, "ssh")}
+	d := &Daemon{t: t, daemonProc: &daemonProc{ns: ns, Bin: filepath.Join(bins, "banger"), Dir: base, LogPath: filepath.Join(base, "daemon.log"), sshDir: filepath.Join(base, "ssh")}}
 	d.Socket = filepath.Join(base, "run", "banger.sock")
 	d.Config = map[string]any{
 		"state_dir":       filepath.Join(base, "state"),

@@ -30,6 +30,14 @@ type Env struct {
 	Image  string       // name of the pulled image
 }
 
+// For returns a copy of e whose daemon reports to t (see Daemon.For), for a
+// subtest sharing its parent's Env.
+func (e *Env) For(t testing.TB) *Env {
+	c := *e
+	c.D = e.D.For(t)
+	return &c
+}
+
 // Setup is the Env of the QEMU tests: the Debian test image (systemd,
 // sshd) pulled as "debian-test", with the Debian cloud kernel imported as
 // "deb-cloud". daemonCfg is merged into the daemon's config.

@@ -1,5 +1,5 @@
 // Package lifecycle holds the end-to-end tests of a VM's life on QEMU:
-// pull, run, ssh, stop, start, remove, two VMs at once, and failures.
+// pull, run, ssh, a file kept across stop and start, remove, nothing left.
 package lifecycle
 
 import (
