@@ -24,18 +24,19 @@ type Tier string
 
 // The tiers banger's tests are split into.
 const (
-	TierRoot  Tier = "root"   // euid 0
-	TierNetNS Tier = "netns"  // network namespaces, bridges, taps, nftables
-	TierLoop  Tier = "loop"   // loop devices
-	TierDM    Tier = "dm"     // device-mapper (/dev/mapper/control)
-	TierQEMU  Tier = "qemu"   // qemu-system-x86_64 can boot a guest (TCG is enough)
-	TierKVM   Tier = "kvm"    // hardware virtualization
-	TierVM    Tier = "vm"     // end-to-end VM boots (slow; needs qemu + root + test images)
-	TierTools Tier = "tools"  // external tools a test compares against (skopeo, umoci, docker-registry, mmdebstrap)
-	TierSlow  Tier = "slow"   // tests that -short leaves out (large fixtures, many files)
-	TierHost  Tier = "host"   // a property of the host a test checks, such as the temp dir's file system
-	TierVsock Tier = "vsock"  // AF_VSOCK with a loopback transport (vsock_loopback)
-	TierOptIn Tier = "opt-in" // runs only when asked for: benchmarks, corpus regeneration
+	TierRoot     Tier = "root"     // euid 0
+	TierNetNS    Tier = "netns"    // network namespaces, bridges, taps, nftables
+	TierLoop     Tier = "loop"     // loop devices
+	TierDM       Tier = "dm"       // device-mapper (/dev/mapper/control)
+	TierQEMU     Tier = "qemu"     // qemu-system-x86_64 can boot a guest (TCG is enough)
+	TierKVM      Tier = "kvm"      // hardware virtualization
+	TierVM       Tier = "vm"       // end-to-end VM boots (slow; needs qemu + root + test images)
+	TierTools    Tier = "tools"    // external tools a test compares against (skopeo, umoci, docker-registry, mmdebstrap)
+	TierSlow     Tier = "slow"     // tests that -short leaves out (large fixtures, many files)
+	TierHost     Tier = "host"     // a property of the host a test checks, such as the temp dir's file system
+	TierVsock    Tier = "vsock"    // AF_VSOCK with a loopback transport (vsock_loopback)
+	TierOptIn    Tier = "opt-in"   // runs only when asked for: benchmarks, corpus regeneration
+	TierOptional Tier = "optional" // a conformance case for an optional capability the implementation under test lacks
 )
 
 // DefaultCITiers are the tiers that must run under CI=true on the machines
@@ -179,6 +180,16 @@ func OptIn(t testing.TB, env, what string) {
 	if os.Getenv(env) != "1" {
 		Missing(t, TierOptIn, what+": set "+env+"=1 to run it")
 	}
+}
+
+// Unsupported skips a conformance case that does not apply: the
+// implementation under test lacks an optional capability (it returns
+// ErrNotSupported or does not implement the role interface). The optional
+// tier is never required by default; BANGER_REQUIRE_TIERS=optional makes
+// every such skip a failure.
+func Unsupported(t testing.TB, reason string) {
+	t.Helper()
+	Missing(t, TierOptional, reason)
 }
 
 // RequiresVsock skips unless AF_VSOCK exists on this host.

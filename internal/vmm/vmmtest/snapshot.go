@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/testutil"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -20,7 +21,7 @@ func testSnapshot(t *testing.T, cfg Config) {
 	m := cfg.New()
 	sn, ok := m.(vmm.Snapshotter)
 	if !ok {
-		t.Skipf("%s does not implement vmm.Snapshotter (an optional capability)", m.Name())
+		testutil.Unsupported(t, m.Name()+" does not implement vmm.Snapshotter (an optional capability)")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
