@@ -7,8 +7,13 @@ LDFLAGS       := -s -w -X github.com/bangerdev/banger/internal/daemon.Version=$(
 GOLANGCI_LINT_VERSION := v2.15.0
 GOLANGCI_LINT ?= $(shell command -v golangci-lint 2>/dev/null || echo $(HOME)/go/bin/golangci-lint)
 TEST_TIMEOUT  ?= 40m
+# The packages with goroutines and locks, which `make test` runs again under
+# the race detector: the daemon (and what is split out of it below
+# internal/daemon/), the store, the agent, netctl and blockdev. A new
+# package with concurrency joins this list.
+RACE_PKGS     ?= ./internal/daemon/... ./internal/store/... ./internal/agent/... ./internal/netctl/... ./internal/blockdev/...
 
-.PHONY: help build test test-short lint-go lint-shell lint e2e bench install uninstall clean
+.PHONY: help build test test-race test-short lint-go lint-shell lint e2e bench install uninstall clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -18,8 +23,12 @@ build: ## Build banger and the static guest programs into bin/
 	CGO_ENABLED=0 $(GO) build -ldflags '-s -w' -o bin/banger-vsock-agent ./cmd/banger-vsock-agent
 	CGO_ENABLED=0 $(GO) build -ldflags '-s -w' -o bin/banger-init ./cmd/banger-init
 
-test: ## Run every test tier (root, network namespaces, loop devices, QEMU guests) as far as this host allows
+test: ## Run every test tier (root, network namespaces, loop devices, QEMU guests) as far as this host allows, then the race detector over the concurrent packages
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(RACE_PKGS)
+
+test-race: ## Run the race detector over the packages with concurrency (needs cgo: gcc)
+	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(RACE_PKGS)
 
 test-short: ## Run the fast tests only (no VM boots)
 	$(GO) test -short -count=1 ./...
