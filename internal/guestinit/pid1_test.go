@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp/cmpopts"
 
 	"github.com/bangerdev/banger/internal/guestabi"
+	"github.com/bangerdev/banger/internal/testutil"
 )
 
 func writeRoot(t *testing.T, root string, files map[string]string) {
@@ -164,9 +165,10 @@ func TestUnescapeMount(t *testing.T) {
 // TestProcsStatus starts children through procs and reaps them as PID 1's
 // signal loop does: each waiter gets its own status.
 func TestProcsStatus(t *testing.T) {
+	testutil.RequiresTool(t, "sh")
 	sh, err := lookPath("/", "sh", nil)
 	if err != nil {
-		t.Skipf("no sh on this host: %v", err)
+		t.Fatalf("lookPath sh: %v", err)
 	}
 	p := newProcs()
 	_, done, err := p.start(sh, []string{"sh", "-c", "exit 7"}, &syscall.ProcAttr{Files: []uintptr{0, 1, 2}})
