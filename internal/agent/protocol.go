@@ -33,6 +33,7 @@
 //     powers off); the reply comes first. Added in agent protocol v1 without
 //     a version bump: an older agent answers unknown_op and the host falls
 //     back to the monitor's own shutdown request.
+//   - set_identity: a restored clone's own identity (identity.go).
 //
 // # Transports
 //
@@ -109,6 +110,8 @@ type Request struct {
 	Op    string `json:"op"`
 	Nonce string `json:"nonce,omitempty"` // hello
 	Key   string `json:"key,omitempty"`   // authorize_key: one authorized_keys line
+	// Identity is set_identity's argument (identity.go).
+	Identity *Identity `json:"identity,omitempty"`
 }
 
 // Response is the payload of an agent-to-host frame. Exactly one of Error
@@ -124,6 +127,8 @@ type Response struct {
 	Key    *AuthorizeKey `json:"authorize_key,omitempty"`
 	// Shutdown is set in the reply to OpShutdown.
 	Shutdown *Shutdown `json:"shutdown,omitempty"`
+	// Identity is set in the reply to OpSetIdentity (identity.go).
+	Identity *IdentityResult `json:"identity,omitempty"`
 }
 
 // Shutdown is the reply to OpShutdown.

@@ -272,6 +272,17 @@ func (s *Server) Handle(ctx context.Context, req Request) *Response {
 			return errorResponse(req.ID, req.Op, CodeInternal, err.Error())
 		}
 		resp.Shutdown = &Shutdown{Method: method}
+	case OpSetIdentity:
+		res, err := s.setIdentity(req.Identity)
+		if err != nil {
+			code := CodeInternal
+			if errors.Is(err, ErrInvalidArgument) {
+				code = CodeInvalidArgument
+			}
+			s.logf("set_identity: %v", err)
+			return errorResponse(req.ID, req.Op, code, err.Error())
+		}
+		resp.Identity = res
 	default:
 		return errorResponse(req.ID, req.Op, CodeUnknownOp, fmt.Sprintf("unknown operation %q", truncate(req.Op, 64)))
 	}

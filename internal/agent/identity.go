@@ -1,0 +1,506 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/guestabi"
+)
+
+// OpSetIdentity gives a guest restored from a snapshot an identity of its
+// own, before the host marks it ready: the clock is stepped to the host's
+// time, the random pool is reseeded, the network interface gets its new MAC
+// and address, and the hostname, /etc/machine-id and the SSH host keys are
+// replaced (the reply carries the new host key for the host to pin). Added
+// in agent protocol v1 without a version bump: an older agent answers
+// unknown_op and the host refuses to mark the clone ready.
+const OpSetIdentity = "set_identity"
+
+// Identity is the argument of OpSetIdentity. Empty fields are left alone.
+type Identity struct {
+	// HostTime is the host's wall clock (Unix nanoseconds) when it sent the
+	// request: the guest clock is stepped to it.
+	HostTime int64 `json:"host_time_ns,omitempty"`
+	// Seed is fresh randomness (at most 512 bytes) mixed into the guest's
+	// pool, which a restored guest would otherwise share with its siblings.
+	Seed []byte `json:"seed,omitempty"`
+	// OldMAC selects the interface to change (the saved VM's MAC); empty
+	// means the first Ethernet interface.
+	OldMAC string `json:"old_mac,omitempty"`
+	// MAC is the interface's new MAC.
+	MAC string `json:"mac,omitempty"`
+	// Address is the interface's new address with its prefix
+	// ("172.30.0.5/24"); the interface's other IPv4 addresses are removed.
+	Address string `json:"address,omitempty"`
+	// Gateway is the default route's new next hop.
+	Gateway  string `json:"gateway,omitempty"`
+	Hostname string `json:"hostname,omitempty"`
+	// MachineID is the new /etc/machine-id: 32 lowercase hex digits.
+	MachineID string `json:"machine_id,omitempty"`
+	// NewHostKeys replaces the SSH host keys with a fresh ed25519 key and
+	// makes a running sshd load it.
+	NewHostKeys bool `json:"new_host_keys,omitempty"`
+}
+
+// IdentityResult is the reply to OpSetIdentity.
+type IdentityResult struct {
+	// Applied lists the steps done, in order.
+	Applied []string `json:"applied"`
+	// ClockStep is how far the guest clock was moved.
+	ClockStep time.Duration `json:"clock_step_ns,omitempty"`
+	// HostKey is the new ed25519 host key (authorized_keys format). It
+	// comes from the guest: validate it before pinning it.
+	HostKey string `json:"host_key,omitempty"`
+}
+
+var (
+	machineIDRE = regexp.MustCompile(`^[0-9a-f]{32}$`)
+	hostnameRE  = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$`)
+)
+
+// maxSeedBytes bounds Identity.Seed.
+const maxSeedBytes = 512
+
+// Validate checks every field, on both ends.
+func (id *Identity) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("identity: %s: %w", fmt.Sprintf(format, a...), ErrInvalidArgument)
+	}
+	if len(id.Seed) > maxSeedBytes {
+		return bad("seed of %d bytes (at most %d)", len(id.Seed), maxSeedBytes)
+	}
+	for _, m := range []struct{ what, mac string }{{"mac", id.MAC}, {"old_mac", id.OldMAC}} {
+		if m.mac == "" {
+			continue
+		}
+		hw, err := net.ParseMAC(m.mac)
+		if err != nil || len(hw) != 6 {
+			return bad("%s %q is not a MAC address", m.what, m.mac)
+		}
+		if m.what == "mac" && hw[0]&1 != 0 {
+			return bad("mac %q is a multicast address", m.mac)
+		}
+	}
+	if id.Address != "" {
+		p, err := netip.ParsePrefix(id.Address)
+		if err != nil || !p.Addr().Is4() {
+			return bad("address %q is not an IPv4 address with a prefix length", id.Address)
+		}
+	}
+	if id.Gateway != "" {
+		if a, err := netip.ParseAddr(id.Gateway); err != nil || !a.Is4() {
+			return bad("gateway %q is not an IPv4 address", id.Gateway)
+		}
+	}
+	if id.Hostname != "" && !hostnameRE.MatchString(id.Hostname) {
+		return bad("hostname %q is not a valid host name", id.Hostname)
+	}
+	if id.MachineID != "" && (!machineIDRE.MatchString(id.MachineID) || strings.Trim(id.MachineID, "0") == "") {
+		return bad("machine id %q: want 32 lowercase hex digits, not all zero", id.MachineID)
+	}
+	if id.HostTime < 0 {
+		return bad("host time %d is negative", id.HostTime)
+	}
+	return nil
+}
+
+// identitySystem is what set_identity does to the running guest beyond its
+// files; tests replace it.
+var identitySystem identitySys = realSystem{}
+
+type identitySys interface {
+	setClock(t time.Time) error
+	reseed(seed []byte) error
+	setNetwork(oldMAC, mac net.HardwareAddr, addr netip.Prefix, gw netip.Addr) error
+	setHostname(name string) error
+	reloadSSHD() error
+}
+
+// setIdentity applies id in order: clock first (so file times and key
+// generation see the right time), then randomness (before any key is
+// made), network, names, machine id, host keys. It stops at the first
+// failure; Applied says how far it got.
+func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
+	if id == nil {
+		return nil, fmt.Errorf("set_identity without an identity: %w", ErrInvalidArgument)
+	}
+	if err := id.Validate(); err != nil {
+		return nil, err
+	}
+	res := &IdentityResult{}
+	step := func(name string, err error) error {
+		if err != nil {
+			return fmt.Errorf("set identity: %s (after %v): %w", name, res.Applied, err)
+		}
+		res.Applied = append(res.Applied, name)
+		return nil
+	}
+	if id.HostTime > 0 {
+		host := time.Unix(0, id.HostTime)
+		res.ClockStep = time.Until(host)
+		if err := step("clock", identitySystem.setClock(host)); err != nil {
+			return res, err
+		}
+	}
+	if len(id.Seed) > 0 {
+		if err := step("random-seed", identitySystem.reseed(id.Seed)); err != nil {
+			return res, err
+		}
+	}
+	if id.MAC != "" || id.Address != "" {
+		oldMAC, _ := net.ParseMAC(id.OldMAC)
+		mac, _ := net.ParseMAC(id.MAC)
+		var addr netip.Prefix
+		var gw netip.Addr
+		if id.Address != "" {
+			addr = netip.MustParsePrefix(id.Address)
+		}
+		if id.Gateway != "" {
+			gw = netip.MustParseAddr(id.Gateway)
+		}
+		if err := step("network", identitySystem.setNetwork(oldMAC, mac, addr, gw)); err != nil {
+			return res, err
+		}
+	}
+	if id.Hostname != "" {
+		err := identitySystem.setHostname(id.Hostname)
+		if err == nil {
+			err = s.writeHostname(id.Hostname)
+		}
+		if err := step("hostname", err); err != nil {
+			return res, err
+		}
+	}
+	if id.MachineID != "" {
+		if err := step("machine-id", s.writeMachineID(id.MachineID)); err != nil {
+			return res, err
+		}
+	}
+	if id.NewHostKeys {
+		key, err := s.replaceHostKeys()
+		if err == nil {
+			res.HostKey = key
+			err = identitySystem.reloadSSHD()
+		}
+		if err := step("ssh-host-keys", err); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+// writeHostname writes /etc/hostname and points the 127.0.1.1 line of
+// /etc/hosts at the new name.
+func (s *Server) writeHostname(name string) error {
+	if err := replaceFile(s.path("/etc/hostname"), []byte(name+"\n"), 0o644); err != nil {
+		return err
+	}
+	hostsPath := s.path("/etc/hosts")
+	old, err := readBounded(hostsPath, 1<<20)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	var lines []string
+	found := false
+	for _, line := range strings.Split(strings.TrimRight(string(old), "\n"), "\n") {
+		if f := strings.Fields(line); len(f) > 0 && f[0] == "127.0.1.1" {
+			line, found = "127.0.1.1\t"+name, true
+		}
+		if line != "" || len(lines) > 0 {
+			lines = append(lines, line)
+		}
+	}
+	if !found {
+		lines = append(lines, "127.0.1.1\t"+name)
+	}
+	return replaceFile(hostsPath, []byte(strings.Join(lines, "\n")+"\n"), 0o644)
+}
+
+// writeMachineID replaces /etc/machine-id, and D-Bus's copy when it is a
+// file of its own rather than a link to it.
+func (s *Server) writeMachineID(id string) error {
+	if err := replaceFile(s.path("/etc/machine-id"), []byte(id+"\n"), 0o444); err != nil {
+		return err
+	}
+	dbus := s.path("/var/lib/dbus/machine-id")
+	if fi, err := os.Lstat(dbus); err == nil && fi.Mode().IsRegular() {
+		return replaceFile(dbus, []byte(id+"\n"), 0o444)
+	}
+	return nil
+}
+
+// replaceHostKeys removes every SSH host key (they are the saved VM's, and
+// its siblings') and writes a fresh ed25519 pair; it returns the public key.
+func (s *Server) replaceHostKeys() (string, error) {
+	olds, _ := filepath.Glob(s.path("/etc/ssh/ssh_host_*_key*"))
+	for _, p := range olds {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return "", err
+		}
+	}
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return "", err
+	}
+	block, err := ssh.MarshalPrivateKey(priv, "")
+	if err != nil {
+		return "", err
+	}
+	sshPub, err := ssh.NewPublicKey(pub)
+	if err != nil {
+		return "", err
+	}
+	line := strings.TrimSpace(string(ssh.MarshalAuthorizedKey(sshPub)))
+	privPath := strings.TrimSuffix(s.path(guestabi.HostKey), ".pub")
+	if err := os.MkdirAll(filepath.Dir(privPath), 0o755); err != nil {
+		return "", err
+	}
+	if err := replaceFile(privPath, pem.EncodeToMemory(block), 0o600); err != nil {
+		return "", err
+	}
+	if err := replaceFile(s.path(guestabi.HostKey), []byte(line+" root@banger\n"), 0o644); err != nil {
+		return "", err
+	}
+	return line, nil
+}
+
+// replaceFile writes data beside path and renames it over path, so a
+// symlink at path is replaced, never written through.
+func replaceFile(path string, data []byte, mode os.FileMode) error {
+	tmp := path + ".banger-new"
+	_ = os.Remove(tmp)
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_EXCL|os.O_WRONLY|unix.O_NOFOLLOW, mode) //nolint:gosec // a fixed guest path under the agent's root
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(mode)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+func readBounded(path string, limit int64) ([]byte, error) {
+	f, err := os.Open(path) //nolint:gosec // a fixed guest path under the agent's root
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var b bytes.Buffer
+	if _, err := b.ReadFrom(&limitedReader{f, limit}); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+type limitedReader struct {
+	f *os.File
+	n int64
+}
+
+func (l *limitedReader) Read(p []byte) (int, error) {
+	if l.n <= 0 {
+		return 0, fmt.Errorf("file larger than the agent reads: %w", ErrInvalidArgument)
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	n, err := l.f.Read(p)
+	l.n -= int64(n)
+	return n, err
+}
+
+// realSystem acts on the running guest.
+type realSystem struct{}
+
+func (realSystem) setClock(t time.Time) error {
+	ts := unix.NsecToTimespec(t.UnixNano())
+	return unix.ClockSettime(unix.CLOCK_REALTIME, &ts)
+}
+
+// reseed mixes seed into the kernel's pool (writing to /dev/urandom) and
+// asks for an immediate reseed of the CRNG (RNDRESEEDCRNG, Linux 4.17+),
+// so the restored guest's random numbers part from its siblings' at once.
+func (realSystem) reseed(seed []byte) error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := f.Write(seed); err != nil {
+		return err
+	}
+	const rndReseedCRNG = 0x5207 // _IO('R', 0x07)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), rndReseedCRNG, 0); errno != 0 && errno != unix.EINVAL && errno != unix.ENOTTY {
+		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
+	}
+	return nil
+}
+
+// setNetwork sets the new MAC on the interface that had oldMAC (the
+// virtio-net driver passes it to the device: QEMU and Firecracker accept
+// a live MAC change), replaces its IPv4 addresses with addr and the
+// default route with one through gw.
+func (realSystem) setNetwork(oldMAC, mac net.HardwareAddr, addr netip.Prefix, gw netip.Addr) error {
+	link, err := ethernetLink(oldMAC)
+	if err != nil {
+		return err
+	}
+	name := link.Attrs().Name
+	if len(mac) > 0 && !bytes.Equal(link.Attrs().HardwareAddr, mac) {
+		if err := netlink.LinkSetHardwareAddr(link, mac); err != nil {
+			// Some drivers refuse a live change: down, change, up.
+			if derr := netlink.LinkSetDown(link); derr != nil {
+				return fmt.Errorf("set MAC %s on %s: %w", mac, name, err)
+			}
+			err = netlink.LinkSetHardwareAddr(link, mac)
+			if uerr := netlink.LinkSetUp(link); err == nil {
+				err = uerr
+			}
+			if err != nil {
+				return fmt.Errorf("set MAC %s on %s: %w", mac, name, err)
+			}
+		}
+	}
+	if !addr.IsValid() {
+		return nil
+	}
+	olds, err := netlink.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("addresses of %s: %w", name, err)
+	}
+	// The old addresses go first: deleting a primary address also deletes
+	// the secondaries of its subnet, which the new one would be.
+	want := &netlink.Addr{IPNet: &net.IPNet{IP: addr.Addr().AsSlice(), Mask: net.CIDRMask(addr.Bits(), 32)}}
+	for _, a := range olds {
+		if !a.IP.Equal(want.IP) {
+			if err := netlink.AddrDel(link, &a); err != nil {
+				return fmt.Errorf("remove old address %s from %s: %w", a.IPNet, name, err)
+			}
+		}
+	}
+	if err := netlink.AddrReplace(link, want); err != nil {
+		return fmt.Errorf("address %s on %s: %w", addr, name, err)
+	}
+	if gw.IsValid() {
+		r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: gw.AsSlice(), Scope: netlink.SCOPE_UNIVERSE}
+		if err := netlink.RouteReplace(r); err != nil {
+			return fmt.Errorf("default route via %s on %s: %w", gw, name, err)
+		}
+	}
+	return nil
+}
+
+func ethernetLink(mac net.HardwareAddr) (netlink.Link, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces: %w", err)
+	}
+	for _, l := range links {
+		a := l.Attrs()
+		if a.EncapType != "ether" || a.Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		if len(mac) > 0 && !bytes.Equal(a.HardwareAddr, mac) {
+			continue
+		}
+		return l, nil
+	}
+	return nil, fmt.Errorf("no Ethernet interface with MAC %s", mac)
+}
+
+func (realSystem) setHostname(name string) error { return unix.Sethostname([]byte(name)) }
+
+// reloadSSHD sends SIGHUP to every running sshd listener (an sshd whose
+// parent is not an sshd): sshd re-executes itself and loads the new host
+// keys; open sessions are not affected.
+func (realSystem) reloadSSHD() error {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return err
+	}
+	comm := func(pid int) string {
+		b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm")
+		return strings.TrimSpace(string(b))
+	}
+	var errs []error
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || comm(pid) != "sshd" {
+			continue
+		}
+		stat, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		i := bytes.LastIndexByte(stat, ')')
+		f := strings.Fields(string(stat[i+1:]))
+		if len(f) < 2 {
+			continue
+		}
+		if ppid, _ := strconv.Atoi(f[1]); comm(ppid) == "sshd" {
+			continue // a session, not the listener
+		}
+		if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
+			errs = append(errs, fmt.Errorf("SIGHUP sshd %d: %w", pid, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// SetIdentity asks the agent to apply id (see OpSetIdentity). id is
+// validated here first; the reply is untrusted guest data.
+func (c *Client) SetIdentity(ctx context.Context, id Identity) (*IdentityResult, error) {
+	if err := id.Validate(); err != nil {
+		return nil, err
+	}
+	resp, err := c.call(ctx, Request{Op: OpSetIdentity, Identity: &id}, nil)
+	if err != nil {
+		return nil, err
+	}
+	if resp.Identity == nil {
+		return nil, fmt.Errorf("set_identity: reply without result: %w", ErrBadFrame)
+	}
+	return resp.Identity, nil
+}
+
+// NewMachineID returns a random machine id in /etc/machine-id's form.
+func NewMachineID() string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b)
+	b[6] = b[6]&0x0f | 0x40 // a v4 UUID, as systemd-machine-id-setup makes
+	b[8] = b[8]&0x3f | 0x80
+	return hex.EncodeToString(b)
+}
