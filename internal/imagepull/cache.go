@@ -24,6 +24,10 @@ import (
 // digest, whether it came from the registry or from the cache.
 var ErrDigestMismatch = errors.New("blob digest mismatch")
 
+// ErrStalled is wrapped when a registry stops sending data for longer than
+// the pull's stall timeout (PullOptions.StallTimeout).
+var ErrStalled = errors.New("registry stalled")
+
 // ErrInvalidDigest is wrapped when a digest is not "sha256:" followed by 64
 // lowercase hex digits.
 var ErrInvalidDigest = errors.New("invalid blob digest")
@@ -48,15 +52,13 @@ var ErrInvalidDigest = errors.New("invalid blob digest")
 // that happened after the download (disk errors, a tampered cache), which
 // "verified once" would not.
 //
-// Concurrent pulls in one process wait for each other's download of a shared
-// blob; pulls in different processes each download to their own temp file
-// and the last rename wins with identical content. A Cache must not be
-// copied after first use.
+// Concurrent pulls never wait for each other: each downloads a missing blob
+// to a temp file of its own and the last rename wins with identical
+// content. So a slow or stalled registry of one user's pull cannot hold up
+// another user's pull of the same layer. (Within one pull, the prefetch
+// and the read of a layer share one download: see Image.)
 type Cache struct {
 	Dir string
-
-	mu       sync.Mutex
-	inflight map[string]*sync.Mutex
 }
 
 // blobDir is the directory holding the sha256 blobs.
@@ -117,9 +119,6 @@ func (c *Cache) OpenBlob(ctx context.Context, digest string, size int64, fetch F
 	if err != nil {
 		return nil, err
 	}
-	unlock := c.lockDigest(digest)
-	defer unlock()
-
 	if f, err := os.Open(path); err == nil {
 		report.Report(progress.Event{Phase: "download", Item: digest, Current: size, Total: max(size, 0), Message: "cached", Done: true})
 		return &verifyingReader{f: f, path: path, digest: digest, want: path[len(path)-64:], h: sha256.New()}, nil
@@ -140,8 +139,6 @@ func (c *Cache) Ensure(ctx context.Context, digest string, size int64, fetch Fet
 	if err != nil {
 		return err
 	}
-	unlock := c.lockDigest(digest)
-	defer unlock()
 	if _, err := os.Stat(path); err == nil {
 		return nil
 	}
@@ -152,20 +149,41 @@ func (c *Cache) Ensure(ctx context.Context, digest string, size int64, fetch Fet
 	return f.Close()
 }
 
-// lockDigest serializes downloads of one digest within this process.
-func (c *Cache) lockDigest(digest string) func() {
-	c.mu.Lock()
-	if c.inflight == nil {
-		c.inflight = map[string]*sync.Mutex{}
+// flights serializes work on one key (a layer digest) within one pull, so
+// that the prefetch of a layer and its read share one download. Waits
+// honour cancellation.
+type flights struct {
+	mu sync.Mutex
+	m  map[string]chan struct{}
+}
+
+// lock waits until no other holder has key, or ctx is done, and returns
+// the function that releases it.
+func (f *flights) lock(ctx context.Context, key string) (func(), error) {
+	for {
+		f.mu.Lock()
+		if f.m == nil {
+			f.m = map[string]chan struct{}{}
+		}
+		busy, ok := f.m[key]
+		if !ok {
+			done := make(chan struct{})
+			f.m[key] = done
+			f.mu.Unlock()
+			return func() {
+				f.mu.Lock()
+				delete(f.m, key)
+				f.mu.Unlock()
+				close(done)
+			}, nil
+		}
+		f.mu.Unlock()
+		select {
+		case <-busy:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("wait for the download of %s: %w", key, ctx.Err())
+		}
 	}
-	m, ok := c.inflight[digest]
-	if !ok {
-		m = &sync.Mutex{}
-		c.inflight[digest] = m
-	}
-	c.mu.Unlock()
-	m.Lock()
-	return m.Unlock
 }
 
 // download fetches a blob into a flock'ed temp file, verifies it, fsyncs it
@@ -213,6 +231,9 @@ func (c *Cache) download(ctx context.Context, digest string, size int64, fetch F
 	}
 	n, err := io.Copy(io.MultiWriter(f, h, pw), &ctxReader{ctx: ctx, r: src})
 	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, fmt.Errorf("download blob %s: the registry sent nothing for too long after %d bytes (check the registry or the network, then pull again): %w: %w", digest, n, ErrStalled, err)
+		}
 		return nil, fmt.Errorf("download blob %s: %w", digest, err)
 	}
 	if size > 0 && n != size {

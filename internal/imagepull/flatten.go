@@ -25,9 +25,10 @@ var (
 	// symlink, a hardlink to outside the tree, a whiteout of "." or "..",
 	// a name with control bytes.
 	ErrUnsafeEntry = errors.New("unsafe layer entry")
-	// ErrTooLarge marks layers whose content exceeds FlattenOptions.MaxBytes
-	// or MaxEntries (a decompression bomb, or an image too large for the
-	// requested size).
+	// ErrTooLarge marks layers whose decompressed bytes exceed the pull's
+	// budget (FlattenOptions.MaxBytes, or the staging file system's free
+	// space) or whose entries exceed MaxEntries: a decompression bomb, or
+	// an image too large for the requested size or the disk.
 	ErrTooLarge = errors.New("image content exceeds the limit")
 	// ErrBadEntry marks an entry Flatten cannot replay: an unsupported tar
 	// type, a hardlink to a missing file, a file below a non-directory.
@@ -36,8 +37,19 @@ var (
 
 // Defaults for FlattenOptions.
 const (
-	DefaultMaxBytes   int64 = 64 << 30 // 64 GiB of file content
-	DefaultMaxEntries       = 4 << 20  // tar entries over all layers
+	DefaultMaxEntries = 4 << 20 // tar entries over all layers
+	// FreeSpaceReserve is what the default budget leaves free on the
+	// staging file system: the decompressed layers may use its free space
+	// minus this much.
+	FreeSpaceReserve int64 = 512 << 20
+	// MaxEntryXattrs is the most xattr bytes (names plus values) one entry
+	// may carry: ext4 without ea_inode keeps an inode's xattrs in the
+	// inode's spare space and one 4 KiB block.
+	MaxEntryXattrs = 4 << 10
+	// MaxXattrBytes bounds the xattr bytes Flatten keeps in the Metadata
+	// over the whole image, so that many small entries with large xattrs
+	// cannot grow the daemon's heap.
+	MaxXattrBytes = 16 << 20
 )
 
 // maxComponent is the longest file name ext4 can hold.
@@ -82,10 +94,14 @@ type Prefetcher interface {
 
 // FlattenOptions configure Flatten.
 type FlattenOptions struct {
-	// MaxBytes limits the file content written, summed over all layers
-	// (a file a later layer replaces counts twice). Zero means
-	// DefaultMaxBytes. The daemon passes the target ext4 size when the
-	// user gives one.
+	// MaxBytes is the pull's decompression budget: every byte decompressed
+	// from the layers counts (tar headers, PAX records and the xattrs in
+	// them, file bodies, the bodies of whiteouts and other skipped
+	// entries), summed over all layers, so a file a later layer replaces
+	// counts twice. The budget is the smaller of MaxBytes (when positive)
+	// and the free space of the staging file system minus
+	// FreeSpaceReserve (see Budget). The daemon passes the target ext4
+	// size when the user gives one.
 	MaxBytes int64
 	// MaxEntries limits the number of tar entries over all layers. Zero
 	// means DefaultMaxEntries.
@@ -127,9 +143,11 @@ type FlattenOptions struct {
 // what only in the Metadata). On error, stagingDir holds a partial tree: the
 // caller removes it.
 func Flatten(ctx context.Context, src LayerSource, stagingDir string, opts FlattenOptions) (Metadata, error) {
-	if opts.MaxBytes <= 0 {
-		opts.MaxBytes = DefaultMaxBytes
+	budget, err := Budget(stagingDir, opts.MaxBytes)
+	if err != nil {
+		return nil, err
 	}
+	opts.MaxBytes = budget
 	if opts.MaxEntries <= 0 {
 		opts.MaxEntries = DefaultMaxEntries
 	}
@@ -179,6 +197,47 @@ func Flatten(ctx context.Context, src LayerSource, stagingDir string, opts Flatt
 	return f.md, nil
 }
 
+// Budget is the decompression budget of a pull that stages on dir's file
+// system: the free space there minus FreeSpaceReserve, or limit when that
+// is positive and smaller. A file system without room for the reserve
+// fails with ErrTooLarge.
+func Budget(dir string, limit int64) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, fmt.Errorf("free space of %q: %w", dir, err)
+	}
+	free := int64(st.Bavail) * st.Bsize //nolint:gosec // block counts fit in int64
+	budget := free - FreeSpaceReserve
+	if budget <= 0 {
+		return 0, fmt.Errorf("%q has %d bytes free, less than the %d bytes a pull keeps in reserve: %w", dir, free, FreeSpaceReserve, ErrTooLarge)
+	}
+	if limit > 0 && limit < budget {
+		budget = limit
+	}
+	return budget, nil
+}
+
+// budgetReader counts every byte read from a decompressed layer against
+// the pull's budget and fails once the budget is spent.
+type budgetReader struct {
+	r     io.Reader
+	n     *int64 // bytes read so far, over all layers
+	limit int64
+}
+
+func (b budgetReader) Read(p []byte) (int, error) {
+	rem := b.limit - *b.n
+	if rem <= 0 {
+		return 0, fmt.Errorf("the layers decompress to more than %d bytes: %w", b.limit, ErrTooLarge)
+	}
+	if int64(len(p)) > rem {
+		p = p[:rem]
+	}
+	n, err := b.r.Read(p)
+	*b.n += int64(n)
+	return n, err
+}
+
 func dirEmpty(dir string) (bool, error) {
 	d, err := os.Open(dir)
 	if err != nil {
@@ -202,8 +261,10 @@ type flattener struct {
 	dirTimes map[string]time.Time           // directory mtimes, set last
 	opts     FlattenOptions
 	buf      []byte
-	bytes    int64 // file content written so far
-	entries  int
+	bytes    int64 // bytes decompressed so far, over all layers
+	// xattr bytes decoded so far
+	xattrBytes int64
+	entries    int
 
 	// Per layer: the paths its entries made, and their ancestors.
 	layer     int
@@ -227,7 +288,7 @@ func (f *flattener) replay(ctx context.Context, src LayerSource, i int, l Layer)
 			err = fmt.Errorf("layer %d (%s): %w", i, l.Digest, cerr)
 		}
 	}()
-	tr := tar.NewReader(rc)
+	tr := tar.NewReader(budgetReader{r: rc, n: &f.bytes, limit: f.opts.MaxBytes})
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -318,6 +379,11 @@ func (f *flattener) apply(hdr *tar.Header, r io.Reader) error {
 	if err != nil {
 		return err
 	}
+	for name, v := range meta.Xattrs {
+		if f.xattrBytes += int64(len(name) + len(v)); f.xattrBytes > MaxXattrBytes {
+			return fmt.Errorf("the image's xattrs exceed %d bytes: %w", MaxXattrBytes, ErrTooLarge)
+		}
+	}
 	if rel == "" {
 		if meta.Type != TypeDir {
 			return fmt.Errorf("the root must be a directory: %w", ErrUnsafeEntry)
@@ -351,7 +417,7 @@ func (f *flattener) apply(hdr *tar.Header, r io.Reader) error {
 		f.dirTimes[rel] = hdr.ModTime
 	case TypeRegular:
 		if hdr.Size > f.opts.MaxBytes-f.bytes {
-			return fmt.Errorf("%d bytes would bring the content to %d bytes, over the limit of %d: %w",
+			return fmt.Errorf("%d bytes would bring the decompressed layers to %d bytes, over the budget of %d: %w",
 				hdr.Size, f.bytes+hdr.Size, f.opts.MaxBytes, ErrTooLarge)
 		}
 		if err := f.removeAll(pfd, base, rel); err != nil {
@@ -426,6 +492,7 @@ func headerMeta(hdr *tar.Header) (FileMeta, error) {
 	case tar.TypeFifo:
 		m.Type = TypeFIFO
 	}
+	xattrBytes := 0
 	for k, v := range hdr.PAXRecords {
 		name, ok := strings.CutPrefix(k, "SCHILY.xattr.")
 		if !ok {
@@ -436,8 +503,11 @@ func headerMeta(hdr *tar.Header) (FileMeta, error) {
 		default:
 			continue // not a Linux xattr namespace: ext4 cannot hold it
 		}
-		if !xattrNameRE.MatchString(name) {
-			return m, fmt.Errorf("xattr name %q: %w", name, ErrUnsafeEntry)
+		if err := CheckXattrName(name); err != nil {
+			return m, fmt.Errorf("%w: %w", ErrUnsafeEntry, err)
+		}
+		if xattrBytes += len(name) + len(v); xattrBytes > MaxEntryXattrs {
+			return m, fmt.Errorf("xattrs of more than %d bytes: %w", MaxEntryXattrs, ErrTooLarge)
 		}
 		if m.Xattrs == nil {
 			m.Xattrs = map[string][]byte{}
@@ -556,7 +626,6 @@ func (f *flattener) writeFile(pfd int, base string, m FileMeta, hdr *tar.Header,
 		return fmt.Errorf("chmod: %w", err)
 	}
 	n, err := io.CopyBuffer(onlyWriter{file}, io.LimitReader(r, hdr.Size), f.buf)
-	f.bytes += n
 	if err != nil {
 		return fmt.Errorf("write: %w", err)
 	}

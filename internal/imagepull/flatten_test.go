@@ -345,6 +345,8 @@ func hostileCorpus(t testing.TB, outside string) []hostile {
 		{"opaque-through-symlink", [][]byte{makeTar(t, symlink("s", outside)), makeTar(t, file("s/.wh..wh..opq", ""))}, "s/.wh..wh..opq", 1, ErrUnsafeEntry},
 		{"gzip-bomb", [][]byte{makeTar(t, file("small", "x")), makeTar(t, bomb)}, "bomb", 1, ErrTooLarge},
 		{"xattr-name", [][]byte{makeTar(t, entry{name: "x", typ: tar.TypeReg, mode: 0o644, xattrs: map[string]string{"security.a\nb": "v"}})}, "x", 0, ErrUnsafeEntry},
+		{"xattr-at", [][]byte{makeTar(t, entry{name: "x", typ: tar.TypeReg, mode: 0o644, xattrs: map[string]string{"user.a@b": "v"}})}, "x", 0, ErrUnsafeEntry},
+		{"xattr-system", [][]byte{makeTar(t, entry{name: "x", typ: tar.TypeReg, mode: 0o644, xattrs: map[string]string{"system.data": "v"}})}, "x", 0, ErrUnsafeEntry},
 		{"long-component", [][]byte{makeTar(t, file(strings.Repeat("a", 256), "x"))}, strings.Repeat("a", 256), 0, ErrUnsafeEntry},
 	}
 }

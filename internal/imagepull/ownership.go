@@ -15,13 +15,31 @@ import (
 
 // ErrBadMetadata is returned by ApplyOwnership for a Metadata entry it
 // cannot apply: an unknown type, a hardlink, a negative id, or an xattr name
-// outside the user, trusted, security and system namespaces.
+// CheckXattrName refuses.
 var ErrBadMetadata = errors.New("invalid image metadata")
 
-// xattrNameRE is the xattr names ApplyOwnership passes to debugfs. They go
-// unquoted, and the namespace prefix guarantees they never begin with '-'
-// (which ea_set's getopt would read as an option).
-var xattrNameRE = regexp.MustCompile(`^(security|user|trusted|system)\.[A-Za-z0-9_.@:+-]+$`)
+// xattrNameRE is the xattr names banger accepts from an image, and the one
+// check both Flatten and ApplyOwnership apply. They go to debugfs unquoted,
+// so the character set is the script's safe bare words, and the namespace
+// prefix guarantees they never begin with '-' (which ea_set's getopt would
+// read as an option). Of system.*, only the two POSIX ACLs are accepted
+// (systemd images carry them, e.g. on /var/log/journal); the rest
+// (ext4's own system.data, richacl ...) are refused.
+var xattrNameRE = regexp.MustCompile(`^((security|user|trusted)\.[A-Za-z0-9_.:+-]+|system\.posix_acl_(access|default))$`)
+
+// ErrBadXattrName is wrapped by CheckXattrName.
+var ErrBadXattrName = errors.New("xattr name not accepted")
+
+// CheckXattrName reports whether name is an xattr name banger writes: in the
+// security, user or trusted namespace, made of letters, digits and
+// "_.:+-", at most 255 bytes (the kernel's XATTR_NAME_MAX), or one of
+// system.posix_acl_access and system.posix_acl_default.
+func CheckXattrName(name string) error {
+	if len(name) > 255 || !xattrNameRE.MatchString(name) {
+		return fmt.Errorf("xattr name %q: %w", name, ErrBadXattrName)
+	}
+	return nil
+}
 
 // ApplyOwnership restores in the ext4 image at ext4Path what rootless
 // extraction could not: for every path in md it sets the uid and gid (32
@@ -178,8 +196,8 @@ func checkMeta(rel string, m FileMeta) error {
 		return fmt.Errorf("entry %q: uid %d gid %d out of range: %w", rel, m.UID, m.GID, ErrBadMetadata)
 	}
 	for name := range m.Xattrs {
-		if !xattrNameRE.MatchString(name) {
-			return fmt.Errorf("entry %q: xattr name %q: %w", rel, name, ErrBadMetadata)
+		if err := CheckXattrName(name); err != nil {
+			return fmt.Errorf("entry %q: %w: %w", rel, err, ErrBadMetadata)
 		}
 	}
 	return nil

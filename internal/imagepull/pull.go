@@ -6,9 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -42,9 +46,26 @@ type PullOptions struct {
 	// Progress receives "resolve" and per-layer "download" events.
 	Progress progress.Func
 	// Transport overrides the HTTP transport (tests). Nil means
-	// remote.DefaultTransport.
+	// remote.DefaultTransport with a read deadline of StallTimeout on
+	// every connection.
 	Transport http.RoundTripper
+	// StallTimeout is how long a registry may send nothing, mid-request
+	// or mid-blob, before the pull fails with ErrStalled. Zero means
+	// DefaultStallTimeout.
+	StallTimeout time.Duration
+	// MaxBytes caps the compressed layer sizes the manifest declares,
+	// summed over the image (a download never reads more than the
+	// declared size). Zero means the free space of the cache's file
+	// system minus FreeSpaceReserve.
+	MaxBytes int64
 }
+
+// DefaultStallTimeout is PullOptions.StallTimeout's default.
+const DefaultStallTimeout = 60 * time.Second
+
+// MaxConfigBytes is the largest image config a pull reads (they are a few
+// KiB; Docker's own limit for a config is 8 MiB too).
+const MaxConfigBytes = 8 << 20
 
 // Layer describes one layer blob of an image.
 type Layer struct {
@@ -70,6 +91,8 @@ type Image struct {
 	remote   []v1.Layer
 	cache    *Cache
 	progress progress.Func
+	maxBytes int64   // cap on the declared layer sizes, summed
+	flights  flights // one download per layer within this pull
 }
 
 // Layers returns the image's layers, oldest (base) first.
@@ -107,8 +130,21 @@ func Pull(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
 		remote.WithPlatform(Platform),
 		remote.WithUserAgent("banger"),
 	}
-	if opts.Transport != nil {
+	stall := opts.StallTimeout
+	if stall <= 0 {
+		stall = DefaultStallTimeout
+	}
+	switch t, ok := remote.DefaultTransport.(*http.Transport); {
+	case opts.Transport != nil:
 		ropts = append(ropts, remote.WithTransport(opts.Transport))
+	case ok:
+		ropts = append(ropts, remote.WithTransport(deadlineTransport(t, stall)))
+	}
+	maxBytes := opts.MaxBytes
+	if maxBytes <= 0 {
+		if maxBytes, err = Budget(existingParent(opts.Cache.Dir), 0); err != nil {
+			return nil, fmt.Errorf("pull %s: layer cache: %w", r, err)
+		}
 	}
 	opts.Progress.Report(progress.Event{Phase: "resolve", Item: r.String()})
 
@@ -116,7 +152,7 @@ func Pull(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("resolve %s: %w", r, err)
 	}
-	im := &Image{Ref: r.String(), cache: opts.Cache, progress: opts.Progress}
+	im := &Image{Ref: r.String(), cache: opts.Cache, progress: opts.Progress, maxBytes: maxBytes}
 	var img v1.Image
 	switch {
 	case desc.MediaType.IsIndex():
@@ -186,6 +222,9 @@ func (im *Image) load(r name.Reference, img v1.Image) error {
 	default:
 		return fmt.Errorf("%s has config type %q: %w", r, mf.Config.MediaType, ErrNotAnImage)
 	}
+	if mf.Config.Size <= 0 || mf.Config.Size > MaxConfigBytes {
+		return fmt.Errorf("%s: config blob of %d bytes (at most %d are read): %w", r, mf.Config.Size, MaxConfigBytes, ErrTooLarge)
+	}
 	cfg, err := img.ConfigFile()
 	if err != nil {
 		return fmt.Errorf("read config of %s: %w", r, err)
@@ -206,6 +245,7 @@ func (im *Image) load(r name.Reference, img v1.Image) error {
 	if len(layers) != len(mf.Layers) {
 		return fmt.Errorf("%s: manifest lists %d layers, image has %d", r, len(mf.Layers), len(layers))
 	}
+	var total int64
 	for i, l := range mf.Layers {
 		switch l.MediaType {
 		case types.DockerLayer, types.OCILayer, types.OCILayerZStd, types.OCIUncompressedLayer, types.DockerUncompressedLayer:
@@ -214,6 +254,10 @@ func (im *Image) load(r name.Reference, img v1.Image) error {
 		}
 		if _, err := digestHex(l.Digest.String()); err != nil {
 			return fmt.Errorf("%s: layer %d: %w", r, i, err)
+		}
+		if total += l.Size; l.Size <= 0 || total > im.maxBytes {
+			return fmt.Errorf("%s: layer %d (%s) declares %d bytes, bringing the layers to %d, over the limit of %d: %w",
+				r, i, l.Digest, l.Size, total, im.maxBytes, ErrTooLarge)
 		}
 		im.layers = append(im.layers, Layer{Digest: l.Digest.String(), Size: l.Size, MediaType: string(l.MediaType)})
 	}
@@ -231,9 +275,14 @@ func (im *Image) OpenLayer(ctx context.Context, i int) (io.ReadCloser, error) {
 	}
 	l := im.layers[i]
 	rl := im.remote[i]
+	unlock, err := im.flights.lock(ctx, l.Digest)
+	if err != nil {
+		return nil, fmt.Errorf("layer %d (%s): %w", i, l.Digest, err)
+	}
 	blob, err := im.cache.OpenBlob(ctx, l.Digest, l.Size, func(context.Context) (io.ReadCloser, error) {
 		return rl.Compressed()
 	}, im.progress)
+	unlock()
 	if err != nil {
 		return nil, fmt.Errorf("layer %d (%s): %w", i, l.Digest, err)
 	}
@@ -252,9 +301,57 @@ func (im *Image) Prefetch(ctx context.Context, i int) error {
 		return fmt.Errorf("layer %d out of range (image has %d)", i, len(im.layers))
 	}
 	l, rl := im.layers[i], im.remote[i]
+	unlock, err := im.flights.lock(ctx, l.Digest)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	return im.cache.Ensure(ctx, l.Digest, l.Size, func(context.Context) (io.ReadCloser, error) {
 		return rl.Compressed()
 	}, im.progress)
+}
+
+// deadlineTransport is base with a read deadline of stall on every
+// connection it dials: a registry that sends nothing for that long, in a
+// response header or mid-blob, fails the read with os.ErrDeadlineExceeded.
+func deadlineTransport(base *http.Transport, stall time.Duration) *http.Transport {
+	t := base.Clone()
+	dial := t.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+	}
+	t.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &deadlineConn{Conn: c, stall: stall}, nil
+	}
+	return t
+}
+
+// deadlineConn renews its read deadline before every read.
+type deadlineConn struct {
+	net.Conn
+	stall time.Duration
+}
+
+func (c *deadlineConn) Read(p []byte) (int, error) {
+	if err := c.SetReadDeadline(time.Now().Add(c.stall)); err != nil {
+		return 0, err
+	}
+	return c.Conn.Read(p)
+}
+
+// existingParent is dir, or its nearest ancestor that exists (the cache
+// directory is made on first download).
+func existingParent(dir string) string {
+	for {
+		if _, err := os.Stat(dir); err == nil || dir == filepath.Dir(dir) {
+			return dir
+		}
+		dir = filepath.Dir(dir)
+	}
 }
 
 // decompress sniffs the blob's compression (gzip, zstd or none) from its

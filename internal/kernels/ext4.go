@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -100,6 +101,15 @@ var ErrDebugfs = errors.New("debugfs reported an error")
 // maxDebugfsName keeps every script line far below debugfs's 8 KiB buffer.
 const maxDebugfsName = 3072
 
+// maxDebugfsLine is the longest script line written. debugfs reads lines
+// into an 8192-byte buffer (newline and NUL included); a longer line would
+// be split and its tail run as a command of its own.
+const maxDebugfsLine = 8000
+
+// maxDebugfsStderr caps the stderr kept from one run; a longer line is
+// itself a failure, never a reason to skip the check.
+const maxDebugfsStderr = 1 << 20
+
 // debugfsScript is a debugfs command file; the first bad name sticks as err.
 type debugfsScript struct {
 	buf bytes.Buffer
@@ -135,7 +145,16 @@ func (s *debugfsScript) add(cmd string, paths ...string) {
 		}
 		line += " " + q
 	}
-	s.buf.WriteString(line + "\n")
+	s.line(line)
+}
+
+// line appends one finished line, refusing one debugfs would split.
+func (s *debugfsScript) line(l string) {
+	if len(l) > maxDebugfsLine {
+		s.err = fmt.Errorf("debugfs line of %d bytes, more than %d: %w", len(l), maxDebugfsLine, ErrUnsafeName)
+		return
+	}
+	s.buf.WriteString(l + "\n")
 	s.n++
 }
 
@@ -159,8 +178,7 @@ func (s *debugfsScript) addBase(cmd, hostPath, name string) {
 		s.err = err
 		return
 	}
-	s.buf.WriteString(cmd + " " + hq + " " + nq + "\n")
-	s.n++
+	s.line(cmd + " " + hq + " " + nq)
 }
 
 // own makes p root-owned with the given full mode (type bits included).
@@ -198,13 +216,9 @@ func runDebugfs(ctx context.Context, img string, s *debugfsScript, write bool) (
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
-	var bad []string
-	sc := bufio.NewScanner(&stderr)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if line != "" && !debugfsBanner.MatchString(line) {
-			bad = append(bad, line)
-		}
+	bad, err := stderrErrors(&stderr)
+	if err != nil {
+		return nil, fmt.Errorf("debugfs on %s: read its diagnostics: %w: %w", img, err, ErrDebugfs)
 	}
 	if len(bad) > 0 {
 		if len(bad) > 3 {
@@ -216,6 +230,21 @@ func runDebugfs(ctx context.Context, img string, s *debugfsScript, write bool) (
 		return nil, fmt.Errorf("debugfs on %s: %w", img, runErr)
 	}
 	return stdout.Bytes(), nil
+}
+
+// stderrErrors returns debugfs's stderr lines other than the banner. A
+// line the scanner cannot hold is an error, so a diagnostic is never lost.
+func stderrErrors(r io.Reader) ([]string, error) {
+	var bad []string
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 64<<10), maxDebugfsStderr)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line != "" && !debugfsBanner.MatchString(line) {
+			bad = append(bad, line)
+		}
+	}
+	return bad, sc.Err()
 }
 
 var typeRE = regexp.MustCompile(`Type: (\w+)`)
