@@ -25,14 +25,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net/http"
 	"net/url"
-	"os"
 	"regexp"
 	"strings"
-	"time"
 
+	"github.com/bangerdev/banger/internal/download"
 	"github.com/bangerdev/banger/internal/model"
 )
 
@@ -91,9 +88,9 @@ var (
 	ErrBadIndex = errors.New("invalid image catalog index")
 	// ErrBadScheme marks a URL whose scheme is not http, https or file,
 	// or not the family of the index it came from.
-	ErrBadScheme = errors.New("unsupported catalog URL scheme (want http, https or file)")
+	ErrBadScheme = download.ErrBadScheme
 	// ErrChecksum marks a download whose size or sha256 is not the index's.
-	ErrChecksum = errors.New("bundle does not match the catalog's sha256")
+	ErrChecksum = download.ErrChecksum
 	// ErrBadBundle marks a bundle that is truncated, corrupt or not in
 	// this package's format.
 	ErrBadBundle = errors.New("invalid image bundle")
@@ -118,34 +115,15 @@ func (ix Index) Names() []string {
 	return out
 }
 
-// httpClient is used for every catalog request. It has no overall timeout
-// (bundles are large); contexts bound requests.
-var httpClient = &http.Client{
-	Transport: &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		ResponseHeaderTimeout: 30 * time.Second,
-		IdleConnTimeout:       30 * time.Second,
-	},
-}
-
 // Fetch reads and validates the index at indexURL (http://, https:// or
 // file://). Bundle URLs in the returned index are absolute.
 func Fetch(ctx context.Context, indexURL string) (Index, error) {
-	base, err := url.Parse(indexURL)
-	if err != nil {
-		return Index{}, fmt.Errorf("image catalog %q: %w", indexURL, err)
+	data, base, err := download.Index(ctx, indexURL, maxIndexBytes)
+	if errors.Is(err, download.ErrTooLarge) {
+		return Index{}, fmt.Errorf("image %w: %w", err, ErrBadIndex)
 	}
-	o, err := open(ctx, base, 0)
 	if err != nil {
-		return Index{}, fmt.Errorf("fetch image catalog %s: %w", base.Redacted(), err)
-	}
-	defer o.body.Close()
-	data, err := io.ReadAll(io.LimitReader(o.body, maxIndexBytes+1))
-	if err != nil {
-		return Index{}, fmt.Errorf("fetch image catalog %s: %w", base.Redacted(), err)
-	}
-	if len(data) > maxIndexBytes {
-		return Index{}, fmt.Errorf("image catalog %s: index larger than %d bytes: %w", base.Redacted(), maxIndexBytes, ErrBadIndex)
+		return Index{}, fmt.Errorf("image %w", err)
 	}
 	ix, err := ParseIndex(data)
 	if err != nil {
@@ -233,90 +211,10 @@ func checkText(s string) error {
 
 // resolve makes e's bundle URL absolute against base and checks its scheme.
 func (e *Entry) resolve(base *url.URL) error {
-	u, err := url.Parse(e.Bundle.URL)
+	abs, err := download.Resolve(base, e.Bundle.URL)
 	if err != nil {
-		return fmt.Errorf("%s: bundle url %q: %w: %w", e.Name, e.Bundle.URL, err, ErrBadIndex)
+		return fmt.Errorf("%s: bundle %w: %w", e.Name, err, ErrBadIndex)
 	}
-	abs := base.ResolveReference(u)
-	if family(abs.Scheme) == "" || family(abs.Scheme) != family(base.Scheme) {
-		return fmt.Errorf("%s: bundle url %q from a %s index: %w", e.Name, abs.Redacted(), base.Scheme, ErrBadScheme)
-	}
-	e.Bundle.URL = abs.String()
+	e.Bundle.URL = abs
 	return nil
-}
-
-func family(scheme string) string {
-	switch scheme {
-	case "http", "https":
-		return "http"
-	case "file":
-		return "file"
-	}
-	return ""
-}
-
-// opened is a response body and what the server did with a Range request.
-type opened struct {
-	body    io.ReadCloser
-	resumed bool // the body starts at the requested offset
-}
-
-// open starts reading u from offset (0: from the start). For http(s) a
-// server that ignores the Range header gives resumed=false and the whole
-// body; file:// always honours the offset.
-func open(ctx context.Context, u *url.URL, offset int64) (opened, error) {
-	switch family(u.Scheme) {
-	case "file":
-		if u.Host != "" && u.Host != "localhost" {
-			return opened{}, fmt.Errorf("file URL %q names a host: %w", u.Redacted(), ErrBadScheme)
-		}
-		f, err := os.Open(u.Path) // #nosec G703 G304 -- the catalog is configured by the operator, and a bundle is only used once its sha256 matches
-		if err != nil {
-			return opened{}, err
-		}
-		if offset > 0 {
-			if _, err := f.Seek(offset, io.SeekStart); err != nil {
-				_ = f.Close()
-				return opened{}, err
-			}
-		}
-		return opened{body: f, resumed: offset > 0}, nil
-	case "http":
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
-		if err != nil {
-			return opened{}, err
-		}
-		if offset > 0 {
-			req.Header.Set("Range", fmt.Sprintf("bytes=%d-", offset))
-		}
-		resp, err := httpClient.Do(req)
-		if err != nil {
-			return opened{}, err
-		}
-		switch {
-		case resp.StatusCode == http.StatusOK:
-			return opened{body: resp.Body}, nil
-		case resp.StatusCode == http.StatusPartialContent && offset > 0:
-			var start int64
-			if _, err := fmt.Sscanf(resp.Header.Get("Content-Range"), "bytes %d-", &start); err != nil || start != offset {
-				_ = resp.Body.Close()
-				return opened{}, fmt.Errorf("GET %s: Content-Range %q does not start at %d", u.Redacted(), resp.Header.Get("Content-Range"), offset)
-			}
-			return opened{body: resp.Body, resumed: true}, nil
-		default:
-			_ = resp.Body.Close()
-			return opened{}, &statusError{url: u.Redacted(), code: resp.StatusCode}
-		}
-	}
-	return opened{}, fmt.Errorf("%q: %w", u.Redacted(), ErrBadScheme)
-}
-
-// statusError is an HTTP response that is neither 200 nor a usable 206.
-type statusError struct {
-	url  string
-	code int
-}
-
-func (e *statusError) Error() string {
-	return fmt.Sprintf("GET %s: %d %s", e.url, e.code, http.StatusText(e.code))
 }

@@ -31,13 +31,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net/http"
 	"net/url"
-	"os"
 	"regexp"
-	"time"
 
+	dl "github.com/bangerdev/banger/internal/download"
 	"github.com/bangerdev/banger/internal/model"
 )
 
@@ -76,9 +73,9 @@ type File struct {
 
 // Errors of this package.
 var (
-	ErrChecksum  = errors.New("sha256 mismatch")
+	ErrChecksum  = dl.ErrChecksum
 	ErrBadIndex  = errors.New("invalid kernel catalog index")
-	ErrBadScheme = errors.New("unsupported catalog URL scheme (want http, https or file)")
+	ErrBadScheme = dl.ErrBadScheme
 )
 
 // Lookup returns the entry of the given name.
@@ -100,34 +97,15 @@ func (ix Index) Names() []string {
 	return out
 }
 
-// httpClient is used for every catalog request. It has no overall timeout
-// (downloads are large); contexts bound requests.
-var httpClient = &http.Client{
-	Transport: &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		ResponseHeaderTimeout: 30 * time.Second,
-		IdleConnTimeout:       30 * time.Second,
-	},
-}
-
 // Fetch reads and validates the index at indexURL (http://, https:// or
 // file://). Artifact URLs in the returned index are absolute.
 func Fetch(ctx context.Context, indexURL string) (Index, error) {
-	base, err := url.Parse(indexURL)
-	if err != nil {
-		return Index{}, fmt.Errorf("kernel catalog %q: %w", indexURL, err)
+	data, base, err := dl.Index(ctx, indexURL, maxIndexBytes)
+	if errors.Is(err, dl.ErrTooLarge) {
+		return Index{}, fmt.Errorf("kernel %w: %w", err, ErrBadIndex)
 	}
-	rc, err := open(ctx, base, 0)
 	if err != nil {
-		return Index{}, fmt.Errorf("fetch kernel catalog %s: %w", indexURL, err)
-	}
-	defer rc.body.Close()
-	data, err := io.ReadAll(io.LimitReader(rc.body, maxIndexBytes+1))
-	if err != nil {
-		return Index{}, fmt.Errorf("fetch kernel catalog %s: %w", indexURL, err)
-	}
-	if len(data) > maxIndexBytes {
-		return Index{}, fmt.Errorf("kernel catalog %s: index larger than %d bytes: %w", indexURL, maxIndexBytes, ErrBadIndex)
+		return Index{}, fmt.Errorf("kernel %w", err)
 	}
 	var ix Index
 	if err := json.Unmarshal(data, &ix); err != nil {
@@ -161,15 +139,11 @@ func (e *Entry) resolve(base *url.URL) error {
 		return err
 	}
 	for _, f := range e.files() {
-		u, err := url.Parse(f.URL)
+		abs, err := dl.Resolve(base, f.URL)
 		if err != nil {
-			return fmt.Errorf("%s: url %q: %w: %w", e.Name, f.URL, err, ErrBadIndex)
+			return fmt.Errorf("%s: %w: %w", e.Name, err, ErrBadIndex)
 		}
-		abs := base.ResolveReference(u)
-		if family(abs.Scheme) == "" || family(abs.Scheme) != family(base.Scheme) {
-			return fmt.Errorf("%s: url %q from a %s index: %w", e.Name, abs.Redacted(), base.Scheme, ErrBadScheme)
-		}
-		f.URL = abs.String()
+		f.URL = abs
 	}
 	return nil
 }
@@ -208,79 +182,4 @@ func (e *Entry) files() []*File {
 		fs = append(fs, e.Modules)
 	}
 	return fs
-}
-
-func family(scheme string) string {
-	switch scheme {
-	case "http", "https":
-		return "http"
-	case "file":
-		return "file"
-	}
-	return ""
-}
-
-// opened is a response body and what the server did with a Range request.
-type opened struct {
-	body    io.ReadCloser
-	resumed bool // the body starts at the requested offset
-}
-
-// open starts reading u from offset (0: from the start). For http(s) a
-// server that ignores the Range header gives resumed=false and the whole
-// body; file:// always honours the offset.
-func open(ctx context.Context, u *url.URL, offset int64) (opened, error) {
-	switch family(u.Scheme) {
-	case "file":
-		if u.Host != "" && u.Host != "localhost" {
-			return opened{}, fmt.Errorf("file URL %q names a host: %w", u.String(), ErrBadScheme)
-		}
-		f, err := os.Open(u.Path) // #nosec G703 -- file:// URLs only come from a file:// index the operator configured
-		if err != nil {
-			return opened{}, err
-		}
-		if offset > 0 {
-			if _, err := f.Seek(offset, io.SeekStart); err != nil {
-				_ = f.Close()
-				return opened{}, err
-			}
-		}
-		return opened{body: f, resumed: offset > 0}, nil
-	case "http":
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
-		if err != nil {
-			return opened{}, err
-		}
-		if offset > 0 {
-			req.Header.Set("Range", fmt.Sprintf("bytes=%d-", offset))
-		}
-		resp, err := httpClient.Do(req)
-		if err != nil {
-			return opened{}, err
-		}
-		switch {
-		case resp.StatusCode == http.StatusOK:
-			return opened{body: resp.Body}, nil
-		case resp.StatusCode == http.StatusPartialContent && offset > 0:
-			var start int64
-			if _, err := fmt.Sscanf(resp.Header.Get("Content-Range"), "bytes %d-", &start); err != nil || start != offset {
-				_ = resp.Body.Close()
-				return opened{}, fmt.Errorf("GET %s: Content-Range %q does not start at %d", u.Redacted(), resp.Header.Get("Content-Range"), offset)
-			}
-			return opened{body: resp.Body, resumed: true}, nil
-		default:
-			_ = resp.Body.Close()
-			return opened{}, &statusError{url: u.Redacted(), code: resp.StatusCode}
-		}
-	}
-	return opened{}, fmt.Errorf("%q: %w", u.Redacted(), ErrBadScheme)
-}
-
-type statusError struct {
-	url  string
-	code int
-}
-
-func (e *statusError) Error() string {
-	return fmt.Sprintf("GET %s: %d %s", e.url, e.code, http.StatusText(e.code))
 }

@@ -6,8 +6,6 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -16,19 +14,14 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
-	"syscall"
-	"time"
 
 	"github.com/klauspost/compress/zstd"
 
+	dl "github.com/bangerdev/banger/internal/download"
 	"github.com/bangerdev/banger/internal/kernels"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
 )
-
-// downloadAttempts is how often one artifact download is tried, resuming
-// where the previous attempt stopped.
-const downloadAttempts = 3
 
 // Pull downloads entry's artifacts into cacheDir (as <sha256>, while
 // downloading <sha256>.partial, resumed with HTTP Range on a later
@@ -41,7 +34,7 @@ func Pull(ctx context.Context, entry Entry, dstDir, cacheDir string, pf progress
 		return model.Kernel{}, fmt.Errorf("pull kernel: %w", err)
 	}
 	for _, f := range entry.files() {
-		if u, err := url.Parse(f.URL); err != nil || family(u.Scheme) == "" {
+		if u, err := url.Parse(f.URL); err != nil || dl.Family(u.Scheme) == "" {
 			return model.Kernel{}, fmt.Errorf("pull kernel %q: url %q: %w", entry.Name, f.URL, ErrBadScheme)
 		}
 	}
@@ -104,166 +97,16 @@ func Pull(ctx context.Context, entry Entry, dstDir, cacheDir string, pf progress
 	return k, nil
 }
 
-// download fetches f into cacheDir/<sha256> and returns that path.
+// download fetches f into cacheDir/<sha256> (download.Fetch: resumed from
+// <sha256>.partial, verified before the rename) and returns that path.
 func download(ctx context.Context, f File, cacheDir, item string, pf progress.Func) (string, error) {
 	final := filepath.Join(cacheDir, f.SHA256)
-	partial := final + ".partial"
-	unlock, err := lockFile(final + ".lock")
+	err := dl.Fetch(ctx, dl.File{URL: f.URL, SHA256: f.SHA256, Size: f.Size}, final,
+		dl.Options{Mode: 0o644, Item: item, Progress: pf})
 	if err != nil {
 		return "", err
 	}
-	defer unlock()
-	if st, err := os.Stat(final); err == nil && st.Size() == f.Size {
-		if sum, err := hashFile(final); err == nil && sum == f.SHA256 {
-			pf.Report(progress.Event{Phase: "download", Item: item, Current: f.Size, Total: f.Size, Done: true, Message: "cached"})
-			return final, nil
-		}
-	}
-	_ = os.Remove(final)
-	u, err := url.Parse(f.URL)
-	if err != nil {
-		return "", err
-	}
-	var lastErr error
-	for attempt := 1; attempt <= downloadAttempts; attempt++ {
-		lastErr = fetchOnce(ctx, u, f, partial, item, pf)
-		if lastErr == nil || errors.Is(lastErr, ErrChecksum) || ctx.Err() != nil {
-			break
-		}
-		var se *statusError
-		if errors.As(lastErr, &se) && se.code < 500 && se.code != 416 {
-			break
-		}
-		if attempt < downloadAttempts {
-			pf.Report(progress.Event{Phase: "download", Item: item, Message: fmt.Sprintf("attempt %d failed, resuming: %v", attempt, lastErr)})
-			select {
-			case <-ctx.Done():
-			case <-time.After(time.Duration(attempt) * 200 * time.Millisecond):
-			}
-		}
-	}
-	if lastErr != nil {
-		if ctx.Err() != nil {
-			return "", ctx.Err()
-		}
-		return "", lastErr
-	}
-	sum, err := hashFile(partial)
-	if err != nil {
-		return "", err
-	}
-	if sum != f.SHA256 {
-		_ = os.Remove(partial)
-		return "", fmt.Errorf("%s: got sha256 %s, the index says %s: %w", u.Redacted(), sum, f.SHA256, ErrChecksum)
-	}
-	if err := os.Rename(partial, final); err != nil {
-		return "", err
-	}
-	pf.Report(progress.Event{Phase: "download", Item: item, Current: f.Size, Total: f.Size, Done: true})
 	return final, nil
-}
-
-// fetchOnce appends to partial from where it ends (restarting when the
-// server ignores the Range request) until it holds f.Size bytes.
-func fetchOnce(ctx context.Context, u *url.URL, f File, partial, item string, pf progress.Func) error {
-	var offset int64
-	if st, err := os.Stat(partial); err == nil {
-		offset = st.Size()
-	}
-	if offset > f.Size {
-		offset = 0
-	}
-	if offset == f.Size {
-		return nil
-	}
-	o, err := open(ctx, u, offset)
-	var se *statusError
-	if errors.As(err, &se) && se.code == 416 && offset > 0 {
-		// The server will not serve the rest: start over.
-		_ = os.Remove(partial)
-		offset = 0
-		o, err = open(ctx, u, 0)
-	}
-	if err != nil {
-		return err
-	}
-	defer o.body.Close()
-	flags := os.O_WRONLY | os.O_CREATE | os.O_APPEND
-	if !o.resumed {
-		offset = 0
-		flags = os.O_WRONLY | os.O_CREATE | os.O_TRUNC
-	}
-	out, err := os.OpenFile(partial, flags, 0o644)
-	if err != nil {
-		return err
-	}
-	pw := &progressWriter{w: out, item: item, pf: pf, done: offset, total: f.Size}
-	n, err := io.Copy(pw, io.LimitReader(o.body, f.Size-offset+1))
-	if serr := out.Sync(); err == nil {
-		err = serr
-	}
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("download %s after %d bytes: %w", u.Redacted(), offset+n, err)
-	}
-	switch got := offset + n; {
-	case got > f.Size:
-		_ = os.Remove(partial)
-		return fmt.Errorf("%s: more than the %d bytes the index says: %w", u.Redacted(), f.Size, ErrChecksum)
-	case got < f.Size:
-		return fmt.Errorf("download %s: connection ended after %d of %d bytes: %w", u.Redacted(), got, f.Size, io.ErrUnexpectedEOF)
-	}
-	return nil
-}
-
-type progressWriter struct {
-	w           io.Writer
-	item        string
-	pf          progress.Func
-	done, total int64
-	last        time.Time
-}
-
-func (p *progressWriter) Write(b []byte) (int, error) {
-	n, err := p.w.Write(b)
-	p.done += int64(n)
-	if p.pf != nil && time.Since(p.last) > 200*time.Millisecond {
-		p.last = time.Now()
-		p.pf(progress.Event{Phase: "download", Item: p.item, Current: p.done, Total: p.total, Unit: "bytes"})
-	}
-	return n, err
-}
-
-func hashFile(p string) (string, error) {
-	f, err := os.Open(p)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", fmt.Errorf("hash %s: %w", p, err)
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-// lockFile takes an exclusive flock on p, serialising concurrent pulls of
-// one artifact.
-func lockFile(p string) (func(), error) {
-	f, err := os.OpenFile(p, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		_ = f.Close()
-		return nil, fmt.Errorf("lock %s: %w", p, err)
-	}
-	return func() {
-		_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-		_ = f.Close()
-	}, nil
 }
 
 // extractModules unpacks a verified modules tarball (gzip or zstd, sniffed)
