@@ -1,0 +1,442 @@
+package mounts
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/pkg/sftp"
+)
+
+// GuestOptions tune a guest mount; the zero value uses the defaults.
+type GuestOptions struct {
+	// ReadOnly mounts read-only in the guest too (the host server refuses
+	// writes whatever the guest does).
+	ReadOnly bool
+	// CacheTimeout is how long the guest kernel trusts names and attributes
+	// before asking the host again; zero means DefaultCacheTimeout. Changes
+	// made on the host show in the guest after at most this long.
+	CacheTimeout time.Duration
+	// Name is shown as the mount's source in the guest's /proc/mounts.
+	Name string
+}
+
+// DefaultCacheTimeout is the guest's name and attribute cache lifetime.
+const DefaultCacheTimeout = time.Second
+
+// GuestMount is a host folder mounted in the guest.
+type GuestMount struct {
+	server *fuse.Server
+	client *sftp.Client
+	dir    string
+}
+
+// MountGuest mounts at dir a FUSE file system whose every operation is an
+// SFTP request on conn to the host's mount server. It returns once the
+// mount is in place. It needs root (it calls mount(2) itself, so no
+// fusermount is needed) and /dev/fuse.
+func MountGuest(conn io.ReadWriteCloser, dir string, opts GuestOptions) (*GuestMount, error) {
+	client, err := sftp.NewClientPipe(conn, conn,
+		sftp.UseConcurrentReads(true), sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
+	if err != nil {
+		_ = conn.Close()
+		return nil, fmt.Errorf("mount %s: sftp session with the host: %w", dir, err)
+	}
+	timeout := opts.CacheTimeout
+	if timeout <= 0 {
+		timeout = DefaultCacheTimeout
+	}
+	negative := time.Duration(0)
+	name := opts.Name
+	if name == "" {
+		name = "banger"
+	}
+	mo := fuse.MountOptions{
+		FsName:            name,
+		Name:              "banger",
+		DirectMountStrict: true,
+		AllowOther:        true, // every guest user sees the folder; the kernel checks modes
+		MaxWrite:          1 << 20,
+		MaxReadAhead:      1 << 20,
+		DisableXAttrs:     true,
+	}
+	if opts.ReadOnly {
+		mo.Options = append(mo.Options, "ro")
+	}
+	mo.Options = append(mo.Options, "default_permissions")
+	root := &node{c: &guestClient{sftp: client, ro: opts.ReadOnly}}
+	srv, err := fs.Mount(dir, root, &fs.Options{
+		MountOptions:    mo,
+		EntryTimeout:    &timeout,
+		AttrTimeout:     &timeout,
+		NegativeTimeout: &negative,
+	})
+	if err != nil {
+		_ = client.Close()
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	return &GuestMount{server: srv, client: client, dir: dir}, nil
+}
+
+// Unmount unmounts the folder and ends the SFTP session.
+func (g *GuestMount) Unmount() error {
+	err := g.server.Unmount()
+	if cerr := g.client.Close(); err == nil && cerr != nil && !errors.Is(cerr, io.EOF) {
+		err = cerr
+	}
+	return err
+}
+
+// Wait returns when the mount is gone (unmounted in the guest, or Unmount).
+func (g *GuestMount) Wait() { g.server.Wait() }
+
+type guestClient struct {
+	sftp *sftp.Client
+	ro   bool
+}
+
+// node is one file or directory; it knows its path through the inode tree.
+type node struct {
+	fs.Inode
+	c *guestClient
+}
+
+var (
+	_ fs.NodeGetattrer  = (*node)(nil)
+	_ fs.NodeSetattrer  = (*node)(nil)
+	_ fs.NodeLookuper   = (*node)(nil)
+	_ fs.NodeReaddirer  = (*node)(nil)
+	_ fs.NodeOpener     = (*node)(nil)
+	_ fs.NodeCreater    = (*node)(nil)
+	_ fs.NodeMkdirer    = (*node)(nil)
+	_ fs.NodeUnlinker   = (*node)(nil)
+	_ fs.NodeRmdirer    = (*node)(nil)
+	_ fs.NodeRenamer    = (*node)(nil)
+	_ fs.NodeSymlinker  = (*node)(nil)
+	_ fs.NodeReadlinker = (*node)(nil)
+	_ fs.NodeLinker     = (*node)(nil)
+	_ fs.NodeStatfser   = (*node)(nil)
+)
+
+func (n *node) path() string { return "/" + n.Path(nil) }
+
+func (n *node) child(name string) string { return path.Join(n.path(), name) }
+
+func fillAttr(fi os.FileInfo, out *fuse.Attr) {
+	st, ok := fi.Sys().(*sftp.FileStat)
+	if !ok {
+		return
+	}
+	out.Mode = st.Mode
+	out.Size = st.Size
+	out.Uid, out.Gid = st.UID, st.GID
+	out.Mtime, out.Atime, out.Ctime = uint64(st.Mtime), uint64(st.Atime), uint64(st.Mtime)
+	out.Nlink = 1
+	if fi.IsDir() {
+		out.Nlink = 2
+	}
+	out.Blksize = 4096
+	out.Blocks = (st.Size + 511) / 512
+}
+
+func (n *node) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	fi, err := n.c.sftp.Lstat(n.path())
+	if err != nil {
+		return toErrno(err)
+	}
+	fillAttr(fi, &out.Attr)
+	return 0
+}
+
+// newChild returns the inode for name, reusing the one the tree already
+// has when it is of the same type, so inode numbers stay stable (git
+// compares them).
+func (n *node) newChild(ctx context.Context, name string, fi os.FileInfo, out *fuse.EntryOut) *fs.Inode {
+	fillAttr(fi, &out.Attr)
+	mode := out.Attr.Mode & syscall.S_IFMT
+	if ch := n.GetChild(name); ch != nil && ch.StableAttr().Mode == mode {
+		return ch
+	}
+	return n.NewInode(ctx, &node{c: n.c}, fs.StableAttr{Mode: mode})
+}
+
+func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	fi, err := n.c.sftp.Lstat(n.child(name))
+	if err != nil {
+		return nil, toErrno(err)
+	}
+	return n.newChild(ctx, name, fi, out), 0
+}
+
+func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	fis, err := n.c.sftp.ReadDir(n.path())
+	if err != nil {
+		return nil, toErrno(err)
+	}
+	entries := make([]fuse.DirEntry, 0, len(fis))
+	for _, fi := range fis {
+		var mode uint32
+		if st, ok := fi.Sys().(*sftp.FileStat); ok {
+			mode = st.Mode & syscall.S_IFMT
+		}
+		entries = append(entries, fuse.DirEntry{Name: fi.Name(), Mode: mode})
+	}
+	return fs.NewListDirStream(entries), 0
+}
+
+func (n *node) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if n.c.ro {
+		return syscall.EROFS
+	}
+	p := n.path()
+	if size, ok := in.GetSize(); ok {
+		if err := n.c.sftp.Truncate(p, int64(size)); err != nil {
+			return toErrno(err)
+		}
+	}
+	if mode, ok := in.GetMode(); ok {
+		if err := n.c.sftp.Chmod(p, os.FileMode(mode&0o777)|modeBits(mode)); err != nil {
+			return toErrno(err)
+		}
+	}
+	uid, uok := in.GetUID()
+	gid, gok := in.GetGID()
+	if uok || gok {
+		fi, err := n.c.sftp.Lstat(p)
+		if err != nil {
+			return toErrno(err)
+		}
+		st := fi.Sys().(*sftp.FileStat)
+		if !uok {
+			uid = st.UID
+		}
+		if !gok {
+			gid = st.GID
+		}
+		if err := n.c.sftp.Chown(p, int(uid), int(gid)); err != nil {
+			return toErrno(err)
+		}
+	}
+	mtime, mok := in.GetMTime()
+	atime, aok := in.GetATime()
+	if mok || aok {
+		now := time.Now()
+		if !mok {
+			mtime = now
+		}
+		if !aok {
+			atime = now
+		}
+		if err := n.c.sftp.Chtimes(p, atime, mtime); err != nil {
+			return toErrno(err)
+		}
+	}
+	return n.Getattr(ctx, fh, out)
+}
+
+// modeBits carries setuid, setgid and sticky through os.FileMode.
+func modeBits(mode uint32) os.FileMode {
+	var m os.FileMode
+	if mode&syscall.S_ISUID != 0 {
+		m |= os.ModeSetuid
+	}
+	if mode&syscall.S_ISGID != 0 {
+		m |= os.ModeSetgid
+	}
+	if mode&syscall.S_ISVTX != 0 {
+		m |= os.ModeSticky
+	}
+	return m
+}
+
+func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if n.c.ro && int(flags)&(os.O_WRONLY|os.O_RDWR|os.O_TRUNC) != 0 {
+		return nil, 0, syscall.EROFS
+	}
+	f, err := n.c.sftp.OpenFile(n.path(), int(flags)&(os.O_WRONLY|os.O_RDWR|os.O_TRUNC))
+	if err != nil {
+		return nil, 0, toErrno(err)
+	}
+	return &handle{f: f}, 0, 0
+}
+
+func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
+	if n.c.ro {
+		return nil, nil, 0, syscall.EROFS
+	}
+	p := n.child(name)
+	acc := int(flags) & (os.O_WRONLY | os.O_RDWR)
+	f, err := n.c.sftp.OpenFile(p, acc|os.O_CREATE|int(flags)&(os.O_EXCL|os.O_TRUNC))
+	if err != nil {
+		return nil, nil, 0, toErrno(err)
+	}
+	if mode&0o7777 != newFileMode {
+		if err := n.c.sftp.Chmod(p, os.FileMode(mode&0o777)|modeBits(mode)); err != nil {
+			_ = f.Close()
+			return nil, nil, 0, toErrno(err)
+		}
+	}
+	fi, err := n.c.sftp.Lstat(p)
+	if err != nil {
+		_ = f.Close()
+		return nil, nil, 0, toErrno(err)
+	}
+	return n.newChild(ctx, name, fi, out), &handle{f: f}, 0, 0
+}
+
+func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if n.c.ro {
+		return nil, syscall.EROFS
+	}
+	p := n.child(name)
+	if err := n.c.sftp.Mkdir(p); err != nil {
+		return nil, toErrno(err)
+	}
+	if mode&0o7777 != 0o755 {
+		if err := n.c.sftp.Chmod(p, os.FileMode(mode&0o777)|modeBits(mode)); err != nil {
+			return nil, toErrno(err)
+		}
+	}
+	fi, err := n.c.sftp.Lstat(p)
+	if err != nil {
+		return nil, toErrno(err)
+	}
+	return n.newChild(ctx, name, fi, out), 0
+}
+
+func (n *node) Unlink(ctx context.Context, name string) syscall.Errno {
+	if n.c.ro {
+		return syscall.EROFS
+	}
+	return toErrno(n.c.sftp.Remove(n.child(name)))
+}
+
+func (n *node) Rmdir(ctx context.Context, name string) syscall.Errno {
+	if n.c.ro {
+		return syscall.EROFS
+	}
+	return toErrno(n.c.sftp.RemoveDirectory(n.child(name)))
+}
+
+func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedder, newName string, flags uint32) syscall.Errno {
+	if n.c.ro {
+		return syscall.EROFS
+	}
+	np, ok := newParent.(*node)
+	if !ok {
+		return syscall.EXDEV
+	}
+	from, to := n.child(name), np.child(newName)
+	switch flags {
+	case 0:
+		return toErrno(n.c.sftp.PosixRename(from, to))
+	case 1: // RENAME_NOREPLACE
+		return toErrno(n.c.sftp.Rename(from, to))
+	}
+	return syscall.EINVAL
+}
+
+func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if n.c.ro {
+		return nil, syscall.EROFS
+	}
+	p := n.child(name)
+	if err := n.c.sftp.Symlink(target, p); err != nil {
+		return nil, toErrno(err)
+	}
+	fi, err := n.c.sftp.Lstat(p)
+	if err != nil {
+		return nil, toErrno(err)
+	}
+	return n.newChild(ctx, name, fi, out), 0
+}
+
+func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if n.c.ro {
+		return nil, syscall.EROFS
+	}
+	t, ok := target.(*node)
+	if !ok {
+		return nil, syscall.EXDEV
+	}
+	p := n.child(name)
+	if err := n.c.sftp.Link(t.path(), p); err != nil {
+		return nil, toErrno(err)
+	}
+	fi, err := n.c.sftp.Lstat(p)
+	if err != nil {
+		return nil, toErrno(err)
+	}
+	fillAttr(fi, &out.Attr)
+	return t.EmbeddedInode(), 0
+}
+
+func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	target, err := n.c.sftp.ReadLink(n.path())
+	if err != nil {
+		return nil, toErrno(err)
+	}
+	return []byte(target), 0
+}
+
+func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	st, err := n.c.sftp.StatVFS(n.path())
+	if err != nil {
+		return toErrno(err)
+	}
+	out.Blocks, out.Bfree, out.Bavail = st.Blocks, st.Bfree, st.Bavail
+	out.Files, out.Ffree = st.Files, st.Ffree
+	out.Bsize, out.Frsize, out.NameLen = uint32(st.Bsize), uint32(st.Frsize), uint32(st.Namemax)
+	return 0
+}
+
+// handle is an open host file.
+type handle struct {
+	mu sync.Mutex // Close against in-flight I/O
+	f  *sftp.File
+}
+
+var (
+	_ fs.FileReader   = (*handle)(nil)
+	_ fs.FileWriter   = (*handle)(nil)
+	_ fs.FileReleaser = (*handle)(nil)
+	_ fs.FileFsyncer  = (*handle)(nil)
+	_ fs.FileFlusher  = (*handle)(nil)
+)
+
+func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	n, err := h.f.ReadAt(dest, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, toErrno(err)
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
+
+func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	n, err := h.f.WriteAt(data, off)
+	if err != nil {
+		return uint32(n), toErrno(err)
+	}
+	return uint32(n), 0
+}
+
+func (h *handle) Flush(ctx context.Context) syscall.Errno { return 0 }
+
+// Fsync succeeds without a round trip: the host server has no fsync
+// request (pkg/sftp's request server does not serve fsync@openssh.com), so
+// the data is in the host's page cache, not forced to its disk.
+func (h *handle) Fsync(ctx context.Context, flags uint32) syscall.Errno { return 0 }
+
+func (h *handle) Release(ctx context.Context) syscall.Errno {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return toErrno(h.f.Close())
+}
