@@ -23,6 +23,25 @@ const ReadyLine = "banger-test-guest: ready"
 // counts seconds in memory from boot: "banger-test-guest: tick 7".
 const TickPrefix = "banger-test-guest: tick "
 
+// DiskTickPrefix starts the test guest's tick records on its disk: tick n
+// is written, and synced, at byte 64*n before it is printed.
+const DiskTickPrefix = "banger-disk-tick "
+
+// DiskTicks returns the tick numbers found on a test guest's disk.
+func DiskTicks(disk string) []int {
+	b, _ := os.ReadFile(disk) //nolint:gosec // test disk
+	var ticks []int
+	for n := 1; 64*n+64 <= len(b); n++ {
+		rec := string(bytes.TrimRight(b[64*n:64*n+64], "\x00"))
+		if v, ok := strings.CutPrefix(strings.TrimSpace(rec), DiskTickPrefix); ok {
+			if got, err := strconv.Atoi(v); err == nil && got == n {
+				ticks = append(ticks, n)
+			}
+		}
+	}
+	return ticks
+}
+
 // Ticks returns the counter values on a console log, in order.
 func Ticks(consoleLog string) []int {
 	b, _ := os.ReadFile(consoleLog) //nolint:gosec // test log
@@ -113,9 +132,20 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 insmod /lib/evdev.ko
 insmod /lib/button.ko
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+	insmod /lib/$m.ko || echo "banger-test-guest: insmod $m failed"
+done
+[ -b /dev/vda ] || echo "banger-test-guest: no /dev/vda"
 # A counter in memory, for the snapshot tests: a restored guest goes on
-# counting from where the saved one was.
-( n=0; while :; do n=$((n + 1)); echo "` + TickPrefix + `$n"; sleep 1; done ) &
+# counting from where the saved one was. Each tick is also written, synced,
+# to its own 64-byte slot of the disk (when there is one), so a test sees
+# which ticks reached the disk.
+( n=0; while :; do
+	n=$((n + 1))
+	[ -b /dev/vda ] && echo "` + DiskTickPrefix + `$n" | dd of=/dev/vda bs=64 seek=$n conv=fsync 2>/dev/null
+	echo "` + TickPrefix + `$n"
+	sleep 1
+done ) &
 dev=
 i=0
 while [ -z "$dev" ] && [ $i -lt 100 ]; do
@@ -164,6 +194,10 @@ func BusyboxInitramfs(t testing.TB, modules string) string {
 	w.file("init", 0o755, []byte(guestInit))
 	w.file("lib/evdev.ko", 0o644, read(filepath.Join(modules, "kernel/drivers/input/evdev.ko")))
 	w.file("lib/button.ko", 0o644, read(filepath.Join(modules, "kernel/drivers/acpi/button.ko")))
+	for _, m := range []string{"virtio/virtio", "virtio/virtio_ring", "virtio/virtio_pci_legacy_dev", "virtio/virtio_pci_modern_dev", "virtio/virtio_pci"} {
+		w.file("lib/"+filepath.Base(m)+".ko", 0o644, read(filepath.Join(modules, "kernel/drivers", m+".ko")))
+	}
+	w.file("lib/virtio_blk.ko", 0o644, read(filepath.Join(modules, "kernel/drivers/block/virtio_blk.ko")))
 	out := filepath.Join(t.TempDir(), "initramfs.cpio")
 	if err := os.WriteFile(out, w.finish(), 0o600); err != nil {
 		t.Fatal(err)
