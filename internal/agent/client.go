@@ -11,6 +11,8 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"github.com/hashicorp/yamux"
 )
 
 // Client defaults.
@@ -48,6 +50,8 @@ type Client struct {
 
 	mu     sync.Mutex
 	nextID uint64
+	sess   *yamux.Session // set once upgraded (mux.go)
+	tooOld bool           // the agent refused OpMux
 }
 
 // NewClient wraps an established connection and says hello: the agent must
@@ -72,7 +76,7 @@ func NewClient(ctx context.Context, conn net.Conn, opts ClientOptions) (*Client,
 		return nil, fmt.Errorf("hello nonce: %w", err)
 	}
 	nonce := hex.EncodeToString(raw[:])
-	resp, err := c.call(ctx, Request{Op: OpHello, Nonce: nonce}, func(r *Response) bool {
+	resp, err := c.callFramed(ctx, Request{Op: OpHello, Nonce: nonce}, func(r *Response) bool {
 		return r.Hello != nil && r.Hello.Nonce == nonce
 	})
 	if err != nil {
@@ -84,8 +88,17 @@ func NewClient(ctx context.Context, conn net.Conn, opts ClientOptions) (*Client,
 	return c, nil
 }
 
-// Close closes the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+// Close ends the session (every open stream with it) and closes the
+// connection.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	sess := c.sess
+	c.mu.Unlock()
+	if sess != nil {
+		_ = sess.Close()
+	}
+	return c.conn.Close()
+}
 
 // Health asks for the agent's version, uptime and the guest hostname.
 func (c *Client) Health(ctx context.Context) (*Health, error) {
@@ -142,12 +155,23 @@ func (c *Client) AuthorizeKey(ctx context.Context, key string) (bool, error) {
 	return resp.Key.Added, nil
 }
 
-// call sends req and waits for the reply with its id (and, if match is
-// set, for which match holds). On a resync stream a hello is resent every
-// HelloRetry until answered.
+// call sends req and waits for its reply: on a stream of its own once the
+// connection is multiplexed, else as one framed exchange.
 func (c *Client) call(ctx context.Context, req Request, match func(*Response) bool) (*Response, error) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	sess := c.sess
+	if sess == nil {
+		defer c.mu.Unlock()
+		return c.callFramed(ctx, req, match)
+	}
+	c.mu.Unlock()
+	return c.callStream(ctx, sess, req)
+}
+
+// callFramed sends req and waits for the reply with its id (and, if match
+// is set, for which match holds). On a resync stream a hello is resent every
+// HelloRetry until answered. The caller holds c.mu.
+func (c *Client) callFramed(ctx context.Context, req Request, match func(*Response) bool) (*Response, error) {
 	req.V = ProtocolVersion
 	req.ID = c.nextID
 	c.nextID++
@@ -218,6 +242,29 @@ func (c *Client) call(ctx context.Context, req Request, match func(*Response) bo
 		}
 		return &resp, nil
 	}
+}
+
+// decodeReply decodes the reply to request id on a stream (strict: there
+// is nothing stale on a fresh stream).
+func decodeReply(payload []byte, id uint64) (*Response, error) {
+	var env envelope
+	if err := json.Unmarshal(payload, &env); err != nil {
+		return nil, fmt.Errorf("undecodable reply: %w", ErrBadFrame)
+	}
+	if env.V != ProtocolVersion {
+		return nil, fmt.Errorf("agent speaks protocol v%d, this banger speaks v%d: %w", env.V, ProtocolVersion, ErrVersionMismatch)
+	}
+	if env.ID != id {
+		return nil, fmt.Errorf("reply to request %d on the stream of request %d: %w", env.ID, id, ErrBadFrame)
+	}
+	var resp Response
+	if err := json.Unmarshal(payload, &resp); err != nil {
+		return nil, fmt.Errorf("undecodable reply: %w", ErrBadFrame)
+	}
+	if resp.Error != nil {
+		return nil, resp.Error
+	}
+	return &resp, nil
 }
 
 func minTime(a, b time.Time) time.Time {

@@ -62,6 +62,11 @@ func (s *Server) status(_ context.Context) *Status {
 	if st.Addresses, err = addrs(); err != nil {
 		s.logf("list addresses: %v", err)
 	}
+	// An image without sshd has no host key: make the one the agent's SSH
+	// server uses, so the host can pin it.
+	if err := s.EnsureHostKey(); err != nil {
+		s.logf("make ssh host key: %v", err)
+	}
 	st.HostKey, err = readHostKey(s.path(HostKeyFile))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		s.logf("read host key: %v", err)

@@ -29,6 +29,13 @@
 //   - health: agent version, uptime, hostname.
 //   - status: first-boot state and log tail, IPv4 addresses, SSH host key.
 //   - authorize_key: installs one SSH public key into root's authorized_keys.
+//   - mux: the agent answers, then both ends speak yamux on the same
+//     connection. Every later request, framed as above, opens its own yamux
+//     stream: health, status, authorize_key and shutdown get one reply and
+//     the stream closes; exec, copy_in, copy_out and ssh get an empty reply
+//     and the stream carries that service from then on (streams.go). An
+//     agent from before mux answers unknown_op: the host then reports
+//     ErrAgentTooOld for those services and keeps using the framed ones.
 //   - shutdown: powers the guest off cleanly (asks systemd, else syncs and
 //     powers off); the reply comes first. Added in agent protocol v1 without
 //     a version bump: an older agent answers unknown_op and the host falls
@@ -73,6 +80,13 @@ const (
 	OpStatus       = "status"
 	OpAuthorizeKey = "authorize_key"
 	OpShutdown     = "shutdown"
+	// OpMux turns the connection into a yamux session (see mux.go).
+	OpMux = "mux"
+	// Stream operations: each opens one yamux stream (see streams.go).
+	OpExec    = "exec"
+	OpCopyIn  = "copy_in"
+	OpCopyOut = "copy_out"
+	OpSSH     = "ssh"
 )
 
 // Error codes an agent returns in Response.Error.
@@ -112,6 +126,10 @@ type Request struct {
 	Key   string `json:"key,omitempty"`   // authorize_key: one authorized_keys line
 	// Identity is set_identity's argument (identity.go).
 	Identity *Identity `json:"identity,omitempty"`
+	// Exec is the command of an OpExec stream.
+	Exec *ExecRequest `json:"exec,omitempty"`
+	// Copy is the guest path and user of an OpCopyIn or OpCopyOut stream.
+	Copy *CopyRequest `json:"copy,omitempty"`
 }
 
 // Response is the payload of an agent-to-host frame. Exactly one of Error
@@ -129,6 +147,17 @@ type Response struct {
 	Shutdown *Shutdown `json:"shutdown,omitempty"`
 	// Identity is set in the reply to OpSetIdentity (identity.go).
 	Identity *IdentityResult `json:"identity,omitempty"`
+	// Mux is set in the reply to OpMux.
+	Mux *Mux `json:"mux,omitempty"`
+
+	pending *Request // the accepted request of a stream operation
+}
+
+// Mux is the reply to OpMux: after it, both ends speak yamux on the
+// connection.
+type Mux struct {
+	// Streams is the version of the stream protocol (StreamVersion).
+	Streams int `json:"streams"`
 }
 
 // Shutdown is the reply to OpShutdown.

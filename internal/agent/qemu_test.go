@@ -3,13 +3,16 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"debug/elf"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -184,6 +187,44 @@ wait
 	}
 	t.Logf("reconnect after a truncated frame took %s", time.Since(start).Round(time.Millisecond))
 	_ = c.Close()
+
+	// The mux over the real port: exec, a stream of data, concurrent
+	// sessions; then a host disconnect returns the port to framed requests
+	// and the next host multiplexes again.
+	for round := 1; round <= 2; round++ {
+		c, err = dial(ctxWithin(t, ctx, 20*time.Second))
+		if err != nil {
+			t.Fatalf("round %d: dial for mux: %v", round, err)
+		}
+		r := runExec(t, c, ExecRequest{Argv: []string{"sh", "-c", "echo hi from $(hostname); exit 7"}}, ExecIO{})
+		if r.err != nil || r.st.Code != 7 || r.stdout != "hi from banger-qemu-test\n" {
+			t.Errorf("round %d: exec over virtio-serial = %+v; want exit 7 and the greeting", round, r)
+		}
+		data := bytes.Repeat([]byte("0123456789abcdef"), 256<<10) // 4 MiB
+		start := time.Now()
+		r = runExec(t, c, ExecRequest{Argv: []string{"sha256sum"}, Stdin: true}, ExecIO{Stdin: bytes.NewReader(data)})
+		sum := sha256.Sum256(data)
+		if r.err != nil || r.st.Code != 0 || !strings.HasPrefix(r.stdout, hex.EncodeToString(sum[:])) {
+			t.Errorf("round %d: sha256sum over virtio-serial = %+v; want %x", round, r, sum)
+		}
+		t.Logf("round %d: 4 MiB through exec -i sha256sum over virtio-serial in %s", round, time.Since(start).Round(time.Millisecond))
+		var wg sync.WaitGroup
+		for i := range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r := runExec(t, c, ExecRequest{Argv: []string{"sh", "-c", fmt.Sprintf("sleep 0.5; exit %d", i)}}, ExecIO{})
+				if r.err != nil || r.st.Code != i {
+					t.Errorf("round %d: concurrent exec %d = %+v", round, i, r)
+				}
+			}()
+		}
+		wg.Wait()
+		if _, err := c.Health(ctxWithin(t, ctx, 20*time.Second)); err != nil {
+			t.Errorf("round %d: Health over the mux: %v", round, err)
+		}
+		_ = c.Close()
+	}
 }
 
 func ctxWithin(t *testing.T, parent context.Context, d time.Duration) context.Context {

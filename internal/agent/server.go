@@ -146,8 +146,15 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 		if !ok {
 			return fmt.Errorf("undecodable request: %w", ErrBadFrame)
 		}
+		resp = framedOnly(resp)
 		if err := fc.send(resp, s.writeDeadline()); err != nil {
 			return err
+		}
+		if resp.Mux != nil {
+			if err := c.SetDeadline(time.Time{}); err != nil && !errors.Is(err, os.ErrNoDeadline) {
+				return fmt.Errorf("clear deadline: %w", err)
+			}
+			return s.serveMux(ctx, c, fc.fr.takeBuffered(), c.Close)
 		}
 	}
 }
@@ -186,11 +193,36 @@ func (s *Server) ServeStream(ctx context.Context, rw io.ReadWriter) error {
 			s.logf("discarding undecodable frame of %d bytes", len(payload))
 			continue
 		}
+		resp = framedOnly(resp)
 		if err := fc.send(resp, s.writeDeadline()); err != nil {
 			// The host went away mid-reply; it will say hello again.
 			s.logf("reply to %s #%d: %v", resp.Op, resp.ID, err)
+			continue
+		}
+		if resp.Mux != nil {
+			s.serveSerialMux(ctx, rw, fc)
 		}
 	}
+}
+
+// serveSerialMux runs a mux session on a serial port until the host
+// disconnects (EOF), the keepalive fails or ctx ends, then leaves the port
+// ready for framed requests again: the next host says hello first.
+func (s *Server) serveSerialMux(ctx context.Context, rw io.ReadWriter, fc *framedConn) {
+	wake := func() error {
+		if d, ok := rw.(readDeadliner); ok {
+			_ = d.SetReadDeadline(time.Unix(1, 0))
+		}
+		return nil
+	}
+	if d, ok := rw.(writeDeadliner); ok {
+		_ = d.SetWriteDeadline(time.Time{})
+	}
+	if err := s.serveMux(ctx, rw, fc.fr.takeBuffered(), wake); err != nil {
+		s.logf("serial mux session: %v", err)
+	}
+	s.logf("serial mux session ended")
+	fc.fr.reset()
 }
 
 func (s *Server) writeDeadline() time.Time {
@@ -249,6 +281,13 @@ func (s *Server) Handle(ctx context.Context, req Request) *Response {
 		resp.Hello = &Hello{Nonce: req.Nonce}
 	case OpHealth:
 		resp.Health = s.health()
+	case OpMux:
+		resp.Mux = &Mux{Streams: StreamVersion}
+	case OpExec, OpCopyIn, OpCopyOut, OpSSH:
+		if err := s.checkStream(req); err != nil {
+			return errorResponse(req.ID, req.Op, CodeInvalidArgument, err.Error())
+		}
+		resp.pending = &req
 	case OpStatus:
 		resp.Status = s.status(ctx)
 	case OpAuthorizeKey:
