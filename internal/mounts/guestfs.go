@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path"
 	"sync"
@@ -44,12 +45,24 @@ type GuestMount struct {
 // mount is in place. It needs root (it calls mount(2) itself, so no
 // fusermount is needed) and /dev/fuse.
 func MountGuest(conn io.ReadWriteCloser, dir string, opts GuestOptions) (*GuestMount, error) {
-	client, err := sftp.NewClientPipe(conn, conn,
-		sftp.UseConcurrentReads(true), sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
+	p, err := mountFUSE(dir, opts)
 	if err != nil {
 		_ = conn.Close()
-		return nil, fmt.Errorf("mount %s: sftp session with the host: %w", dir, err)
+		return nil, err
 	}
+	return p.attach(conn)
+}
+
+// pendingMount is a FUSE mount made but not yet served: the kernel queues
+// requests until attach gives it its SFTP session.
+type pendingMount struct {
+	srv  *fuse.Server
+	root *node
+	dir  string
+}
+
+// mountFUSE calls mount(2) for dir; nothing is served yet.
+func mountFUSE(dir string, opts GuestOptions) (*pendingMount, error) {
 	timeout := opts.CacheTimeout
 	if timeout <= 0 {
 		timeout = DefaultCacheTimeout
@@ -67,23 +80,70 @@ func MountGuest(conn io.ReadWriteCloser, dir string, opts GuestOptions) (*GuestM
 		MaxWrite:          1 << 20,
 		MaxReadAhead:      1 << 20,
 		DisableXAttrs:     true,
+		Options:           []string{"default_permissions"},
 	}
 	if opts.ReadOnly {
 		mo.Options = append(mo.Options, "ro")
 	}
-	mo.Options = append(mo.Options, "default_permissions")
-	root := &node{c: &guestClient{sftp: client, ro: opts.ReadOnly}}
-	srv, err := fs.Mount(dir, root, &fs.Options{
+	root := &node{c: &guestClient{ro: opts.ReadOnly}}
+	raw := fs.NewNodeFS(root, &fs.Options{
 		MountOptions:    mo,
 		EntryTimeout:    &timeout,
 		AttrTimeout:     &timeout,
 		NegativeTimeout: &negative,
 	})
+	srv, err := fuse.NewServer(raw, dir, &mo)
 	if err != nil {
-		_ = client.Close()
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
-	return &GuestMount{server: srv, client: client, dir: dir}, nil
+	return &pendingMount{srv: srv, root: root, dir: dir}, nil
+}
+
+// attach starts the SFTP session on conn and serves the mount. When the
+// session cannot start, the mount is served by a session that fails every
+// request with EIO just long enough to unmount it cleanly.
+func (p *pendingMount) attach(conn io.ReadWriteCloser) (*GuestMount, error) {
+	client, err := sftp.NewClientPipe(conn, conn,
+		sftp.UseConcurrentReads(true), sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
+	if err != nil {
+		_ = conn.Close()
+		err = fmt.Errorf("mount %s: sftp session with the host: %w", p.dir, err)
+		if client, _ = deadClient(); client == nil {
+			return nil, err
+		}
+	}
+	p.root.c.sftp = client // before Serve: no request has been read yet
+	go p.srv.Serve()
+	if werr := p.srv.WaitMount(); werr != nil && err == nil {
+		err = fmt.Errorf("mount %s: %w", p.dir, werr)
+	}
+	if err != nil {
+		_ = p.srv.Unmount()
+		_ = client.Close()
+		return nil, err
+	}
+	return &GuestMount{server: p.srv, client: client, dir: p.dir}, nil
+}
+
+// deadClient is an SFTP client whose every request fails with EIO.
+func deadClient() (*sftp.Client, error) {
+	a, b := net.Pipe()
+	h := deadHandlers{}
+	go func() {
+		_ = sftp.NewRequestServer(b, sftp.Handlers{FileGet: h, FilePut: h, FileCmd: h, FileList: h}).Serve()
+	}()
+	return sftp.NewClientPipe(a, a)
+}
+
+type deadHandlers struct{}
+
+var errDead = &Errno{Op: "sftp", Errno: syscall.EIO, Err: errors.New("no session with the host")}
+
+func (deadHandlers) Fileread(*sftp.Request) (io.ReaderAt, error)  { return nil, errDead }
+func (deadHandlers) Filewrite(*sftp.Request) (io.WriterAt, error) { return nil, errDead }
+func (deadHandlers) Filecmd(*sftp.Request) error                  { return errDead }
+func (deadHandlers) Filelist(*sftp.Request) (sftp.ListerAt, error) {
+	return nil, errDead
 }
 
 // Unmount unmounts the folder and ends the SFTP session.
@@ -161,7 +221,7 @@ func (n *node) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut)
 // compares them).
 func (n *node) newChild(ctx context.Context, name string, fi os.FileInfo, out *fuse.EntryOut) *fs.Inode {
 	fillAttr(fi, &out.Attr)
-	mode := out.Attr.Mode & syscall.S_IFMT
+	mode := out.Mode & syscall.S_IFMT
 	if ch := n.GetChild(name); ch != nil && ch.StableAttr().Mode == mode {
 		return ch
 	}

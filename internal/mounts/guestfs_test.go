@@ -15,14 +15,21 @@ import (
 	"github.com/bangerdev/banger/internal/testutil"
 )
 
+// requireFUSE stops the test (a failure where the root tier is required)
+// when this host has no /dev/fuse.
+func requireFUSE(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		testutil.Missing(t, testutil.TierRoot, "no /dev/fuse on this host: "+err.Error())
+	}
+}
+
 // mountGuest mounts the world's share through a real mount server (as
 // nobody) and a real FUSE mount on this host: the guest-side code running
 // against the host kernel, as it runs in a guest.
 func (w *world) mountGuest(t *testing.T, s Spec) string {
 	t.Helper()
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		testutil.Missing(t, testutil.TierRoot, "no /dev/fuse on this host: "+err.Error())
-	}
+	requireFUSE(t)
 	mnt := filepath.Join(w.base, "mnt")
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)

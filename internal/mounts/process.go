@@ -97,7 +97,7 @@ func (l Launcher) Check(ctx context.Context, caller Caller, s Spec) error {
 	return nil
 }
 
-// ErrAccess: the caller may not use the host folder as asked.
+// ErrAccess means the caller may not use the host folder as asked.
 var ErrAccess = errors.New("host folder refused")
 
 // Process is a running mount server.

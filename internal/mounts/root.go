@@ -173,7 +173,7 @@ func (r *Root) OpenFile(sftpPath string, flags int, perm uint32) (*os.File, erro
 }
 
 // Lstat describes p without following a final symlink.
-func (r *Root) Lstat(sftpPath string) (*FileInfo, error) {
+func (r *Root) Lstat(sftpPath string) (fs.FileInfo, error) {
 	p, err := rel(sftpPath)
 	if err != nil {
 		return nil, r.fail("lstat", sftpPath, err)
@@ -196,7 +196,7 @@ func (r *Root) Lstat(sftpPath string) (*FileInfo, error) {
 }
 
 // Stat describes p, following symlinks that stay inside the folder.
-func (r *Root) Stat(sftpPath string) (*FileInfo, error) {
+func (r *Root) Stat(sftpPath string) (fs.FileInfo, error) {
 	p, err := rel(sftpPath)
 	if err != nil {
 		return nil, r.fail("stat", sftpPath, err)
@@ -394,15 +394,15 @@ type Attrs struct {
 	Atime, Mtime *time.Time
 }
 
-// FileInfo is an fs.FileInfo over a stat result; Sys is *syscall.Stat_t
+// fileInfo is an fs.FileInfo over a stat result; Sys is *syscall.Stat_t
 // so the SFTP server sends owners and times.
-type FileInfo struct {
+type fileInfo struct {
 	name string
 	st   syscall.Stat_t
 }
 
-func newFileInfo(name string, st *unix.Stat_t) *FileInfo {
-	fi := &FileInfo{name: name}
+func newFileInfo(name string, st *unix.Stat_t) *fileInfo {
+	fi := &fileInfo{name: name}
 	fi.st = syscall.Stat_t{
 		Dev: st.Dev, Ino: st.Ino, Nlink: st.Nlink, Mode: st.Mode, Uid: st.Uid, Gid: st.Gid,
 		Rdev: st.Rdev, Size: st.Size, Blksize: st.Blksize, Blocks: st.Blocks,
@@ -411,14 +411,14 @@ func newFileInfo(name string, st *unix.Stat_t) *FileInfo {
 	return fi
 }
 
-func (f *FileInfo) Name() string       { return f.name }
-func (f *FileInfo) Size() int64        { return f.st.Size }
-func (f *FileInfo) ModTime() time.Time { return time.Unix(f.st.Mtim.Unix()) }
-func (f *FileInfo) IsDir() bool        { return f.st.Mode&unix.S_IFMT == unix.S_IFDIR }
-func (f *FileInfo) Sys() any           { return &f.st }
+func (f *fileInfo) Name() string       { return f.name }
+func (f *fileInfo) Size() int64        { return f.st.Size }
+func (f *fileInfo) ModTime() time.Time { return time.Unix(f.st.Mtim.Unix()) }
+func (f *fileInfo) IsDir() bool        { return f.st.Mode&unix.S_IFMT == unix.S_IFDIR }
+func (f *fileInfo) Sys() any           { return &f.st }
 
 // Mode converts the stat mode to an fs.FileMode.
-func (f *FileInfo) Mode() fs.FileMode {
+func (f *fileInfo) Mode() fs.FileMode {
 	m := fs.FileMode(f.st.Mode & 0o777)
 	switch f.st.Mode & unix.S_IFMT {
 	case unix.S_IFDIR:

@@ -22,7 +22,7 @@ const (
 // developer's VM should not be reachable from the network by default.
 var DefaultHostIP = netip.MustParseAddr("127.0.0.1")
 
-// ErrInvalidSpec: a -p value that does not parse. Errors from ParseSpecs
+// ErrInvalidSpec is a -p value that does not parse. Errors from ParseSpecs
 // wrap it.
 var ErrInvalidSpec = errors.New("invalid port spec")
 

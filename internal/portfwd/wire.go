@@ -13,7 +13,7 @@ import (
 )
 
 // ServiceName is the agent service that answers port-forward streams.
-const ServiceName = "portfwd"
+const ServiceName = "port_forward"
 
 // WireVersion is the stream protocol version; both ends refuse another.
 const WireVersion = 1

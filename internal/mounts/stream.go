@@ -1,0 +1,285 @@
+package mounts
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ServiceName is the agent service that answers mount streams.
+const ServiceName = "mount"
+
+// WireVersion is the mount stream's handshake version.
+const WireVersion = 1
+
+// maxLine bounds the handshake lines.
+const maxLine = 4096
+
+// handshakeTimeout bounds the handshake, which includes the guest's mount.
+const handshakeTimeout = 20 * time.Second
+
+// A mount stream starts with one JSON line each way, then carries SFTP:
+//
+//	host → guest  {"v":1,"guest_dir":"/src","read_only":true,"name":"/home/me/src"}
+//	guest → host  {"ok":true}   or   {"error":"..."}
+//
+// The guest replies once its FUSE mount is in place, so a host that reads
+// "ok" knows the folder is visible in the guest.
+type request struct {
+	V        int    `json:"v"`
+	GuestDir string `json:"guest_dir"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+	Name     string `json:"name,omitempty"`
+}
+
+type reply struct {
+	OK    bool   `json:"ok,omitempty"`
+	Error string `json:"error,omitempty"`
+}
+
+// Streamer opens streams to a guest's agent services (the agent session
+// implements it). It is the same contract as portfwd's.
+type Streamer interface {
+	OpenStream(ctx context.Context, service string) (net.Conn, error)
+}
+
+// ErrGuest means the guest could not mount the folder.
+var ErrGuest = errors.New("guest refused the mount")
+
+// Dial opens a mount stream for s and waits until the guest has mounted
+// it. The returned conn then carries the guest's SFTP requests: give it to
+// Launcher.Start.
+func Dial(ctx context.Context, st Streamer, s Spec) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+	defer cancel()
+	c, err := st.OpenStream(ctx, ServiceName)
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: open stream: %w", s, err)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Unix(1, 0)) })
+	fail := func(err error) (net.Conn, error) {
+		stop()
+		_ = c.Close()
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w: %w", ctx.Err(), err)
+		}
+		return nil, fmt.Errorf("mount %s: %w", s, err)
+	}
+	if err := writeJSONLine(c, request{V: WireVersion, GuestDir: s.GuestDir, ReadOnly: s.ReadOnly, Name: s.HostDir}); err != nil {
+		return fail(err)
+	}
+	var rep reply
+	if err := readJSONLine(c, &rep); err != nil {
+		return fail(err)
+	}
+	if !stop() {
+		return fail(ctx.Err())
+	}
+	if !rep.OK {
+		return fail(fmt.Errorf("%w: %.300s", ErrGuest, rep.Error))
+	}
+	return c, nil
+}
+
+func writeJSONLine(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if len(b) >= maxLine {
+		return errors.New("handshake line too long")
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
+// readJSONLine reads one line byte by byte (nothing after it is consumed).
+func readJSONLine(r io.Reader, v any) error {
+	var buf bytes.Buffer
+	var b [1]byte
+	for {
+		if _, err := io.ReadFull(r, b[:]); err != nil {
+			return fmt.Errorf("read handshake: %w", err)
+		}
+		if b[0] == '\n' {
+			break
+		}
+		if buf.Len() >= maxLine {
+			return errors.New("handshake line too long")
+		}
+		buf.WriteByte(b[0])
+	}
+	if err := json.Unmarshal(buf.Bytes(), v); err != nil {
+		return fmt.Errorf("undecodable handshake: %w", err)
+	}
+	return nil
+}
+
+// Guest is the guest side: the agent hands it every stream opened to
+// ServiceName.
+type Guest struct {
+	// Log receives diagnostics; nil discards them.
+	Log *slog.Logger
+	// CacheTimeout is passed to MountGuest.
+	CacheTimeout time.Duration
+}
+
+// ServeStream mounts the folder the stream asks for and serves it until the
+// stream ends (the host stopped the VM's mounts, or the daemon went away)
+// or ctx is done; then it unmounts. It closes c.
+func (g *Guest) ServeStream(ctx context.Context, c net.Conn) error {
+	_ = c.SetDeadline(time.Now().Add(handshakeTimeout))
+	var req request
+	if err := readJSONLine(c, &req); err != nil {
+		_ = c.Close()
+		return err
+	}
+	refuse := func(err error) error {
+		_ = writeJSONLine(c, reply{Error: err.Error()})
+		_ = c.Close()
+		return fmt.Errorf("mount %s: %w", req.GuestDir, err)
+	}
+	if req.V != WireVersion {
+		return refuse(fmt.Errorf("guest speaks mount v%d, request is v%d", WireVersion, req.V))
+	}
+	if _, err := ParseSpec("/:" + req.GuestDir); err != nil || filepath.Clean(req.GuestDir) != req.GuestDir {
+		return refuse(fmt.Errorf("guest folder %.200q: not a clean absolute path other than /", req.GuestDir))
+	}
+	if err := EnsureFUSE(); err != nil {
+		return refuse(err)
+	}
+	if err := prepareMountpoint(req.GuestDir); err != nil {
+		return refuse(err)
+	}
+	pm, err := mountFUSE(req.GuestDir, GuestOptions{ReadOnly: req.ReadOnly, CacheTimeout: g.CacheTimeout, Name: sanitizeName(req.Name)})
+	if err != nil {
+		return refuse(err)
+	}
+	// The reply goes before the SFTP session starts: the host hands the
+	// stream to its SFTP server only after reading it.
+	if err := writeJSONLine(c, reply{OK: true}); err != nil {
+		_ = c.Close()
+		_, _ = pm.attach(c) // a closed stream: serves EIO just long enough to unmount
+		return err
+	}
+	_ = c.SetDeadline(time.Time{})
+	m, err := pm.attach(c)
+	if err != nil {
+		return err
+	}
+	g.log().Info("mounted host folder", "dir", req.GuestDir, "host", sanitizeName(req.Name), "read_only", req.ReadOnly)
+	return g.serve(ctx, m)
+}
+
+func (g *Guest) log() *slog.Logger {
+	if g.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return g.Log
+}
+
+// sanitizeName keeps the host path shown as the mount source printable and
+// free of the separators /proc/mounts uses.
+func sanitizeName(s string) string {
+	if len(s) > 200 {
+		s = s[:200]
+	}
+	return strings.Map(func(r rune) rune {
+		if r <= ' ' || r == 0x7f || r == ',' {
+			return '_'
+		}
+		return r
+	}, s)
+}
+
+// prepareMountpoint makes the guest folder (and its parents) when missing;
+// an existing one must be a directory.
+func prepareMountpoint(dir string) error {
+	fi, err := os.Lstat(dir)
+	switch {
+	case err == nil && fi.IsDir():
+		return nil
+	case err == nil:
+		return fmt.Errorf("%s exists and is not a directory", dir)
+	case errors.Is(err, os.ErrNotExist):
+		return os.MkdirAll(dir, 0o755)
+	}
+	return err
+}
+
+// EnsureFUSE makes /dev/fuse available: when it is missing it loads the
+// fuse module from /lib/modules/<release> (finit_module; compressed
+// modules need the kernel's in-kernel decompression).
+func EnsureFUSE() error {
+	if _, err := os.Stat("/dev/fuse"); err == nil {
+		return nil
+	}
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		return fmt.Errorf("load fuse: %w", err)
+	}
+	release := unix.ByteSliceToString(uts.Release[:])
+	var tried []string
+	for _, name := range []string{"fuse.ko", "fuse.ko.xz", "fuse.ko.zst", "fuse.ko.gz"} {
+		p := filepath.Join("/lib/modules", release, "kernel/fs/fuse", name)
+		f, err := os.Open(p)
+		if err != nil {
+			continue
+		}
+		flags := 0
+		if name != "fuse.ko" {
+			flags = unix.MODULE_INIT_COMPRESSED_FILE
+		}
+		err = unix.FinitModule(int(f.Fd()), "", flags)
+		_ = f.Close()
+		if err != nil && !errors.Is(err, unix.EEXIST) {
+			tried = append(tried, fmt.Sprintf("%s: %v", p, err))
+			continue
+		}
+		break
+	}
+	if err := waitFor("/dev/fuse", 2*time.Second); err != nil {
+		return fmt.Errorf("no /dev/fuse in the guest: the kernel needs CONFIG_FUSE_FS (as a module in /lib/modules/%s or built in) (%s)", release, strings.Join(tried, "; "))
+	}
+	return nil
+}
+
+func waitFor(p string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		_, err := os.Stat(p)
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (g *Guest) serve(ctx context.Context, m *GuestMount) error {
+	done := make(chan struct{})
+	go func() {
+		_ = m.client.Wait()
+		close(done)
+	}()
+	select {
+	case <-ctx.Done():
+	case <-done:
+	}
+	if err := m.server.Unmount(); err != nil {
+		// Busy (a process has its cwd there): detach it; its I/O fails.
+		_ = unix.Unmount(m.dir, unix.MNT_DETACH)
+	}
+	_ = m.client.Close()
+	return nil
+}
