@@ -71,6 +71,7 @@ func (s *Server) status(_ context.Context) *Status {
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		s.logf("read host key: %v", err)
 	}
+	st.Init, st.Main = s.initState()
 	return st
 }
 

@@ -243,6 +243,12 @@ type Status struct {
 	// format, empty when sshd has not generated one yet. It comes from the
 	// guest: validate it before pinning it (sshkeys.KnownHostsLine does).
 	HostKey string `json:"host_key,omitempty"`
+	// Init is the init running the guest (guestabi.InitImage or
+	// InitBanger); empty from an older agent. Added without a version bump.
+	Init guestabi.Init `json:"init,omitempty"`
+	// Main is banger's PID 1's record of the image's main process; nil
+	// when the guest runs the image's own init. Untrusted guest data.
+	Main *guestabi.MainState `json:"main,omitempty"`
 }
 
 // InterfaceAddr is an IPv4 address on a guest interface.

@@ -59,6 +59,11 @@ const (
 	AuthorizedKeys = "/root/.ssh/authorized_keys"
 )
 
+// MainConsolePrefix starts every console line of the main process's
+// output, so the host can tell it from kernel and init messages
+// (banger vm logs --main); MainLog holds the output untagged.
+const MainConsolePrefix = "main| "
+
 // Agent transport names.
 const (
 	// AgentVsockPort is the AF_VSOCK port the agent listens on.

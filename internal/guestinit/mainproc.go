@@ -1,6 +1,7 @@
 package guestinit
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -115,28 +116,70 @@ func (p *pid1) startMain() {
 	}()
 }
 
-// copyMainOutput copies the main process's output to the console and
-// guestabi.MainLog until every writer has closed the pipe.
+// copyMainOutput copies the main process's output to guestabi.MainLog as
+// it is, and to the console line by line behind
+// guestabi.MainConsolePrefix, until every writer has closed the pipe.
 func (p *pid1) copyMainOutput(r *os.File) {
 	defer r.Close()
-	out := []io.Writer{os.Stdout}
 	f, err := os.OpenFile(guestabi.MainLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
 	if err != nil {
 		p.failf("open "+guestabi.MainLog, err)
 	} else {
 		defer f.Close()
-		out = append(out, f)
 	}
+	console := &prefixWriter{w: os.Stdout, prefix: guestabi.MainConsolePrefix}
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := r.Read(buf)
 		if n > 0 {
-			for _, w := range out {
-				_, _ = w.Write(buf[:n])
+			if f != nil {
+				_, _ = f.Write(buf[:n])
 			}
+			_, _ = console.Write(buf[:n])
 		}
 		if err != nil {
+			console.flush()
 			return
 		}
 	}
+}
+
+// prefixWriter writes whole lines, each behind prefix; a partial line
+// waits for its end (or flush), up to maxLine bytes.
+type prefixWriter struct {
+	w       io.Writer
+	prefix  string
+	partial []byte
+}
+
+const maxLine = 4096
+
+func (pw *prefixWriter) Write(b []byte) (int, error) {
+	n := len(b)
+	for len(b) > 0 {
+		i := bytes.IndexByte(b, '\n')
+		if i < 0 {
+			pw.partial = append(pw.partial, b...)
+			if len(pw.partial) >= maxLine {
+				pw.flush()
+			}
+			break
+		}
+		line := append(append([]byte(pw.prefix), pw.partial...), b[:i+1]...)
+		pw.partial = pw.partial[:0]
+		if _, err := pw.w.Write(line); err != nil {
+			return n, err
+		}
+		b = b[i+1:]
+	}
+	return n, nil
+}
+
+// flush writes a pending partial line, ended with a newline.
+func (pw *prefixWriter) flush() {
+	if len(pw.partial) == 0 {
+		return
+	}
+	_, _ = pw.w.Write(append(append([]byte(pw.prefix), pw.partial...), '\n'))
+	pw.partial = pw.partial[:0]
 }

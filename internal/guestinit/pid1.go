@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/guestabi"
+	"github.com/bangerdev/banger/internal/guestinit/selection"
 )
 
 // sigPoweroff is SIGRTMIN+4 as systemd counts it (glibc's SIGRTMIN is 34):
@@ -53,6 +54,7 @@ type pid1 struct {
 // orphan, and powers off on the agent's shutdown request (SIGRTMIN+4),
 // SIGTERM, SIGUSR2, SIGPWR or Ctrl-Alt-Del (SIGINT).
 func RunPID1(version string) {
+	execImageInit()
 	p := &pid1{version: version, procs: newProcs(), self: "/proc/self/exe"}
 	p.procs.orphan = func(pid int, ws unix.WaitStatus) {
 		if p.cmdline.Debug {
@@ -85,6 +87,32 @@ func RunPID1(version string) {
 			}
 		}
 	}
+}
+
+// execImageInit applies the init rule when the kernel started banger's
+// init directly (init=guestabi.InitPath, no initramfs to choose): an image
+// whose init is systemd gets it, unless banger.init=banger. After the
+// initramfs chose banger's init the rule gives the same answer again.
+func execImageInit() {
+	if !mounted("/proc") {
+		_ = os.MkdirAll("/proc", 0o555)
+		_ = unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
+	}
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return
+	}
+	c, _ := guestabi.Parse(string(b))
+	if c.Choice() == guestabi.InitBanger {
+		return
+	}
+	dec, err := selection.Choose("/", c.Choice(), "")
+	if err != nil || dec.Init != guestabi.InitImage {
+		return
+	}
+	fmt.Fprintf(os.Stdout, "banger-init: starting the image's init %s: %s\n", dec.Path, dec.Reason)
+	err = unix.Exec(dec.Path, append([]string{dec.Path}, c.InitArgs...), os.Environ())
+	fmt.Fprintf(os.Stdout, "banger-init: execute the image's init %s: %v; running banger's init instead\n", dec.Path, err)
 }
 
 // boot runs the start-up steps. A failed step prints its line and the

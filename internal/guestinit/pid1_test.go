@@ -220,3 +220,15 @@ func TestParseStat(t *testing.T) {
 		}
 	}
 }
+
+func TestPrefixWriter(t *testing.T) {
+	var out strings.Builder
+	pw := &prefixWriter{w: &out, prefix: "main| "}
+	for _, chunk := range []string{"one\ntw", "o\n", "", "three\nfour"} {
+		_, _ = pw.Write([]byte(chunk))
+	}
+	pw.flush()
+	if want := "main| one\nmain| two\nmain| three\nmain| four\n"; out.String() != want {
+		t.Errorf("prefixed output %q, want %q", out.String(), want)
+	}
+}
