@@ -54,11 +54,11 @@ func newImageCmd(g *globals) *cobra.Command {
 						boot += ", initrd " + img.Boot.Initrd
 					}
 				}
-				return printKV(g.out, [][2]string{
+				return printKV(g.out, append([][2]string{
 					{"name", img.Name}, {"id", img.ID}, {"source", img.Source}, {"ref", img.Ref}, {"digest", img.Digest},
 					{"rootfs", img.RootFS}, {"size", humanBytes(img.Size)}, {"kernel", orDash(img.Kernel)}, {"boot", boot},
 					{"created", img.Created.Format("2006-01-02 15:04:05 MST")}, {"notes", strings.Join(img.Notes, "; ")},
-				})
+				}, imageGuestPairs(img)...))
 			},
 		},
 		rmCmd(g, "image", "/images/"),

@@ -73,6 +73,7 @@ func vmPairs(v model.VM) [][2]string {
 		{"ip", v.IP}, {"mac", v.MAC}, {"uptime", uptime(v)}, {"first boot", v.FirstBoot},
 		{"created", v.Created.Format(time.RFC3339)},
 	}
+	pairs = append(pairs, guestPairs(v)...)
 	rt := v.Runtime
 	if rt.PID != 0 {
 		pairs = append(pairs, [2]string{"pid", strconv.Itoa(rt.PID)})

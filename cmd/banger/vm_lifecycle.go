@@ -42,6 +42,7 @@ func userSSHDir() (string, error) {
 
 func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
 	var req api.CreateVMRequest
+	var gf guestFlags
 	cmd := &cobra.Command{
 		Use:   use + " --image IMAGE [--name NAME]",
 		Short: short,
@@ -51,6 +52,9 @@ func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
 		RunE: func(c *cobra.Command, _ []string) error {
 			if req.Image == "" {
 				return api.Errorf(api.CodeInvalid, "--image is required (banger image ls lists the images)")
+			}
+			if err := gf.apply(&req, c.Flags().Changed("cmd")); err != nil {
+				return err
 			}
 			kp, err := userKey()
 			if err != nil {
@@ -88,6 +92,7 @@ func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
 	f.StringVar(&req.Disk, "disk", "", "disk size, e.g. 10G (default: the image's size)")
 	f.StringVar(&req.KernelRef, "kernel-ref", "", "kernel (default: the image's)")
 	f.StringVar(&req.VMM, "vmm", "", "VM monitor: auto, firecracker or qemu (default: the daemon's setting)")
+	gf.add(f)
 	return cmd
 }
 
@@ -188,7 +193,7 @@ func newVMRmCmd(g *globals) *cobra.Command {
 }
 
 func newVMLogsCmd(g *globals) *cobra.Command {
-	var follow bool
+	var follow, mainOnly bool
 	cmd := &cobra.Command{
 		Use:   "logs NAME",
 		Short: "Print a VM's serial console",
@@ -203,7 +208,11 @@ func newVMLogsCmd(g *globals) *cobra.Command {
 				return err
 			}
 			defer resp.Close()
-			_, err = io.Copy(g.out, resp)
+			if mainOnly {
+				err = copyMainLines(g.out, resp)
+			} else {
+				_, err = io.Copy(g.out, resp)
+			}
 			if c.Context().Err() != nil {
 				return nil
 			}
@@ -211,5 +220,6 @@ func newVMLogsCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output")
+	cmd.Flags().BoolVar(&mainOnly, "main", false, "print only the main process's output (VMs on banger's init)")
 	return cmd
 }

@@ -123,6 +123,12 @@ type CreateVMRequest struct {
 	SSHKey    string `json:"ssh_key,omitempty"`    // public key authorized for root in the guest
 	Start     bool   `json:"start,omitempty"`      // start it after creating it
 	Wait      bool   `json:"wait,omitempty"`       // with Start: wait until the VM is ready for ssh
+	// Init is auto (default), image or banger: which PID 1 the VM boots.
+	Init string `json:"init,omitempty"`
+	// Cmd replaces the image's Cmd (its Entrypoint stays); nil keeps it.
+	Cmd []string `json:"cmd,omitempty"`
+	// Env holds KEY=value pairs added to, or replacing, the image's Env.
+	Env []string `json:"env,omitempty"`
 }
 
 // StartVMRequest is the body of POST /v1/vms/{name}/start.

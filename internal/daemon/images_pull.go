@@ -162,6 +162,10 @@ func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Ca
 	if err != nil {
 		return img, classifyPullError(err)
 	}
+	facts := imagepull.InspectGuest(rootDir)
+	for _, n := range facts.Notes() {
+		report.Report(progress.Event{Phase: "init", Message: n})
+	}
 	content := imagepull.DiskUsage(md)
 	if size == 0 {
 		size = imagepull.DefaultSize(content)
@@ -184,7 +188,8 @@ func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Ca
 	}
 	report.Report(progress.Event{Phase: "ownership", Done: true})
 	report.Report(progress.Event{Phase: "inject", Message: "guest agent, network and first-boot units"})
-	if err := imagepull.InjectGuestAgents(ctx, ext4, imagepull.GuestAssets{AgentBinary: agent}); err != nil {
+	runCfg := pulled.Config
+	if err := imagepull.InjectGuestAgents(ctx, ext4, imagepull.GuestAssets{AgentBinary: agent, Config: &runCfg, SSHDReady: facts.SSHDReady}); err != nil {
 		return img, err
 	}
 	report.Report(progress.Event{Phase: "inject", Done: true})
@@ -193,6 +198,7 @@ func (d *Daemon) pullFromOCI(ctx context.Context, req api.PullRequest, caller Ca
 		ID: id, Name: name, Ref: ref.String(), Source: "oci", Digest: pulled.Digest,
 		Dir: final, RootFS: filepath.Join(final, "rootfs.ext4"), Size: size,
 		Layers: pulled.LayerDigests(), Managed: true, Created: time.Now().UTC(),
+		Config: &runCfg, Init: facts.Init, InitReason: facts.Reason, Notes: facts.Notes(),
 	}
 	published, err = d.publishImage(ctx, &img, kernel, "no --kernel-ref was given", staging, ext4, req.Force, report, log)
 	if err != nil {

@@ -200,7 +200,7 @@ func (d *Daemon) handleVMGet(w http.ResponseWriter, r *http.Request) {
 		d.writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, vm)
+	writeJSON(w, http.StatusOK, d.withGuestState(r.Context(), vm))
 }
 
 // ---- helpers ----

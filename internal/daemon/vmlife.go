@@ -248,23 +248,6 @@ func (d *Daemon) bootArtifacts(vm model.VM) (kernel, initrd string, err error) {
 	return k.Kernel.Path, initrd, nil
 }
 
-// cmdline is the guest kernel command line: root disk, serial console and
-// the network settings banger-network.service reads.
-func (d *Daemon) cmdline(vm model.VM, nc netctl.Config) string {
-	parts := []string{"console=ttyS0", "root=/dev/vda", "rw", "panic=-1", "quiet", "loglevel=4", "net.ifnames=0"}
-	if vm.IP != "" {
-		parts = append(parts, fmt.Sprintf("banger.ip=%s/%d", vm.IP, nc.Subnet.Bits()), "banger.gw="+nc.Gateway().String())
-	}
-	if vm.MAC != "" {
-		parts = append(parts, "banger.mac="+vm.MAC)
-	}
-	if len(d.cfg.DNS) > 0 {
-		parts = append(parts, "banger.dns="+strings.Join(d.cfg.DNS, ","))
-	}
-	parts = append(parts, "banger.hostname="+vm.Name)
-	return strings.Join(parts, " ")
-}
-
 // startVM starts a created or stopped VM. It reads as its steps:
 // beginStart (mark it starting) → prepareDisk → attachNetwork →
 // launchMonitor → supervise. Each step records a resource in VM.Runtime
@@ -474,7 +457,7 @@ func (d *Daemon) launchMonitor(ctx context.Context, run *startRun, report progre
 	rtDir := d.vmRuntimeDir(vm.ID)
 	spec := vmm.Spec{
 		VMID: vm.ID, Name: vm.Name, CPUs: vm.CPUs, MemoryMiB: vm.MemoryMiB,
-		Kernel: run.kernel, Initrd: run.initrd, Cmdline: d.cmdline(vm, run.nc),
+		Kernel: run.kernel, Initrd: run.initrd, Cmdline: d.cmdline(vm, run.nc, run.initrd),
 		Disk: run.disk.Path, Tap: vm.Runtime.Tap, MAC: vm.MAC, RuntimeDir: rtDir,
 		ConsoleLog: d.consoleLog(vm.ID), AgentSocket: filepath.Join(rtDir, "agent.sock"),
 		VsockCID: vm.Runtime.VsockCID,
@@ -700,6 +683,11 @@ func (d *Daemon) waitAgent(ctx context.Context, vm model.VM) error {
 		if s.FirstBoot == agent.FirstBootFailed {
 			break
 		}
+		// Skipped: banger's PID 1 found no sshd to install (or no way to):
+		// the agent is the way in, ready now.
+		if s.FirstBoot == agent.FirstBootSkipped && (s.HostKey == "" || sshOpen(ctx, vm.IP)) {
+			break
+		}
 		booted := s.FirstBoot == agent.FirstBootDone || s.FirstBoot == agent.FirstBootUnknown
 		if booted && d.cfg.ReadyCheck == "agent" {
 			break
@@ -710,7 +698,7 @@ func (d *Daemon) waitAgent(ctx context.Context, vm model.VM) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("first boot is %s and sshd is not ready yet", s.FirstBoot)
-		case <-time.After(time.Second):
+		case <-time.After(readyPoll):
 		}
 	}
 	_, err := d.store.UpdateVM(vm.ID, func(v *model.VM) error {
@@ -718,6 +706,7 @@ func (d *Daemon) waitAgent(ctx context.Context, vm model.VM) error {
 			v.State = model.VMRunning
 		}
 		v.FirstBoot = string(st.FirstBoot)
+		recordGuestStatus(v, st)
 		if st.HostKey != "" {
 			v.HostKey = strings.TrimSpace(st.HostKey)
 		}

@@ -113,6 +113,10 @@ func (d *Daemon) createVM(ctx context.Context, req api.CreateVMRequest, caller C
 			return vm, api.Errorf(api.CodeInvalid, "ssh key: %v", err)
 		}
 	}
+	initChoice, cmd, env, err := guestOptions(req)
+	if err != nil {
+		return vm, err
+	}
 	nc, err := d.netConfig()
 	if err != nil {
 		return vm, err
@@ -122,6 +126,7 @@ func (d *Daemon) createVM(ctx context.Context, req api.CreateVMRequest, caller C
 		ID: id, Name: name, OwnerUID: caller.UID, Image: img.Name, ImageID: img.ID, Kernel: kernelName,
 		CPUs: cpus, MemoryMiB: int(mem >> 20), DiskBytes: max(disk, img.Size), VMM: vmmName, DiskDriver: driver,
 		MAC: netctl.MACFor(id).String(), State: model.VMCreated, Created: time.Now().UTC(), SSHKey: req.SSHKey,
+		Init: initChoice, Cmd: cmd, Env: env,
 		// Until the disk is made, the record says so: a daemon that dies
 		// meanwhile removes the half-made VM at its next start-up.
 		Runtime: model.Runtime{Phase: phaseCreating},
@@ -137,7 +142,8 @@ func (d *Daemon) createVM(ctx context.Context, req api.CreateVMRequest, caller C
 	}
 	failpoint("create:recorded")
 	log := d.log.With("vm", name, "id", id)
-	log.Info("VM created", "image", img.Name, "vmm", vmmName, "vmm_reason", why, "disk_driver", driver, "ip", vm.IP)
+	log.Info("VM created", "image", img.Name, "vmm", vmmName, "vmm_reason", why, "disk_driver", driver, "ip", vm.IP, "init", initNote(img, initChoice))
+	report.Report(progress.Event{Phase: "init", Item: name, Message: initNote(img, initChoice)})
 	defer func() {
 		if retErr != nil {
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)

@@ -115,7 +115,7 @@ func TestShellcheckAssets(t *testing.T) {
 
 func TestFirstBootDispatch(t *testing.T) {
 	apt := []string{
-		"apt-get update [DEBIAN_FRONTEND=]",
+		"apt-get -o Acquire::Retries=0 -o Acquire::http::Timeout=15 update [DEBIAN_FRONTEND=]",
 		"apt-get install -y openssh-server [DEBIAN_FRONTEND=noninteractive]",
 		"systemctl enable --now ssh",
 	}
@@ -181,7 +181,7 @@ func TestFirstBootFailures(t *testing.T) {
 	}{
 		{"unknown distro", "ID=plan9\nID_LIKE=\"bell-labs\"\n", nil, nil, "unsupported distribution: ID=plan9"},
 		{"no os-release", "", nil, nil, "no os-release"},
-		{"apt-get update fails", "ID=debian\n", []string{"FAIL_apt_get=100"}, []string{"apt-get update [DEBIAN_FRONTEND=]"}, "installing the SSH server with apt failed"},
+		{"apt-get update fails", "ID=debian\n", []string{"FAIL_apt_get=100"}, []string{"apt-get -o Acquire::Retries=0 -o Acquire::http::Timeout=15 update [DEBIAN_FRONTEND=]"}, "installing the SSH server with apt failed"},
 		{"dnf install fails", "ID=fedora\n", []string{"FAIL_dnf=1"}, []string{"dnf install -y openssh-server"}, "with dnf failed"},
 		{"enable fails", "ID=arch\n", []string{"FAIL_systemctl=1"}, []string{"pacman -Sy --noconfirm --needed openssh", "systemctl enable --now sshd"}, "enabling the SSH service failed"},
 	} {
@@ -350,5 +350,24 @@ func TestUnits(t *testing.T) {
 				t.Errorf("%s lacks %q", unit, m)
 			}
 		}
+	}
+}
+
+// TestFirstBootUnderBangerInit: banger's PID 1 starts sshd itself, so the
+// script installs it and enables nothing.
+func TestFirstBootUnderBangerInit(t *testing.T) {
+	e := newScriptEnv(t, "apt-get", "apk", "dnf", "pacman", "zypper", "systemctl")
+	e.write(t, "etc/os-release", "ID=debian\n", 0o644)
+	e.write(t, "var/lib/banger/first-boot-pending", "", 0o644)
+	code, out, got := e.run(t, "first-boot.sh", "BANGER_INIT=banger")
+	want := []string{
+		"apt-get -o Acquire::Retries=0 -o Acquire::http::Timeout=15 update [DEBIAN_FRONTEND=]",
+		"apt-get install -y openssh-server [DEBIAN_FRONTEND=noninteractive]",
+	}
+	if code != 0 || strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("exit %d, commands\n%s\nwant\n%s\noutput: %s", code, strings.Join(got, "\n"), strings.Join(want, "\n"), out)
+	}
+	if s := e.read(t, "var/lib/banger/first-boot-status"); s != "done\n" {
+		t.Errorf("status %q, want done", s)
 	}
 }

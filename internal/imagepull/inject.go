@@ -54,6 +54,10 @@ type GuestAssets struct {
 	// Config is the image's run configuration, written to
 	// guestabi.ImageConfigFile for banger's PID 1. Nil writes none.
 	Config *guestabi.ImageConfig
+	// SSHDReady says the image's sshd is installed, enabled and has its
+	// host key (GuestFacts.SSHDReady): first boot has nothing to do, so
+	// neither its marker nor a pending status is written.
+	SSHDReady bool
 }
 
 // injectFile is one regular file to put in the guest.
@@ -72,8 +76,12 @@ func guestFiles(a GuestAssets) []injectFile {
 		{guest: GuestNetworkScript, mode: 0o100755, asset: "banger-network.sh"},
 		{guest: GuestFirstBootScript, mode: 0o100755, asset: "first-boot.sh"},
 		{guest: GuestModulesLoadFile, mode: 0o100644, asset: "banger-vsock.conf"},
-		{guest: GuestFirstBootPending, mode: 0o100644},
-		{guest: GuestFirstBootStatus, mode: 0o100644, data: string(guestabi.FirstBootPending) + "\n"},
+	}
+	if a.SSHDReady {
+		files = append(files, injectFile{guest: GuestFirstBootStatus, mode: 0o100644, data: string(guestabi.FirstBootDone) + "\n"})
+	} else {
+		files = append(files, injectFile{guest: GuestFirstBootPending, mode: 0o100644},
+			injectFile{guest: GuestFirstBootStatus, mode: 0o100644, data: string(guestabi.FirstBootPending) + "\n"})
 	}
 	for _, u := range GuestUnits {
 		files = append(files, injectFile{guest: GuestUnitDir + "/" + u, mode: 0o100644, asset: u})

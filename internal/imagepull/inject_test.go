@@ -153,3 +153,17 @@ func TestInjectGuestAgentsRefusesBadLayout(t *testing.T) {
 		t.Errorf("InjectGuestAgents with a directory as agent binary succeeded")
 	}
 }
+
+func TestInjectSSHDReady(t *testing.T) {
+	requireE2fsprogs(t)
+	img := mkfsStaging(t, stageFiles(t, map[string]string{"etc/os-release": "ID=debian\n"}))
+	if err := InjectGuestAgents(context.Background(), img, GuestAssets{AgentBinary: fakeAgent(t, "agent"), SSHDReady: true}); err != nil {
+		t.Fatal(err)
+	}
+	if got := dumpFile(t, img, GuestFirstBootStatus); string(got) != "done\n" {
+		t.Errorf("first-boot status %q, want done (sshd is ready in the image)", got)
+	}
+	if got := statPaths(t, img, GuestFirstBootPending)[GuestFirstBootPending]; got.Type != "" {
+		t.Errorf("first-boot marker %+v written for an image whose sshd is ready", got)
+	}
+}

@@ -2,6 +2,7 @@ package imagepull
 
 import (
 	"slices"
+	"strings"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
@@ -39,6 +40,9 @@ type GuestFacts struct {
 	Shell bool
 	// SSHD: the image has an sshd.
 	SSHD bool
+	// SSHDReady: the image's init is systemd and its sshd is enabled and
+	// has an ed25519 host key, so first boot has nothing to do.
+	SSHDReady bool
 }
 
 // InspectGuest applies banger's boot rules to the unpacked image at root
@@ -57,6 +61,16 @@ func InspectGuest(root string) GuestFacts {
 		if selection.Executable(root, p) {
 			f.SSHD = true
 		}
+	}
+	if f.SSHD && f.Init == guestabi.InitImage {
+		_, keyErr := selection.Resolve(root, strings.TrimSuffix(guestabi.HostKey, ".pub"))
+		enabled := false
+		for _, u := range []string{"ssh.service", "sshd.service"} {
+			if _, err := selection.Resolve(root, "/etc/systemd/system/multi-user.target.wants/"+u); err == nil {
+				enabled = true
+			}
+		}
+		f.SSHDReady = keyErr == nil && enabled
 	}
 	return f
 }

@@ -59,6 +59,10 @@ func TestInspectGuest(t *testing.T) {
 	}{
 		{"systemd debian", mk(t, map[string]string{"sbin/init": "/lib/systemd/systemd", "bin/sh": "dash"}, "lib/systemd/systemd", "bin/dash", "usr/sbin/sshd"),
 			GuestFacts{Init: guestabi.InitImage, Shell: true, SSHD: true}, []string{"own init (systemd)"}},
+		{"systemd debian, sshd enabled with its key", mk(t, map[string]string{"sbin/init": "/lib/systemd/systemd", "bin/sh": "dash",
+			"etc/systemd/system/multi-user.target.wants/ssh.service": "/lib/systemd/system/ssh.service"},
+			"lib/systemd/systemd", "bin/dash", "usr/sbin/sshd", "lib/systemd/system/ssh.service", "etc/ssh/ssh_host_ed25519_key"),
+			GuestFacts{Init: guestabi.InitImage, Shell: true, SSHD: true, SSHDReady: true}, []string{"own init (systemd)"}},
 		{"busybox", mk(t, map[string]string{"sbin/init": "../bin/busybox", "bin/sh": "busybox"}, "bin/busybox"),
 			GuestFacts{Init: guestabi.InitBanger, Shell: true}, []string{"banger's init", "no sshd"}},
 		{"scratch", mk(t, nil, "app"),

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"regexp"
 	"time"
+
+	"github.com/bangerdev/banger/internal/guestabi"
 )
 
 // Image is a published root filesystem, ready to boot.
@@ -25,6 +27,14 @@ type Image struct {
 	Managed bool           `json:"managed"`
 	Created time.Time      `json:"created"`
 	Notes   []string       `json:"notes,omitempty"` // e.g. "published without boot artifacts"
+	// Config is the OCI run configuration (Entrypoint, Cmd, Env, WorkingDir,
+	// User, ExposedPorts) banger's PID 1 runs as the main process.
+	Config *guestabi.ImageConfig `json:"config,omitempty"`
+	// Init is the init VMs of the image get with --init auto (image or
+	// banger), and InitReason why; empty for images pulled by an older
+	// banger, which have no banger PID 1 inside.
+	Init       guestabi.Init `json:"init,omitempty"`
+	InitReason string        `json:"init_reason,omitempty"`
 }
 
 // BootArtifacts is the kernel triple staged beside an image.
@@ -97,6 +107,15 @@ type VM struct {
 	HostKey       string    `json:"host_key,omitempty"`       // pinned SSH host key, "ssh-ed25519 AAAA..."
 	SSHKey        string    `json:"ssh_key,omitempty"`        // the owner's public key, authorized for root in the guest
 	KernelCmdline string    `json:"kernel_cmdline,omitempty"`
+	// Init is the init asked for (vm create --init; empty means auto), Cmd
+	// and Env the main-process overrides (--cmd, --env).
+	Init guestabi.Init `json:"init,omitempty"`
+	Cmd  []string      `json:"cmd,omitempty"`
+	Env  []string      `json:"env,omitempty"`
+	// InitRan is the init the guest reported at its last boot, and Main
+	// banger's PID 1's last report of the main process (from the agent).
+	InitRan guestabi.Init       `json:"init_ran,omitempty"`
+	Main    *guestabi.MainState `json:"main,omitempty"`
 }
 
 // Runtime is what a started VM holds on the host. It mirrors the teardown

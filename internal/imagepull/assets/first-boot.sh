@@ -62,7 +62,9 @@ sshd_present() {
 install_sshd() {
 	case "$1" in
 	apt)
-		apt-get update || return 1
+		# Fail fast without a way out: a VM with its network cut must not
+		# wait minutes for apt to give up.
+		apt-get -o Acquire::Retries=0 -o Acquire::http::Timeout=15 update || return 1
 		DEBIAN_FRONTEND=noninteractive apt-get install -y openssh-server
 		;;
 	apk) apk add --no-cache openssh-server ;;
