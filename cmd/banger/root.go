@@ -70,6 +70,7 @@ func newRootCmd() *cobra.Command {
 		newKernelCmd(g),
 		newVMCmd(g),
 		newSSHCmd(g),
+		newMountServerCmd(g),
 	)
 	rejectUnknownSubcommands(root)
 	return root

@@ -52,6 +52,9 @@ type Server struct {
 	// returns (so the reply can be sent) and says how. Nil refuses
 	// shutdown requests; cmd/banger-vsock-agent sets it.
 	PowerOff func() (method string, err error)
+	// Services are further stream services by operation name (port
+	// forwarding, host folders: services.go); the guest program sets them.
+	Services map[string]StreamService
 	// SerialEOFBackoff is how long to wait after a serial port reports that
 	// no host is connected before reading again.
 	SerialEOFBackoff time.Duration
@@ -323,6 +326,10 @@ func (s *Server) Handle(ctx context.Context, req Request) *Response {
 		}
 		resp.Identity = res
 	default:
+		if _, ok := s.Services[req.Op]; ok {
+			resp.pending = &req // served on its stream (services.go)
+			break
+		}
 		return errorResponse(req.ID, req.Op, CodeUnknownOp, fmt.Sprintf("unknown operation %q", truncate(req.Op, 64)))
 	}
 	return resp

@@ -163,6 +163,9 @@ func (s *Server) streamService(resp *Response) func(context.Context, net.Conn) e
 	case OpSSH:
 		return s.serveSSH
 	}
+	if svc := s.Services[resp.Op]; svc != nil {
+		return svc
+	}
 	return nil
 }
 

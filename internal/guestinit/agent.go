@@ -15,6 +15,8 @@ import (
 
 	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/guestabi"
+	"github.com/bangerdev/banger/internal/mounts"
+	"github.com/bangerdev/banger/internal/portfwd"
 )
 
 // RunAgent runs the guest agent with the command-line arguments args and
@@ -48,6 +50,10 @@ func RunAgent(version string, args []string) int {
 	srv := agent.NewServer(*root, version)
 	srv.Log = logger
 	srv.PowerOff = agentPowerOff
+	srv.Services = map[string]agent.StreamService{
+		portfwd.ServiceName: (&portfwd.Guest{}).ServeStream,
+		mounts.ServiceName:  (&mounts.Guest{}).ServeStream,
+	}
 	logger.Printf("banger-vsock-agent %s (protocol v%d) starting", version, agent.ProtocolVersion)
 
 	var wg sync.WaitGroup

@@ -51,7 +51,7 @@ type reply struct {
 // Streamer opens streams to a guest's agent services (the agent session
 // implements it). It is the same contract as portfwd's.
 type Streamer interface {
-	OpenStream(ctx context.Context, service string) (net.Conn, error)
+	OpenService(ctx context.Context, service string) (net.Conn, error)
 }
 
 // ErrGuest means the guest could not mount the folder.
@@ -63,7 +63,7 @@ var ErrGuest = errors.New("guest refused the mount")
 func Dial(ctx context.Context, st Streamer, s Spec) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 	defer cancel()
-	c, err := st.OpenStream(ctx, ServiceName)
+	c, err := st.OpenService(ctx, ServiceName)
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: open stream: %w", s, err)
 	}
@@ -207,6 +207,13 @@ func sanitizeName(s string) string {
 // an existing one must be a directory.
 func prepareMountpoint(dir string) error {
 	fi, err := os.Lstat(dir)
+	if errors.Is(err, unix.ENOTCONN) {
+		// A mount whose server died with an earlier agent: detach it.
+		if uerr := unix.Unmount(dir, unix.MNT_DETACH); uerr != nil {
+			return fmt.Errorf("%s is a dead mount and cannot be detached: %w", dir, uerr)
+		}
+		fi, err = os.Lstat(dir)
+	}
 	switch {
 	case err == nil && fi.IsDir():
 		return nil

@@ -17,7 +17,7 @@ import (
 // socket pair whose far end the real guest side serves, on this host.
 type pairStreamer struct{ guest *Guest }
 
-func (p *pairStreamer) OpenStream(ctx context.Context, service string) (net.Conn, error) {
+func (p *pairStreamer) OpenService(ctx context.Context, service string) (net.Conn, error) {
 	if service != ServiceName {
 		return nil, fmt.Errorf("no service %q", service)
 	}

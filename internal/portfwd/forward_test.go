@@ -28,7 +28,7 @@ type pairStreamer struct {
 	wg     sync.WaitGroup
 }
 
-func (p *pairStreamer) OpenStream(ctx context.Context, service string) (net.Conn, error) {
+func (p *pairStreamer) OpenService(ctx context.Context, service string) (net.Conn, error) {
 	if service != ServiceName {
 		return nil, fmt.Errorf("no service %q", service)
 	}

@@ -46,7 +46,7 @@ var (
 // Streamer opens streams to a guest's agent services. The agent session
 // implements it; the service for this package is ServiceName.
 type Streamer interface {
-	OpenStream(ctx context.Context, service string) (net.Conn, error)
+	OpenService(ctx context.Context, service string) (net.Conn, error)
 }
 
 // request is the host's first line.
@@ -111,7 +111,7 @@ func Dial(ctx context.Context, s Streamer, proto Proto, port uint16) (net.Conn, 
 		ctx, cancel = context.WithTimeout(ctx, DefaultHandshakeTimeout)
 		defer cancel()
 	}
-	c, err := s.OpenStream(ctx, ServiceName)
+	c, err := s.OpenService(ctx, ServiceName)
 	if err != nil {
 		return nil, fmt.Errorf("open port-forward stream: %w", err)
 	}
