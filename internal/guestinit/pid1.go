@@ -165,6 +165,7 @@ func (p *pid1) boot() {
 	}
 	p.sshdPath = findSSHD()
 	go p.firstBootAndSSHD()
+	go p.watchPowerButton()
 	p.startMain()
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -76,8 +77,9 @@ func TestMain(m *testing.M) {
 }
 
 // imageDisk unpacks tarball and makes an ext4 of it with banger's guest
-// files and cfg injected.
-func imageDisk(t *testing.T, tarball, guest string, cfg *guestabi.ImageConfig, size string) string {
+// files and cfg injected, and, when k is set, the kernel's power-button
+// modules in its lib/modules tree (image pull stages the whole tree).
+func imageDisk(t *testing.T, tarball, guest string, cfg *guestabi.ImageConfig, size string, k *model.Kernel) string {
 	t.Helper()
 	dir := t.TempDir()
 	tree := filepath.Join(dir, "tree")
@@ -86,6 +88,17 @@ func imageDisk(t *testing.T, tarball, guest string, cfg *guestabi.ImageConfig, s
 	}
 	if out, err := exec.Command("tar", "-xpf", tarball, "--numeric-owner", "-C", tree).CombinedOutput(); err != nil {
 		t.Fatalf("unpack %s: %v\n%s", tarball, err, out)
+	}
+	if k != nil {
+		for _, m := range []string{"kernel/drivers/input/evdev.ko", "kernel/drivers/acpi/button.ko"} {
+			dst := filepath.Join(tree, "lib/modules", k.Version, m)
+			if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if out, err := exec.Command("cp", filepath.Join(k.Modules.Path, m), dst).CombinedOutput(); err != nil {
+				t.Fatalf("copy module %s: %v\n%s", m, err, out)
+			}
+		}
 	}
 	img := filepath.Join(dir, "rootfs.ext4")
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", tree, img, size).CombinedOutput(); err != nil {
@@ -103,6 +116,7 @@ type vm struct {
 	t       *testing.T
 	console string
 	sock    string
+	qmp     string
 	started time.Time
 	done    chan struct{}
 	exited  time.Time
@@ -121,7 +135,7 @@ type bootOpts struct {
 func boot(t *testing.T, k model.Kernel, o bootOpts) *vm {
 	t.Helper()
 	dir := t.TempDir()
-	v := &vm{t: t, console: filepath.Join(dir, "console.log"), sock: filepath.Join(dir, "agent.sock"), done: make(chan struct{})}
+	v := &vm{t: t, console: filepath.Join(dir, "console.log"), sock: filepath.Join(dir, "agent.sock"), qmp: filepath.Join(dir, "qmp.sock"), done: make(chan struct{})}
 	c := o.cmdline
 	c.Kernel = append([]string{"console=ttyS0", "panic=-1", "loglevel=4", "net.ifnames=0"}, c.Kernel...)
 	c.Root, c.ReadWrite = "/dev/vda", true
@@ -132,7 +146,7 @@ func boot(t *testing.T, k model.Kernel, o bootOpts) *vm {
 	args := []string{"-M", "pc", "-accel", "tcg", "-m", "512", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-kernel", k.Kernel.Path, "-initrd", k.Initrd.Path, "-append", line,
-		"-serial", "file:" + v.console,
+		"-serial", "file:" + v.console, "-qmp", "unix:" + v.qmp + ",server=on,wait=off",
 		"-drive", "file=" + o.disk + ",if=none,id=d0,format=raw", "-device", "virtio-blk-pci,drive=d0",
 		"-device", "virtio-serial-pci,id=vser0",
 		"-chardev", "socket,id=agent,path=" + v.sock + ",server=on,wait=off",
@@ -244,6 +258,29 @@ func (v *vm) stop() time.Duration {
 	return v.exited.Sub(start)
 }
 
+// powerdown presses the ACPI power button (QMP system_powerdown) and
+// returns how long QEMU took to exit by itself.
+func (v *vm) powerdown() time.Duration {
+	v.t.Helper()
+	c, err := net.Dial("unix", v.qmp)
+	if err != nil {
+		v.t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	for _, cmd := range []string{`{"execute":"qmp_capabilities"}`, `{"execute":"system_powerdown"}`} {
+		if _, err := c.Write([]byte(cmd + "\n")); err != nil {
+			v.t.Fatal(err)
+		}
+	}
+	select {
+	case <-v.done:
+	case <-time.After(30 * time.Second):
+		v.t.Fatalf("the guest did not power off within 30s of the ACPI power button")
+	}
+	return v.exited.Sub(start)
+}
+
 // fsckClean checks the ext4 with e2fsck -fn.
 func fsckClean(t *testing.T, img string) {
 	t.Helper()
@@ -301,7 +338,7 @@ func TestBusyboxBoots(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := &guestabi.ImageConfig{Cmd: []string{"sh", "-c", busyboxMain}, Env: []string{"GREETING=hello there"}, WorkingDir: "/tmp"}
-	disk := imageDisk(t, testutil.BusyboxRootfsTar(t), guest, cfg, "64M")
+	disk := imageDisk(t, testutil.BusyboxRootfsTar(t), guest, cfg, "64M", nil)
 	c, err := guestabi.Parse("banger.ip=10.99.0.2/24 banger.gw=10.99.0.1 banger.dns=10.99.0.1 banger.hostname=bb-vm banger.mac=52:54:00:12:34:56")
 	if err != nil {
 		t.Fatal(err)
@@ -369,7 +406,7 @@ func TestBusyboxBoots(t *testing.T) {
 func TestScratchBoots(t *testing.T) {
 	guest, k := guestKernel(t)
 	cfg := &guestabi.ImageConfig{Entrypoint: []string{"/app"}, Cmd: []string{"x"}, Env: []string{"GREETING=hi", "EXIT=0"}, User: "1234:5678", WorkingDir: "/work"}
-	disk := imageDisk(t, testutil.ScratchRootfsTar(t), guest, cfg, "32M")
+	disk := imageDisk(t, testutil.ScratchRootfsTar(t), guest, cfg, "32M", &k)
 	c := guestabi.Cmdline{Hostname: "scratch-vm", Main: guestabi.MainOverride{Cmd: []string{"a", "b"}, Env: []string{"EXIT=4"}}}
 	c.Network.Address = netip.MustParsePrefix("10.99.1.2/24")
 	v := boot(t, k, bootOpts{disk: disk, cmdline: c})
@@ -382,8 +419,13 @@ func TestScratchBoots(t *testing.T) {
 			t.Errorf("console lacks %q", want)
 		}
 	}
-	if took := v.stop(); took > 5*time.Second {
-		t.Errorf("shutdown took %s, want under 5s", took)
+	// The power button (QEMU's system_powerdown) shuts it down cleanly.
+	time.Sleep(time.Second) // the button's module loads in the background
+	if took := v.powerdown(); took > 5*time.Second {
+		t.Errorf("shutdown on the ACPI power button took %s, want under 5s", took)
+	}
+	if !strings.Contains(v.consoleText(), "shutting down: ACPI power button") {
+		t.Errorf("console does not show the power-button shutdown")
 	}
 	fsckClean(t, disk)
 }
