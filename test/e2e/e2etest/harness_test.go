@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -173,6 +174,57 @@ func TestE2EHarnessKilledRun(t *testing.T) {
 				t.Errorf("the sweep removed this live run's directory: %v", err)
 			}
 		})
+	}
+}
+
+// TestE2EHarnessInterruptedRun: a run stopped by SIGTERM (or Ctrl-C)
+// clears itself before it exits, VM monitor included, with no next start.
+func TestE2EHarnessInterruptedRun(t *testing.T) {
+	testutil.RequiresNetNS(t)
+	testutil.RequiresLoop(t)
+	testutil.RequiresVM(t)
+	testutil.RequiresTool(t, "busybox", "go")
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "leaky.test")
+	if out, err := e2etest.CombinedOutput(exec.Command("go", "test", "-c", "-o", bin, "./testdata/leaky")); err != nil {
+		t.Fatalf("build testdata/leaky: %v\n%s", err, out)
+	}
+	reportPath := filepath.Join(dir, "report.json")
+	child := exec.Command(bin, "-test.run=^TestLeak$", "-test.v")
+	child.Dir = filepath.Join("testdata", "leaky")
+	child.Env = append(os.Environ(), "BANGER_E2E_LEAKY="+reportPath, "BANGER_E2E_LEAKY_MODE=light")
+	var out strings.Builder
+	child.Stdout, child.Stderr = &out, &out
+	if err := e2etest.Start(child); err != nil {
+		t.Fatal(err)
+	}
+	if !eventually(2*time.Minute, func() bool { _, err := os.Stat(reportPath); return err == nil }) {
+		_ = child.Process.Kill()
+		_ = child.Wait()
+		t.Fatalf("leaky test made nothing in 2 minutes:\n%s", out.String())
+	}
+	var rep report
+	raw, _ := os.ReadFile(reportPath)
+	if err := json.Unmarshal(raw, &rep); err != nil {
+		t.Fatalf("report %s: %v", raw, err)
+	}
+	if len(leftovers(rep)) != 5 {
+		t.Fatalf("the leaky run made %v, want the run dir, namespace, loop, mount and a live monitor", leftovers(rep))
+	}
+	if err := child.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	_ = child.Wait()
+	if !strings.Contains(out.String(), "clearing run") {
+		t.Errorf("the interrupted run did not say it cleared itself:\n%s", e2etest.Tail(out.String(), 30))
+	}
+	if left := leftovers(rep); len(left) != 0 {
+		t.Errorf("after SIGTERM, still left: %v", left)
+	}
+	for _, p := range rep.Procs {
+		if ok, _ := vmm.Alive(p.Handle); ok {
+			t.Errorf("process %d (%s) still runs after SIGTERM", p.PID, p.Comm)
+		}
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -59,7 +60,8 @@ func RunDir() string { return current.dir }
 // Sweep), then registers this run: a directory under Root holding an owner
 // record (pid, process start time, boot id), TMPDIR pointed inside it, and
 // EnvRun set so every helper process carries the run's id. When the tests
-// end it removes whatever of this run is still there, VM monitors included.
+// end, or on SIGINT or SIGTERM, it removes whatever of this run is still
+// there, VM monitors included.
 // Without root it only runs the tests (they skip through internal/testutil).
 func Main(m *testing.M) {
 	os.Exit(runMain(m))
@@ -73,7 +75,20 @@ func runMain(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "e2etest: %v\n", err)
 		return 1
 	}
+	// Ctrl-C or SIGTERM: the tests' own clean-ups will not run, so clear
+	// the whole run now rather than leave it to the next start.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		sig := <-sigs
+		fmt.Fprintf(os.Stderr, "e2etest: %v: clearing run %s\n", sig, current.id)
+		if err := end(); err != nil {
+			fmt.Fprintf(os.Stderr, "e2etest: clean up run %s: %v\n", current.id, err)
+		}
+		os.Exit(1)
+	}()
 	code := m.Run()
+	signal.Stop(sigs)
 	if err := end(); err != nil {
 		fmt.Fprintf(os.Stderr, "e2etest: clean up run %s: %v\n", current.id, err)
 		if code == 0 {
