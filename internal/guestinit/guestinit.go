@@ -8,7 +8,9 @@
 //   - PID 1 on a real root file system (after that switch, or booted
 //     directly with init=guestabi.InitPath): RunPID1, banger's init;
 //   - any other process: the guest agent (package agent), as
-//     banger-vsock-agent.service or banger's PID 1 start it.
+//     banger-vsock-agent.service or banger's PID 1 start it, or with the
+//     argument "network" the network setup banger-network.service runs in
+//     systemd images (RunNetwork).
 //
 // Every failure of the init prints one line on the console,
 //
@@ -39,6 +41,9 @@ func Main(version string) {
 	if name == "banger-init" || name == "init" {
 		fmt.Fprintln(os.Stderr, "banger-init: refusing to run: not PID 1 (this is banger's guest init; run banger-vsock-agent for the agent)")
 		os.Exit(2)
+	}
+	if len(os.Args) > 1 && os.Args[1] == "network" {
+		os.Exit(RunNetwork(os.Args[2:]))
 	}
 	os.Exit(RunAgent(version, os.Args[1:]))
 }

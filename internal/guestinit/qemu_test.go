@@ -429,3 +429,41 @@ func TestScratchBoots(t *testing.T) {
 	}
 	fsckClean(t, disk)
 }
+
+// TestSystemdImageNetwork boots the systemd Debian test image on its own
+// init: banger-network.service (the guest program's network mode) gives
+// the NIC its address from the kernel command line, and the agent reports
+// it and the image's init.
+func TestSystemdImageNetwork(t *testing.T) {
+	guest, k := guestKernel(t)
+	testutil.InNetNS(t)
+	disk := imageDisk(t, testutil.DebianRootfsTar(t, "", nil), guest, nil, "1G", nil)
+	c, err := guestabi.Parse("banger.ip=10.99.2.2/24 banger.gw=10.99.2.1 banger.hostname=sd-vm banger.mac=52:54:00:12:34:57")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := boot(t, k, bootOpts{disk: disk, cmdline: c, tap: "inittap1", mac: "52:54:00:12:34:57"})
+	h, ready := v.healthy()
+	t.Logf("systemd image: agent ready %s after QEMU started", ready.Round(10*time.Millisecond))
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		st := v.status()
+		found := false
+		for _, a := range st.Addresses {
+			found = found || a.CIDR == "10.99.2.2/24"
+		}
+		if found && st.Init == guestabi.InitImage {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status %+v: want 10.99.2.2/24 on the NIC and the image's init", st)
+		}
+		time.Sleep(time.Second)
+	}
+	if h2, _ := v.healthy(); h2.Hostname != "sd-vm" {
+		t.Errorf("hostname %q (first %q), want sd-vm", h2.Hostname, h.Hostname)
+	}
+	if strings.Contains(v.consoleText(), "banger-network:") && strings.Contains(v.consoleText(), "banger-network: network:") {
+		t.Errorf("banger-network failed:\n%s", tail(v.consoleText(), 20))
+	}
+}

@@ -106,7 +106,7 @@ func (e *scriptEnv) read(t *testing.T, rel string) string {
 
 func TestShellcheckAssets(t *testing.T) {
 	testutil.RequiresTool(t, "shellcheck")
-	for _, s := range []string{"assets/first-boot.sh", "assets/banger-network.sh"} {
+	for _, s := range []string{"assets/first-boot.sh"} {
 		if out, err := exec.Command("shellcheck", "-s", "sh", s).CombinedOutput(); err != nil {
 			t.Errorf("shellcheck %s: %v\n%s", s, err, out)
 		}
@@ -239,105 +239,11 @@ func TestFirstBootOpenRC(t *testing.T) {
 	}
 }
 
-// netEnv makes a fake /sys/class/net: lo, then two Ethernet interfaces.
-func netEnv(t *testing.T) *scriptEnv {
-	t.Helper()
-	e := newScriptEnv(t, "ip", "hostname")
-	for name, dev := range map[string][2]string{
-		"lo":     {"772", "00:00:00:00:00:00"},
-		"enp0s3": {"1", "52:54:00:11:11:11"},
-		"eth1":   {"1", "52:54:00:aa:bb:cc"},
-		"wg0":    {"65534", ""},
-	} {
-		e.write(t, "sys/class/net/"+name+"/type", dev[0]+"\n", 0o644)
-		e.write(t, "sys/class/net/"+name+"/address", dev[1]+"\n", 0o644)
-	}
-	e.write(t, "etc/hosts", "127.0.0.1\tlocalhost\n", 0o644)
-	return e
-}
-
-func TestNetworkScript(t *testing.T) {
-	e := netEnv(t)
-	if err := os.Symlink("../run/systemd/resolve/stub-resolv.conf", filepath.Join(e.root, "etc/resolv.conf")); err != nil {
-		t.Fatal(err)
-	}
-	e.write(t, "proc/cmdline", "console=ttyS0 root=/dev/vda rw banger.ip=10.77.0.5/24 banger.gw=10.77.0.1 banger.dns=1.1.1.1,9.9.9.9 banger.hostname=vm-1 banger.mac=52:54:00:AA:BB:CC quiet\n", 0o644)
-	code, out, got := e.run(t, "banger-network.sh")
-	want := []string{
-		"ip link set dev lo up",
-		"ip link set dev eth1 up",
-		"ip addr replace 10.77.0.5/24 dev eth1",
-		"ip route replace default via 10.77.0.1 dev eth1",
-		"hostname vm-1",
-	}
-	if code != 0 || strings.Join(got, "\n") != strings.Join(want, "\n") {
-		t.Fatalf("exit %d, commands\n%s\nwant\n%s\noutput %s", code, strings.Join(got, "\n"), strings.Join(want, "\n"), out)
-	}
-	if fi, err := os.Lstat(filepath.Join(e.root, "etc/resolv.conf")); err != nil || !fi.Mode().IsRegular() {
-		t.Errorf("resolv.conf is not a regular file: %v", err)
-	}
-	if r := e.read(t, "etc/resolv.conf"); !strings.Contains(r, "nameserver 1.1.1.1\nnameserver 9.9.9.9\n") {
-		t.Errorf("resolv.conf:\n%s", r)
-	}
-	if h := e.read(t, "etc/hostname"); h != "vm-1\n" {
-		t.Errorf("hostname file %q", h)
-	}
-	if h := e.read(t, "etc/hosts"); !strings.Contains(h, "127.0.1.1\tvm-1\n") {
-		t.Errorf("hosts:\n%s", h)
-	}
-	// A second run (unit restart) adds no second hosts line.
-	if code, out, _ := e.run(t, "banger-network.sh"); code != 0 {
-		t.Fatalf("second run: exit %d: %s", code, out)
-	}
-	if h := e.read(t, "etc/hosts"); strings.Count(h, "vm-1") != 1 {
-		t.Errorf("hosts after a second run:\n%s", h)
-	}
-}
-
-func TestNetworkScriptFirstEthernet(t *testing.T) {
-	e := netEnv(t)
-	e.write(t, "proc/cmdline", "banger.ip=192.168.50.2/30", 0o644) // no newline, no gw/dns/hostname
-	code, out, got := e.run(t, "banger-network.sh")
-	want := "ip link set dev lo up|ip link set dev enp0s3 up|ip addr replace 192.168.50.2/30 dev enp0s3"
-	if code != 0 || strings.Join(got, "|") != want {
-		t.Fatalf("exit %d, commands %q, want %q; output %s", code, got, want, out)
-	}
-	if e.exists("etc/resolv.conf") {
-		t.Errorf("resolv.conf written without banger.dns")
-	}
-}
-
-func TestNetworkScriptRefuses(t *testing.T) {
-	for name, cmdline := range map[string]string{
-		"hostname injection": "banger.ip=10.0.0.2/24 banger.hostname=$(reboot)",
-		"no prefix":          "banger.ip=10.0.0.2",
-		"bad gateway":        "banger.ip=10.0.0.2/24 banger.gw=10.0.0.1;id",
-		"bad dns":            "banger.ip=10.0.0.2/24 banger.dns=1.1.1.1/../x",
-		"option hostname":    "banger.ip=10.0.0.2/24 banger.hostname=-F",
-		"no such mac":        "banger.ip=10.0.0.2/24 banger.mac=02:00:00:00:00:09",
-	} {
-		t.Run(name, func(t *testing.T) {
-			e := netEnv(t)
-			e.write(t, "proc/cmdline", cmdline+"\n", 0o644)
-			code, out, got := e.run(t, "banger-network.sh", "BANGER_NET_WAIT=0")
-			if code == 0 || len(got) != 0 {
-				t.Errorf("cmdline %q: exit %d, commands %q; want a failure before any command (output %s)", cmdline, code, got, out)
-			}
-		})
-	}
-	// Nothing to do without banger.ip: success, no command.
-	e := netEnv(t)
-	e.write(t, "proc/cmdline", "console=ttyS0\n", 0o644)
-	if code, out, got := e.run(t, "banger-network.sh"); code != 0 || len(got) != 0 {
-		t.Errorf("no banger.ip: exit %d, commands %q (output %s)", code, got, out)
-	}
-}
-
 // TestUnits checks the unit files for the settings the boot sequence
 // depends on.
 func TestUnits(t *testing.T) {
 	for unit, must := range map[string][]string{
-		"banger-network.service":     {"Type=oneshot", "Before=network.target", "ExecStart=/bin/sh " + GuestNetworkScript, "WantedBy=multi-user.target"},
+		"banger-network.service":     {"Type=oneshot", "Before=network.target", "ExecStart=" + GuestAgentPath + " network", "WantedBy=multi-user.target"},
 		"banger-first-boot.service":  {"ConditionPathExists=" + GuestFirstBootPending, "After=banger-network.service network-online.target", "ExecStart=/bin/sh " + GuestFirstBootScript, "WantedBy=multi-user.target"},
 		"banger-vsock-agent.service": {"Restart=always", "ExecStart=" + GuestAgentPath, "WantedBy=multi-user.target"},
 	} {

@@ -25,7 +25,6 @@ var assetFS embed.FS
 const (
 	GuestAgentPath        = guestabi.AgentPath
 	GuestLibDir           = guestabi.LibDir
-	GuestNetworkScript    = GuestLibDir + "/banger-network.sh"
 	GuestFirstBootScript  = guestabi.FirstBootScript
 	GuestUnitDir          = "/etc/systemd/system"
 	GuestWantsDir         = GuestUnitDir + "/multi-user.target.wants"
@@ -73,7 +72,6 @@ type injectFile struct {
 func guestFiles(a GuestAssets) []injectFile {
 	files := []injectFile{
 		{guest: GuestAgentPath, mode: 0o100755, host: a.AgentBinary},
-		{guest: GuestNetworkScript, mode: 0o100755, asset: "banger-network.sh"},
 		{guest: GuestFirstBootScript, mode: 0o100755, asset: "first-boot.sh"},
 		{guest: GuestModulesLoadFile, mode: 0o100644, asset: "banger-vsock.conf"},
 	}
@@ -106,7 +104,7 @@ func guestLinks() map[string]string {
 
 // InjectGuestAgents adds banger's guest side to the ext4 image at ext4Path,
 // owned by root, with one debugfs script (no mount): the agent binary at
-// GuestAgentPath, the network bootstrap script and banger-network.service,
+// GuestAgentPath, banger-network.service (the guest program's network mode),
 // the first-boot script and banger-first-boot.service,
 // banger-vsock-agent.service, the multi-user.target.wants links that enable
 // all three, the vsock modules-load.d file, the first-boot marker and

@@ -78,7 +78,6 @@ func checkInjected(t *testing.T, img, agentContent string) {
 	t.Helper()
 	want := map[string]inodeInfo{
 		GuestAgentPath:                               {Type: "regular", Mode: 0o755},
-		GuestNetworkScript:                           {Type: "regular", Mode: 0o755},
 		GuestFirstBootScript:                         {Type: "regular", Mode: 0o755},
 		GuestModulesLoadFile:                         {Type: "regular", Mode: 0o644},
 		GuestFirstBootPending:                        {Type: "regular", Mode: 0o644},
@@ -104,7 +103,6 @@ func checkInjected(t *testing.T, img, agentContent string) {
 		t.Errorf("agent content %q, want %q", got, agentContent)
 	}
 	for guest, asset := range map[string]string{
-		GuestNetworkScript:                           "banger-network.sh",
 		GuestFirstBootScript:                         "first-boot.sh",
 		GuestModulesLoadFile:                         "banger-vsock.conf",
 		GuestUnitDir + "/banger-vsock-agent.service": "banger-vsock-agent.service",
