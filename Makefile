@@ -58,6 +58,7 @@ install: build ## Install banger, its guest programs and the systemd unit
 	install -D -m 0755 bin/banger-init $(DESTDIR)$(LIBEXECDIR)/banger-init
 	install -D -m 0644 packaging/banger.service $(DESTDIR)/etc/systemd/system/banger.service
 	@getent group banger >/dev/null || groupadd --system banger || true
+	@getent passwd banger-vmm >/dev/null || useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin banger-vmm || true
 	@echo "installed; start the daemon with: sudo systemctl daemon-reload && sudo systemctl enable --now banger"
 
 uninstall: ## Remove what install installed (state in /var/lib/banger is kept)

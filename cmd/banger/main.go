@@ -11,6 +11,7 @@ import (
 	"syscall"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/termsafe"
 )
 
 // Exit codes, one per error class. They are part of the CLI contract
@@ -54,6 +55,11 @@ type exitError struct{ code int }
 
 func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
 
+// errorLine is how the CLI prints an error. Errors may carry guest strings
+// (a VM's error reason, a console tail), so terminal escapes in them are
+// neutralized.
+func errorLine(err error) string { return "banger: " + termsafe.String(err.Error()) }
+
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -64,7 +70,7 @@ func main() {
 	}
 	var ee exitError
 	if !errors.As(err, &ee) {
-		fmt.Fprintln(os.Stderr, "banger: "+err.Error())
+		fmt.Fprintln(os.Stderr, errorLine(err))
 	}
 	os.Exit(exitCode(err))
 }

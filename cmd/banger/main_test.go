@@ -45,7 +45,7 @@ func runCLI(t *testing.T, socket string, args ...string) (string, string, int) {
 		code = exitCode(err)
 		var ee exitError
 		if !asExit(err, &ee) {
-			errb.WriteString("banger: " + err.Error() + "\n")
+			errb.WriteString(errorLine(err) + "\n")
 		}
 	}
 	return out.String(), errb.String(), code

@@ -8,6 +8,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/bangerdev/banger/internal/termsafe"
 	"github.com/bangerdev/banger/internal/units"
 )
 
@@ -18,24 +19,30 @@ func printJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-// printTable writes rows under header, aligned.
+// printTable writes rows under header, aligned. Cells may hold guest or
+// other users' strings, so terminal control characters are neutralized.
 func printTable(w io.Writer, header []string, rows [][]string) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, strings.Join(header, "\t"))
 	for _, r := range rows {
-		fmt.Fprintln(tw, strings.Join(r, "\t"))
+		cells := make([]string, len(r))
+		for i, c := range r {
+			cells[i] = termsafe.String(c)
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
 	}
 	return tw.Flush()
 }
 
-// printKV writes key/value pairs, aligned, for inspect in table mode.
+// printKV writes key/value pairs, aligned, for inspect in table mode, with
+// terminal control characters in the values neutralized.
 func printKV(w io.Writer, pairs [][2]string) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	for _, p := range pairs {
 		if p[1] == "" {
 			continue
 		}
-		fmt.Fprintf(tw, "%s:\t%s\n", p[0], p[1])
+		fmt.Fprintf(tw, "%s:\t%s\n", p[0], termsafe.String(p[1]))
 	}
 	return tw.Flush()
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/progress"
+	"github.com/bangerdev/banger/internal/termsafe"
 	"golang.org/x/term"
 )
 
@@ -41,6 +42,7 @@ func (p *progressRenderer) render(ev progress.Event) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	key := ev.Phase + "/" + ev.Item
+	ev.Phase, ev.Item, ev.Message = termsafe.String(ev.Phase), termsafe.String(ev.Item), termsafe.String(ev.Message)
 	label := ev.Phase
 	if ev.Item != "" {
 		label += " " + ev.Item

@@ -12,6 +12,7 @@ import (
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/sshkeys"
+	"github.com/bangerdev/banger/internal/termsafe"
 	"github.com/spf13/cobra"
 )
 
@@ -193,10 +194,10 @@ func newVMRmCmd(g *globals) *cobra.Command {
 }
 
 func newVMLogsCmd(g *globals) *cobra.Command {
-	var follow, mainOnly bool
+	var follow, mainOnly, raw bool
 	cmd := &cobra.Command{
 		Use:   "logs NAME",
-		Short: "Print a VM's serial console",
+		Short: "Print a VM's serial console (terminal escapes shown as \\x1b unless --raw)",
 		Args:  exactArgs(1, "a VM name"),
 		RunE: func(c *cobra.Command, args []string) error {
 			q := ""
@@ -208,10 +209,18 @@ func newVMLogsCmd(g *globals) *cobra.Command {
 				return err
 			}
 			defer resp.Close()
+			// The console is the guest's: a terminal must not act on the
+			// escape sequences it holds.
+			out := io.Writer(g.out)
+			if !raw {
+				safe := termsafe.NewWriter(g.out)
+				defer safe.Close()
+				out = safe
+			}
 			if mainOnly {
-				err = copyMainLines(g.out, resp)
+				err = copyMainLines(out, resp)
 			} else {
-				_, err = io.Copy(g.out, resp)
+				_, err = io.Copy(out, resp)
 			}
 			if c.Context().Err() != nil {
 				return nil
@@ -221,5 +230,6 @@ func newVMLogsCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output")
 	cmd.Flags().BoolVar(&mainOnly, "main", false, "print only the main process's output (VMs on banger's init)")
+	cmd.Flags().BoolVar(&raw, "raw", false, "print the console's bytes as they are, terminal escapes included")
 	return cmd
 }

@@ -13,6 +13,9 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/bangerdev/banger/internal/quota"
+	"github.com/bangerdev/banger/internal/units"
 )
 
 // Config is the daemon's configuration. The JSON names are the config
@@ -53,6 +56,66 @@ type Config struct {
 	// without hardware KVM, for Firecracker-compatible stand-ins (banger's
 	// fake Firecracker in tests). Real Firecracker needs KVM.
 	FirecrackerWithoutKVM bool `json:"firecracker_without_kvm,omitempty"`
+
+	// VMMUser is the unprivileged user QEMU runs as (its group too); ""
+	// runs QEMU as the daemon's own user. Root's default is "banger-vmm",
+	// which `make install` creates (the daemon creates it when missing
+	// and /etc is writable).
+	VMMUser string `json:"vmm_user"`
+	// ConsoleLogMax caps each VM's console log file ("4M"); the previous
+	// part is kept in console.log.1, so a VM's console takes at most twice
+	// this. Empty means 4 MiB.
+	ConsoleLogMax string `json:"console_log_max,omitempty"`
+	// Limits bound each VM's size and what one non-root user may hold.
+	Limits Limits `json:"limits,omitzero"`
+}
+
+// Limits are the "limits" section of the config file. Sizes are strings
+// such as "16G"; 0 or "" means the default bound (per VM) or no limit (per
+// user).
+type Limits struct {
+	VMCPUs   int    `json:"vm_cpus,omitempty"`   // vCPUs of one VM (default 64)
+	VMMemory string `json:"vm_memory,omitempty"` // memory of one VM (default 256G)
+	VMDisk   string `json:"vm_disk,omitempty"`   // disk of one VM (default 2T)
+	VMs      int    `json:"vms,omitempty"`       // VMs per user
+	CPUs     int    `json:"cpus,omitempty"`      // vCPUs per user, over all their VMs
+	Memory   string `json:"memory,omitempty"`    // memory per user
+	Disk     string `json:"disk,omitempty"`      // disk per user
+}
+
+// Quota returns the limits in bytes, for internal/quota.
+func (c Config) Quota() (quota.Limits, error) {
+	l := quota.Limits{VMCPUs: c.Limits.VMCPUs, VMs: c.Limits.VMs, CPUs: c.Limits.CPUs}
+	for _, f := range []struct {
+		key string
+		v   string
+		dst *int64
+	}{
+		{"vm_memory", c.Limits.VMMemory, &l.VMMemory}, {"vm_disk", c.Limits.VMDisk, &l.VMDisk},
+		{"memory", c.Limits.Memory, &l.Memory}, {"disk", c.Limits.Disk, &l.Disk},
+	} {
+		n, err := units.ParseSize(f.v)
+		if err != nil {
+			return l, fmt.Errorf("config limits.%s: %w", f.key, err)
+		}
+		*f.dst = n
+	}
+	if l.VMCPUs < 0 || l.VMs < 0 || l.CPUs < 0 {
+		return l, errors.New("config limits: counts must not be negative")
+	}
+	return l, nil
+}
+
+// ConsoleLogBytes is ConsoleLogMax in bytes (0 for the default).
+func (c Config) ConsoleLogBytes() (int64, error) {
+	n, err := units.ParseSize(c.ConsoleLogMax)
+	if err != nil {
+		return 0, fmt.Errorf("config console_log_max: %w", err)
+	}
+	if n != 0 && n < 4096 {
+		return 0, fmt.Errorf("config console_log_max %q: use at least 4K", c.ConsoleLogMax)
+	}
+	return n, nil
 }
 
 // Duration is a time.Duration written as a Go duration string ("90s").
@@ -87,6 +150,7 @@ func Defaults(euid int, home, xdgRuntime string) Config {
 		HealthyTimeout: Duration(5 * time.Minute),
 	}
 	if euid == 0 {
+		c.VMMUser = "banger-vmm"
 		c.StateDir = "/var/lib/banger"
 		c.CacheDir = "/var/cache/banger"
 		c.RuntimeDir = "/run/banger"
@@ -169,6 +233,12 @@ func (c Config) Validate() error {
 	case "", "ssh", "agent":
 	default:
 		return fmt.Errorf("config ready_check %q is not one of ssh, agent", c.ReadyCheck)
+	}
+	if _, err := c.Quota(); err != nil {
+		return err
+	}
+	if _, err := c.ConsoleLogBytes(); err != nil {
+		return err
 	}
 	return nil
 }

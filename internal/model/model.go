@@ -25,8 +25,11 @@ type Image struct {
 	Boot    *BootArtifacts `json:"boot,omitempty"`
 	Layers  []string       `json:"layers,omitempty"` // layer blob digests, for cache pruning
 	Managed bool           `json:"managed"`
-	Created time.Time      `json:"created"`
-	Notes   []string       `json:"notes,omitempty"` // e.g. "published without boot artifacts"
+	// OwnerUID is who pulled the image; only they or root may replace it
+	// (records from before owners were kept read 0: root's).
+	OwnerUID uint32    `json:"owner_uid,omitempty"`
+	Created  time.Time `json:"created"`
+	Notes    []string  `json:"notes,omitempty"` // e.g. "published without boot artifacts"
 	// Config is the OCI run configuration (Entrypoint, Cmd, Env, WorkingDir,
 	// User, ExposedPorts) banger's PID 1 runs as the main process.
 	Config *guestabi.ImageConfig `json:"config,omitempty"`
@@ -57,6 +60,7 @@ type Kernel struct {
 	Modules   *Artifact `json:"modules,omitempty"` // Path is the lib/modules/<version> dir; SHA256 covers a manifest of the tree
 	Source    string    `json:"source"`            // "catalog" or "import"
 	SourceRef string    `json:"source_ref,omitempty"`
+	OwnerUID  uint32    `json:"owner_uid,omitempty"` // who imported or pulled it (see Image.OwnerUID)
 	Created   time.Time `json:"created"`
 }
 
@@ -182,6 +186,9 @@ func ValidateName(kind, name string) error {
 	}
 	if !nameRE.MatchString(name) {
 		return fmt.Errorf("%s name %q is invalid: use lowercase letters, digits, '.', '_' and '-', starting with a letter or digit", kind, name)
+	}
+	if LooksLikeID(name) {
+		return fmt.Errorf("%s name %q is invalid: 24 hex digits is the form of an id; choose a name that is not", kind, name)
 	}
 	return nil
 }

@@ -174,6 +174,9 @@ func (s *Store) PutImage(img model.Image, replace bool) (old *model.Image, err e
 				return err
 			}
 		}
+		if imgs.Get([]byte(img.Name)) != nil || names.Get([]byte(img.ID)) != nil {
+			return fmt.Errorf("image name %q or id %q is another image's id or name: %w", img.Name, img.ID, ErrConflict)
+		}
 		if id := names.Get([]byte(img.Name)); id != nil && string(id) != img.ID {
 			if !replace {
 				return fmt.Errorf("image %q: %w", img.Name, ErrConflict)
@@ -198,9 +201,12 @@ func (s *Store) PutImage(img model.Image, replace bool) (old *model.Image, err e
 func (s *Store) GetImage(nameOrID string) (model.Image, error) {
 	var img model.Image
 	err := s.db.View(func(tx *bolt.Tx) error {
-		id := tx.Bucket(bImageNames).Get([]byte(nameOrID))
-		if id == nil {
-			id = []byte(nameOrID)
+		// An existing id wins over a name (see resolveVM).
+		id := []byte(nameOrID)
+		if tx.Bucket(bImages).Get(id) == nil {
+			if named := tx.Bucket(bImageNames).Get([]byte(nameOrID)); named != nil {
+				id = named
+			}
 		}
 		if err := get(tx.Bucket(bImages), string(id), &img); err != nil {
 			return fmt.Errorf("image %q: %w", nameOrID, err)
@@ -306,8 +312,11 @@ func (s *Store) CreateVM(vm *model.VM, subnet netip.Prefix) error {
 		if names.Get([]byte(vm.Name)) != nil {
 			return fmt.Errorf("vm %q: %w", vm.Name, ErrConflict)
 		}
-		if vms.Get([]byte(vm.ID)) != nil {
+		if vms.Get([]byte(vm.ID)) != nil || names.Get([]byte(vm.ID)) != nil {
 			return fmt.Errorf("vm id %q: %w", vm.ID, ErrConflict)
+		}
+		if vms.Get([]byte(vm.Name)) != nil {
+			return fmt.Errorf("vm name %q is another VM's id: %w", vm.Name, ErrConflict)
 		}
 		if subnet.IsValid() {
 			ip, err := allocate(tx.Bucket(bLeases), subnet, vm.ID)
@@ -360,7 +369,14 @@ func (s *Store) UpdateVM(idOrName string, fn func(*model.VM) error) (model.VM, e
 	return vm, err
 }
 
+// resolveVM turns an id or a name into an id. An existing id wins over a
+// name: internal callers pass ids, and a record named like another's id
+// (refused since, but possibly left by an older banger) must never be
+// taken for it.
 func resolveVM(tx *bolt.Tx, idOrName string) string {
+	if tx.Bucket(bVMs).Get([]byte(idOrName)) != nil {
+		return idOrName
+	}
 	if id := tx.Bucket(bVMNames).Get([]byte(idOrName)); id != nil {
 		return string(id)
 	}

@@ -80,6 +80,20 @@ type Spec struct {
 	// Accel selects QEMU's accelerator: "kvm", "tcg" or "" for automatic.
 	// Firecracker ignores it (it always needs KVM).
 	Accel string
+	// RunAs, when set, is the unprivileged user QEMU runs as (no
+	// supplementary groups); QEMU opens no path of the daemon's itself but
+	// gets descriptors, so it needs no access to banger's dirs. Firecracker
+	// ignores it: it drops privileges through its jailer.
+	RunAs *Credential
+	// ConsoleLogMax caps each console log file, in bytes (see consolelog);
+	// 0 means consolelog.DefaultMax.
+	ConsoleLogMax int64
+}
+
+// Credential is a user and group a monitor runs as.
+type Credential struct {
+	UID uint32 `json:"uid"`
+	GID uint32 `json:"gid"`
 }
 
 // Handle identifies a running VM monitor process. It is plain data: persist
@@ -97,6 +111,12 @@ type Handle struct {
 	AgentTransport string `json:"agent_transport"`
 	// AgentCID is the guest CID when AgentTransport is TransportVsock.
 	AgentCID uint32 `json:"agent_cid,omitempty"`
+	// ConsoleSocket is the serial console's socket, which the daemon
+	// follows into ConsoleLog (capped at ConsoleLogMax per file); empty
+	// when the monitor writes the log itself.
+	ConsoleSocket string `json:"console_socket,omitempty"`
+	ConsoleLog    string `json:"console_log,omitempty"`
+	ConsoleLogMax int64  `json:"console_log_max,omitempty"`
 }
 
 // StopMethod says how Stop ended a VM.

@@ -137,3 +137,18 @@ func TestRemoveSocketRefusesFiles(t *testing.T) {
 		t.Fatalf("RemoveSocket(absent) = %v", err)
 	}
 }
+
+func TestEnsureUserRefusesRoot(t *testing.T) {
+	for _, name := range []string{"root", "Bad Name", "", "a/b"} {
+		if _, err := EnsureUser(name); err == nil {
+			t.Errorf("EnsureUser(%q) accepted", name)
+		}
+	}
+	c, err := EnsureUser("nobody")
+	if err != nil {
+		t.Fatalf("EnsureUser(nobody): %v", err)
+	}
+	if c.UID == 0 || c.GID == 0 {
+		t.Fatalf("EnsureUser(nobody) = %+v", c)
+	}
+}

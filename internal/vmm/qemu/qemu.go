@@ -8,10 +8,17 @@
 // channel: vhost-vsock-pci when /dev/vhost-vsock exists, else a
 // virtio-serial port named org.banger.agent on a Unix-socket chardev.
 //
-// The serial console goes to the console log (appended), as do QEMU's own
-// messages. -no-reboot makes a guest reboot end the VM, as it does under
-// Firecracker: the daemon, not the guest, decides about restarts, and the
-// VM shows as stopped. Control is QMP on <runtime>/qmp.sock.
+// QEMU runs under its seccomp sandbox (Sandbox), as Spec.RunAs when set,
+// and opens no host path itself: the kernel and initrd (as sealed memfd
+// copies), the disk, the tap, the vhost-vsock device and the listening
+// sockets (QMP, agent, console) are descriptors the daemon opened. The
+// serial console is a socket the daemon follows into the console log,
+// capped and rotated (internal/consolelog); QEMU's own messages are
+// appended to the log directly.
+//
+// -no-reboot makes a guest reboot end the VM, as it does under Firecracker:
+// the daemon, not the guest, decides about restarts, and the VM shows as
+// stopped. Control is QMP on <runtime>/qmp.sock.
 //
 // QEMU is started directly, detached with setsid, and not with -daemonize:
 // the daemon then knows the pid at once (no pid file to race with or to
@@ -22,14 +29,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
+	"github.com/bangerdev/banger/internal/consolelog"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -38,6 +48,15 @@ const Name = "qemu"
 
 // QMPSocketName is the QMP socket's file name inside Spec.RuntimeDir.
 const QMPSocketName = "qmp.sock"
+
+// ConsoleSocketName is the serial console socket's file name inside
+// Spec.RuntimeDir; the daemon follows it into the console log.
+const ConsoleSocketName = "console.sock"
+
+// Sandbox is QEMU's -sandbox setting: its seccomp filter, with the
+// obsolete system calls, privilege changes (setuid and friends), process
+// spawning (fork, exec) and resource control (scheduler, affinity) denied.
+const Sandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 func init() {
 	vmm.Register(Name, func() vmm.Monitor { return New() })
@@ -109,22 +128,57 @@ func (m *Monitor) launch(ctx context.Context, spec vmm.Spec, verb string, ready 
 	if err := os.MkdirAll(spec.RuntimeDir, 0o700); err != nil {
 		return vmm.Handle{}, fail("create runtime dir: %w", err)
 	}
-	sockets := []string{plan.qmp}
-	if plan.transport == vmm.TransportVirtioSerial {
-		sockets = append(sockets, spec.AgentSocket)
-	}
+	sockets := plan.sockets()
 	for _, s := range sockets {
 		if err := vmm.RemoveSocket(s); err != nil {
 			return vmm.Handle{}, fail("stale socket: %w", err)
 		}
 	}
-
-	proc, err := vmm.StartDetached(exec.Command(bin, plan.args...), spec.ConsoleLog) //nolint:gosec // binary is configuration; arguments are validated and escaped
+	files, err := plan.open()
 	if err != nil {
+		for _, s := range sockets {
+			_ = vmm.RemoveSocket(s)
+		}
+		return vmm.Handle{}, fail("%w", err)
+	}
+	// Connect to the console socket before QEMU runs: the connection waits
+	// in the listen backlog, so not a byte of early boot output is lost.
+	console, err := net.Dial("unix", plan.console)
+	if err != nil {
+		closeAll(files)
+		for _, s := range sockets {
+			_ = vmm.RemoveSocket(s)
+		}
+		return vmm.Handle{}, fail("connect console socket: %w", err)
+	}
+	if err := consolelog.FollowConn(plan.console, console, spec.ConsoleLog, spec.ConsoleLogMax); err != nil {
+		closeAll(files)
+		for _, s := range sockets {
+			_ = vmm.RemoveSocket(s)
+		}
+		return vmm.Handle{}, fail("%w", err)
+	}
+
+	cmd := exec.Command(bin, plan.args...) //nolint:gosec // binary is configuration; arguments are validated and escaped
+	cmd.ExtraFiles = files
+	if spec.RunAs != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: spec.RunAs.UID, Gid: spec.RunAs.GID, Groups: []uint32{}}}
+	}
+	proc, err := vmm.StartDetached(cmd, spec.ConsoleLog)
+	// QEMU has its own copies now. Closing ours matters: once QEMU exits,
+	// nothing listens on the sockets any more, so a connection waiting in
+	// their backlog (QMP, the console) fails at once instead of hanging.
+	closeAll(files)
+	if err != nil {
+		_ = console.Close()
+		for _, s := range sockets {
+			_ = vmm.RemoveSocket(s)
+		}
 		return vmm.Handle{}, fail("%w", err)
 	}
 	h = proc.Handle
 	h.APISocket = plan.qmp
+	h.ConsoleSocket, h.ConsoleLog, h.ConsoleLogMax = plan.console, spec.ConsoleLog, spec.ConsoleLogMax
 	h.AgentTransport = plan.transport
 	if plan.transport == vmm.TransportVirtioSerial {
 		h.AgentSocket = spec.AgentSocket
@@ -174,7 +228,26 @@ func (m *Monitor) launch(ctx context.Context, spec vmm.Spec, verb string, ready 
 type plan struct {
 	args      []string
 	qmp       string
+	console   string
+	agent     string // the agent's listening socket (virtio-serial only)
 	transport string
+	// opens are the files QEMU gets as descriptors 3, 4, ... in order.
+	opens []opening
+}
+
+// sockets are the Unix sockets the plan listens on.
+func (p plan) sockets() []string {
+	s := []string{p.qmp, p.console}
+	if p.agent != "" {
+		s = append(s, p.agent)
+	}
+	return s
+}
+
+// fd adds o to the files QEMU is given and returns its descriptor number.
+func (p *plan) fd(o opening) string {
+	p.opens = append(p.opens, o)
+	return strconv.Itoa(2 + len(p.opens))
 }
 
 var idRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
@@ -184,7 +257,7 @@ func esc(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
 // buildArgs turns a validated spec into QEMU's command line.
 func buildArgs(spec vmm.Spec, caps vmm.Caps) (plan, error) {
-	p := plan{qmp: filepath.Join(spec.RuntimeDir, QMPSocketName)}
+	p := plan{qmp: filepath.Join(spec.RuntimeDir, QMPSocketName), console: filepath.Join(spec.RuntimeDir, ConsoleSocketName)}
 	accel := spec.Accel
 	if accel == "" {
 		accel = "tcg"
@@ -202,19 +275,30 @@ func buildArgs(spec vmm.Spec, caps vmm.Caps) (plan, error) {
 	case "tcg":
 		a = append(a, "-machine", "pc", "-accel", "tcg")
 	}
+	// QEMU opens no host path itself: every file, socket and device is a
+	// descriptor the daemon opened (so an unprivileged QEMU needs no access
+	// to banger's dirs). -kernel and -initrd take a path, so they name the
+	// inherited descriptor through /proc/self/fd; the descriptors are
+	// read-only in-memory copies (memfd), which the QEMU user may reopen.
+	// Every path is a descriptor now, so name the runtime dir in the
+	// command line another way: the daemon's identity check and its orphan
+	// scan recognize a VM's monitor by an argument under its runtime dir.
+	// A secret object holds a string and does nothing else.
+	a = append(a, "-object", "secret,id=banger-runtime,data="+esc(p.qmp))
 	a = append(a,
+		"-sandbox", Sandbox,
 		"-smp", strconv.Itoa(spec.CPUs),
 		"-m", strconv.Itoa(spec.MemoryMiB)+"M",
-		"-kernel", spec.Kernel,
+		"-kernel", "/proc/self/fd/"+p.fd(opening{kind: openCopy, path: spec.Kernel}),
 		"-append", spec.Cmdline,
 	)
 	if spec.Initrd != "" {
-		a = append(a, "-initrd", spec.Initrd)
+		a = append(a, "-initrd", "/proc/self/fd/"+p.fd(opening{kind: openCopy, path: spec.Initrd}))
 	}
 	a = append(a,
-		"-chardev", "file,id=console,append=on,path="+esc(spec.ConsoleLog),
+		"-chardev", "socket,id=console,server=on,wait=off,fd="+p.fd(opening{kind: openListen, path: p.console}),
 		"-serial", "chardev:console",
-		"-chardev", "socket,id=qmp,server=on,wait=off,path="+esc(p.qmp),
+		"-chardev", "socket,id=qmp,server=on,wait=off,fd="+p.fd(opening{kind: openListen, path: p.qmp}),
 		"-mon", "chardev=qmp,mode=control",
 	)
 	if spec.Disk != "" {
@@ -223,7 +307,8 @@ func buildArgs(spec vmm.Spec, caps vmm.Caps) (plan, error) {
 			driver = "host_device"
 		}
 		a = append(a,
-			"-blockdev", "driver=raw,node-name=disk0,discard=unmap,file.driver="+driver+",file.filename="+esc(spec.Disk),
+			"-add-fd", "fd="+p.fd(opening{kind: openRW, path: spec.Disk})+",set=1,opaque=disk0",
+			"-blockdev", "driver=raw,node-name=disk0,discard=unmap,file.driver="+driver+",file.filename=/dev/fdset/1",
 			"-device", "virtio-blk-pci,drive=disk0",
 		)
 	}
@@ -232,16 +317,18 @@ func buildArgs(spec vmm.Spec, caps vmm.Caps) (plan, error) {
 		if spec.MAC != "" {
 			nic += ",mac=" + spec.MAC
 		}
-		a = append(a, "-netdev", "tap,id=net0,ifname="+spec.Tap+",script=no,downscript=no", "-device", nic)
+		a = append(a, "-netdev", "tap,id=net0,fd="+p.fd(opening{kind: openTap, path: spec.Tap}), "-device", nic)
 	}
 	if caps.VhostVsock {
 		p.transport = vmm.TransportVsock
-		a = append(a, "-device", "vhost-vsock-pci,guest-cid="+strconv.FormatUint(uint64(spec.VsockCID), 10))
+		a = append(a, "-device", "vhost-vsock-pci,guest-cid="+strconv.FormatUint(uint64(spec.VsockCID), 10)+
+			",vhostfd="+p.fd(opening{kind: openRW, path: "/dev/vhost-vsock"}))
 	} else {
 		p.transport = vmm.TransportVirtioSerial
+		p.agent = spec.AgentSocket
 		a = append(a,
 			"-device", "virtio-serial-pci",
-			"-chardev", "socket,id=agent,server=on,wait=off,path="+esc(spec.AgentSocket),
+			"-chardev", "socket,id=agent,server=on,wait=off,fd="+p.fd(opening{kind: openListen, path: spec.AgentSocket}),
 			"-device", "virtserialport,chardev=agent,name="+vmm.AgentPortName,
 		)
 	}
@@ -305,6 +392,12 @@ func (m *Monitor) Reattach(ctx context.Context, h vmm.Handle) error {
 	}
 	if st.Status == "shutdown" || st.Status == "internal-error" || st.Status == "guest-panicked" {
 		return fmt.Errorf("reattach qemu pid %d: guest status %q: %w", h.PID, st.Status, errGuestDown)
+	}
+	if h.ConsoleSocket != "" {
+		// The console went unread while no daemon ran; follow it again.
+		if err := consolelog.FollowSocket(h.ConsoleSocket, h.ConsoleLog, h.ConsoleLogMax); err != nil {
+			return fmt.Errorf("reattach qemu pid %d: %w", h.PID, err)
+		}
 	}
 	return nil
 }

@@ -42,20 +42,28 @@ func TestBuildArgs(t *testing.T) {
 		caps      vmm.Caps
 		want      [][]string
 		absent    []string
+		opens     []opening // checked when set
 		transport string
 	}{
 		{
 			name: "tcg, virtio-serial, no disk, no tap",
 			want: [][]string{
 				{"-machine", "pc", "-accel", "tcg"}, {"-smp", "2"}, {"-m", "512M"}, {"-no-reboot"},
-				{"-kernel", "/k/vmlinuz"}, {"-initrd", "/k/initrd"}, {"-append", "console=ttyS0 root=/dev/vda"},
-				{"-chardev", "socket,id=qmp,server=on,wait=off,path=/run/banger/vms/x/qmp.sock"},
+				{"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"},
+				{"-object", "secret,id=banger-runtime,data=/run/banger/vms/x/qmp.sock"},
+				{"-kernel", "/proc/self/fd/3"}, {"-initrd", "/proc/self/fd/4"}, {"-append", "console=ttyS0 root=/dev/vda"},
+				{"-chardev", "socket,id=console,server=on,wait=off,fd=5"}, {"-serial", "chardev:console"},
+				{"-chardev", "socket,id=qmp,server=on,wait=off,fd=6"},
 				{"-device", "virtio-serial-pci"},
-				{"-chardev", "socket,id=agent,server=on,wait=off,path=/run/banger/vms/x/agent.sock"},
+				{"-chardev", "socket,id=agent,server=on,wait=off,fd=7"},
 				{"-device", "virtserialport,chardev=agent,name=org.banger.agent"},
 				{"-name", "banger-01ABC"},
 			},
-			absent:    []string{"-netdev", "-blockdev", "-daemonize"},
+			absent: []string{"-netdev", "-blockdev", "-daemonize", "path="},
+			opens: []opening{
+				{openCopy, "/k/vmlinuz"}, {openCopy, "/k/initrd"}, {openListen, dir + "/console.sock"},
+				{openListen, dir + "/qmp.sock"}, {openListen, dir + "/agent.sock"},
+			},
 			transport: vmm.TransportVirtioSerial,
 		},
 		{
@@ -69,13 +77,19 @@ func TestBuildArgs(t *testing.T) {
 			caps: vmm.Caps{KVM: true, VhostVsock: true},
 			want: [][]string{
 				{"-machine", "q35", "-accel", "kvm"},
-				{"-blockdev", "driver=raw,node-name=disk0,discard=unmap,file.driver=file,file.filename=/var/lib/banger/disk,,1.img"},
+				{"-add-fd", "fd=7,set=1,opaque=disk0"},
+				{"-blockdev", "driver=raw,node-name=disk0,discard=unmap,file.driver=file,file.filename=/dev/fdset/1"},
 				{"-device", "virtio-blk-pci,drive=disk0"},
-				{"-netdev", "tap,id=net0,ifname=bgr-tap1,script=no,downscript=no"},
+				{"-netdev", "tap,id=net0,fd=8"},
 				{"-device", "virtio-net-pci,netdev=net0,mac=06:00:0a:00:00:02"},
-				{"-device", "vhost-vsock-pci,guest-cid=7"},
+				{"-device", "vhost-vsock-pci,guest-cid=7,vhostfd=9"},
 			},
-			absent:    []string{"virtio-serial-pci"},
+			absent: []string{"virtio-serial-pci", "path=", "ifname="},
+			opens: []opening{
+				{openCopy, "/k/vmlinuz"}, {openCopy, "/k/initrd"}, {openListen, dir + "/console.sock"},
+				{openListen, dir + "/qmp.sock"}, {openRW, "/var/lib/banger/disk,1.img"}, {openTap, "bgr-tap1"},
+				{openRW, "/dev/vhost-vsock"},
+			},
 			transport: vmm.TransportVsock,
 		},
 		{
@@ -120,6 +134,9 @@ func TestBuildArgs(t *testing.T) {
 			}
 			if p.transport != tt.transport {
 				t.Errorf("transport = %q, want %q", p.transport, tt.transport)
+			}
+			if tt.opens != nil && !slices.Equal(p.opens, tt.opens) {
+				t.Errorf("descriptors opened for QEMU:\n got %v\nwant %v", p.opens, tt.opens)
 			}
 		})
 	}
