@@ -2,9 +2,10 @@
 // the init of banger's initramfs, the PID 1 of images without systemd, and
 // the guest agent. Main picks the mode:
 //
-//   - PID 1 on the initramfs (a ramfs or tmpfs root): RunInitramfs loads the
-//     virtio modules, mounts the root disk, picks the init with the rule in
-//     package selection and switches to it;
+//   - PID 1 on the initramfs (a ramfs or tmpfs root): package initramfs
+//     loads the virtio modules, mounts the root disk, picks the init with
+//     the rule in package selection and switches to it (cmd/banger-init
+//     builds that stage alone, small, for the initramfs);
 //   - PID 1 on a real root file system (after that switch, or booted
 //     directly with init=guestabi.InitPath): RunPID1, banger's init;
 //   - any other process: the guest agent (package agent), as
@@ -24,15 +25,15 @@ import (
 	"os"
 	"path/filepath"
 
-	"golang.org/x/sys/unix"
+	"github.com/bangerdev/banger/internal/guestinit/initramfs"
 )
 
 // Main runs the mode the process was started in (see the package doc) and
 // exits. version is the build's version string.
 func Main(version string) {
 	if os.Getpid() == 1 {
-		if onInitramfs() {
-			RunInitramfs()
+		if initramfs.OnInitramfs() {
+			initramfs.Run()
 		}
 		RunPID1(version)
 		return
@@ -46,13 +47,4 @@ func Main(version string) {
 		os.Exit(RunNetwork(os.Args[2:]))
 	}
 	os.Exit(RunAgent(version, os.Args[1:]))
-}
-
-// onInitramfs reports whether "/" is the initramfs (ramfs or tmpfs).
-func onInitramfs() bool {
-	var sfs unix.Statfs_t
-	if err := unix.Statfs("/", &sfs); err != nil {
-		return false
-	}
-	return sfs.Type == unix.RAMFS_MAGIC || sfs.Type == unix.TMPFS_MAGIC
 }

@@ -254,6 +254,8 @@ func devNull() uintptr {
 	return nullFile.Fd()
 }
 
+func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
+
 func oneLineErr(err error) string {
 	if err == nil {
 		return ""

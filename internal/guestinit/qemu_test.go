@@ -37,8 +37,8 @@ var fixtures struct {
 	err    error
 }
 
-// guestKernel builds the guest program and imports the cached Debian
-// cloud kernel with an initramfs around it, once.
+// guestKernel builds the guest program and banger-init, and imports the
+// cached Debian cloud kernel with an initramfs around banger-init, once.
 func guestKernel(t *testing.T) (guest string, k model.Kernel) {
 	t.Helper()
 	testutil.RequiresRoot(t)
@@ -52,15 +52,18 @@ func guestKernel(t *testing.T) (guest string, k model.Kernel) {
 			return
 		}
 		fixtures.guest = filepath.Join(fixtures.dir, "banger-vsock-agent")
-		build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w -X main.version=qemu-test", "-o", fixtures.guest,
-			"github.com/bangerdev/banger/cmd/banger-vsock-agent")
-		build.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
-		if out, err := build.CombinedOutput(); err != nil {
-			fixtures.err = fmt.Errorf("build the guest program: %w\n%s", err, out)
-			return
+		initBin := filepath.Join(fixtures.dir, "banger-init")
+		for out, pkg := range map[string]string{fixtures.guest: "cmd/banger-vsock-agent", initBin: "cmd/banger-init"} {
+			build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w -X main.version=qemu-test", "-o", out,
+				"github.com/bangerdev/banger/"+pkg)
+			build.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+			if b, err := build.CombinedOutput(); err != nil {
+				fixtures.err = fmt.Errorf("build %s: %w\n%s", pkg, err, b)
+				return
+			}
 		}
 		fixtures.kernel, fixtures.err = kernels.ImportDeb(context.Background(), filepath.Join(fixtures.dir, "kernel"), "debian-cloud", deb,
-			kernels.DebOptions{InitBinary: fixtures.guest})
+			kernels.DebOptions{InitBinary: initBin})
 	})
 	if fixtures.err != nil {
 		t.Fatal(fixtures.err)

@@ -1,4 +1,16 @@
-package guestinit
+// Package initramfs is the first stage of banger's guest program: the
+// /init of the initramfs banger generates (internal/kernels/initramfs). It
+// loads the virtio modules, waits for the root device, mounts it, picks the
+// init with package selection and switches to it. It imports little, so the
+// initramfs stays small and starts fast under emulation; the rest of the
+// guest program (banger's PID 1, the agent) is package guestinit.
+//
+// Every failure prints one line on the console,
+//
+//	banger-init: <what failed>: <why>
+//
+// and powers the guest off, so the VM monitor exits instead of hanging.
+package initramfs
 
 import (
 	"errors"
@@ -36,9 +48,9 @@ func (e *stepError) Unwrap() error { return e.err }
 
 func fail(what string, err error) error { return &stepError{what: what, err: err} }
 
-// RunInitramfs is the initramfs stage: it never returns. Success ends in
+// Run is the initramfs stage: it never returns. Success ends in
 // executing the chosen init; any failure prints one line and powers off.
-func RunInitramfs() {
+func Run() {
 	defer func() {
 		if r := recover(); r != nil {
 			powerOff(fmt.Sprintf("banger-init: internal error: %v", r))
@@ -324,4 +336,13 @@ func removeTree(dir string, dev uint64) {
 			_ = unix.Unlink(p)
 		}
 	}
+}
+
+// OnInitramfs reports whether "/" is the initramfs (ramfs or tmpfs).
+func OnInitramfs() bool {
+	var sfs unix.Statfs_t
+	if err := unix.Statfs("/", &sfs); err != nil {
+		return false
+	}
+	return sfs.Type == unix.RAMFS_MAGIC || sfs.Type == unix.TMPFS_MAGIC
 }

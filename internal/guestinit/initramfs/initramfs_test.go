@@ -1,4 +1,4 @@
-package guestinit
+package initramfs
 
 import (
 	"testing"
