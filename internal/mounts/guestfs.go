@@ -85,7 +85,7 @@ func mountFUSE(dir string, opts GuestOptions) (*pendingMount, error) {
 	if opts.ReadOnly {
 		mo.Options = append(mo.Options, "ro")
 	}
-	root := &node{c: &guestClient{ro: opts.ReadOnly}}
+	root := &node{c: &guestClient{ro: opts.ReadOnly, ttl: timeout}}
 	raw := fs.NewNodeFS(root, &fs.Options{
 		MountOptions:    mo,
 		EntryTimeout:    &timeout,
@@ -103,7 +103,7 @@ func mountFUSE(dir string, opts GuestOptions) (*pendingMount, error) {
 // session cannot start, the mount is served by a session that fails every
 // request with EIO just long enough to unmount it cleanly.
 func (p *pendingMount) attach(conn io.ReadWriteCloser) (*GuestMount, error) {
-	client, err := sftp.NewClientPipe(conn, conn,
+	client, err := sftp.NewClientPipe(conn, conn, sftp.MaxPacketUnchecked(maxPacket),
 		sftp.UseConcurrentReads(true), sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
 	if err != nil {
 		_ = conn.Close()
@@ -149,18 +149,68 @@ func (deadHandlers) Filelist(*sftp.Request) (sftp.ListerAt, error) {
 // Unmount unmounts the folder and ends the SFTP session.
 func (g *GuestMount) Unmount() error {
 	err := g.server.Unmount()
-	if cerr := g.client.Close(); err == nil && cerr != nil && !errors.Is(cerr, io.EOF) {
-		err = cerr
-	}
+	_ = g.client.Close() // teardown: the session may already have ended
 	return err
 }
 
 // Wait returns when the mount is gone (unmounted in the guest, or Unmount).
 func (g *GuestMount) Wait() { g.server.Wait() }
 
+// maxPacket is the SFTP data size per read or write request: one request
+// per FUSE read (128 KiB), well inside the protocol's 256 KiB message cap.
+// The host server allows the same (Serve).
+const maxPacket = 128 << 10
+
 type guestClient struct {
 	sftp *sftp.Client
 	ro   bool
+	ttl  time.Duration
+
+	// listings remembers each directory's last listing for ttl, so the
+	// lookups that follow a readdir (ls -l, find, git status) need no round
+	// trip each. Any change made through the mount drops its directory's.
+	mu       sync.Mutex
+	listings map[string]listing
+}
+
+type listing struct {
+	at      time.Time
+	entries map[string]os.FileInfo
+}
+
+func (c *guestClient) remember(dir string, fis []os.FileInfo) {
+	m := make(map[string]os.FileInfo, len(fis))
+	for _, fi := range fis {
+		m[fi.Name()] = fi
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.listings == nil || len(c.listings) > 4096 {
+		c.listings = map[string]listing{}
+	}
+	c.listings[dir] = listing{at: time.Now(), entries: m}
+}
+
+// cached returns the remembered entry name of dir, if fresh.
+func (c *guestClient) cached(dir, name string) (os.FileInfo, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	l, ok := c.listings[dir]
+	if !ok || time.Since(l.at) > c.ttl {
+		return nil, false
+	}
+	fi, ok := l.entries[name]
+	return fi, ok
+}
+
+// forget drops the listings of the directories holding paths.
+func (c *guestClient) forget(paths ...string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range paths {
+		delete(c.listings, path.Dir(p))
+		delete(c.listings, p)
+	}
 }
 
 // node is one file or directory; it knows its path through the inode tree.
@@ -229,6 +279,9 @@ func (n *node) newChild(ctx context.Context, name string, fi os.FileInfo, out *f
 }
 
 func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if fi, ok := n.c.cached(n.path(), name); ok {
+		return n.newChild(ctx, name, fi, out), 0
+	}
 	fi, err := n.c.sftp.Lstat(n.child(name))
 	if err != nil {
 		return nil, toErrno(err)
@@ -241,6 +294,7 @@ func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	if err != nil {
 		return nil, toErrno(err)
 	}
+	n.c.remember(n.path(), fis)
 	entries := make([]fuse.DirEntry, 0, len(fis))
 	for _, fi := range fis {
 		var mode uint32
@@ -257,6 +311,7 @@ func (n *node) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn
 		return syscall.EROFS
 	}
 	p := n.path()
+	defer n.c.forget(p)
 	if size, ok := in.GetSize(); ok {
 		if err := n.c.sftp.Truncate(p, int64(size)); err != nil {
 			return toErrno(err)
@@ -325,7 +380,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if err != nil {
 		return nil, 0, toErrno(err)
 	}
-	return &handle{f: f}, 0, 0
+	return &handle{f: f, c: n.c, p: n.path()}, 0, 0
 }
 
 func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
@@ -333,6 +388,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 		return nil, nil, 0, syscall.EROFS
 	}
 	p := n.child(name)
+	defer n.c.forget(p)
 	acc := int(flags) & (os.O_WRONLY | os.O_RDWR)
 	f, err := n.c.sftp.OpenFile(p, acc|os.O_CREATE|int(flags)&(os.O_EXCL|os.O_TRUNC))
 	if err != nil {
@@ -349,7 +405,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 		_ = f.Close()
 		return nil, nil, 0, toErrno(err)
 	}
-	return n.newChild(ctx, name, fi, out), &handle{f: f}, 0, 0
+	return n.newChild(ctx, name, fi, out), &handle{f: f, c: n.c, p: p}, 0, 0
 }
 
 func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
@@ -357,6 +413,7 @@ func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.En
 		return nil, syscall.EROFS
 	}
 	p := n.child(name)
+	defer n.c.forget(p)
 	if err := n.c.sftp.Mkdir(p); err != nil {
 		return nil, toErrno(err)
 	}
@@ -376,6 +433,7 @@ func (n *node) Unlink(ctx context.Context, name string) syscall.Errno {
 	if n.c.ro {
 		return syscall.EROFS
 	}
+	defer n.c.forget(n.child(name))
 	return toErrno(n.c.sftp.Remove(n.child(name)))
 }
 
@@ -383,6 +441,7 @@ func (n *node) Rmdir(ctx context.Context, name string) syscall.Errno {
 	if n.c.ro {
 		return syscall.EROFS
 	}
+	defer n.c.forget(n.child(name))
 	return toErrno(n.c.sftp.RemoveDirectory(n.child(name)))
 }
 
@@ -395,6 +454,7 @@ func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedd
 		return syscall.EXDEV
 	}
 	from, to := n.child(name), np.child(newName)
+	defer n.c.forget(from, to)
 	switch flags {
 	case 0:
 		return toErrno(n.c.sftp.PosixRename(from, to))
@@ -409,6 +469,7 @@ func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.Entry
 		return nil, syscall.EROFS
 	}
 	p := n.child(name)
+	defer n.c.forget(p)
 	if err := n.c.sftp.Symlink(target, p); err != nil {
 		return nil, toErrno(err)
 	}
@@ -428,6 +489,7 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 		return nil, syscall.EXDEV
 	}
 	p := n.child(name)
+	defer n.c.forget(p, t.path())
 	if err := n.c.sftp.Link(t.path(), p); err != nil {
 		return nil, toErrno(err)
 	}
@@ -460,8 +522,14 @@ func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
 
 // handle is an open host file.
 type handle struct {
-	mu sync.Mutex // Close against in-flight I/O
+	mu sync.Mutex // the read-ahead buffer; Close against in-flight I/O
 	f  *sftp.File
+	c  *guestClient
+	p  string
+
+	next   int64  // where a sequential read would continue
+	buf    []byte // read ahead: the file's bytes at bufOff
+	bufOff int64
 }
 
 var (
@@ -472,16 +540,49 @@ var (
 	_ fs.FileFlusher  = (*handle)(nil)
 )
 
+// readAhead is how much a handle fetches at once when it sees sequential
+// reads: one SFTP ReadAt of this size runs many requests in flight, where
+// the kernel sends FUSE reads of 128 KiB one after the other, each a round
+// trip to the host.
+const readAhead = 2 << 20
+
 func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if off >= h.bufOff && off+int64(len(dest)) <= h.bufOff+int64(len(h.buf)) {
+		n := copy(dest, h.buf[off-h.bufOff:])
+		h.next = off + int64(n)
+		return fuse.ReadResultData(dest[:n]), 0
+	}
+	if off == h.next && off > 0 && len(dest) < readAhead {
+		if cap(h.buf) < readAhead {
+			h.buf = make([]byte, readAhead)
+		}
+		h.buf = h.buf[:readAhead]
+		n, err := h.f.ReadAt(h.buf, off)
+		if err != nil && !errors.Is(err, io.EOF) {
+			h.buf = h.buf[:0]
+			return nil, toErrno(err)
+		}
+		h.buf, h.bufOff = h.buf[:n], off
+		m := copy(dest, h.buf)
+		h.next = off + int64(m)
+		return fuse.ReadResultData(dest[:m]), 0
+	}
 	n, err := h.f.ReadAt(dest, off)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, toErrno(err)
 	}
+	h.next = off + int64(n)
 	return fuse.ReadResultData(dest[:n]), 0
 }
 
 func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	h.mu.Lock()
+	h.buf = h.buf[:0] // what was read ahead may be stale now
+	h.mu.Unlock()
 	n, err := h.f.WriteAt(data, off)
+	h.c.forget(h.p)
 	if err != nil {
 		return uint32(n), toErrno(err)
 	}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto/rand"
 	"errors"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,7 +33,10 @@ func (w *world) mountGuest(t *testing.T, s Spec) string {
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	host, guest := net.Pipe()
+	host, guest, err := socketPair()
+	if err != nil {
+		t.Fatal(err)
+	}
 	p, err := w.launcher.Start(t.Context(), nobody, s, host, os.Stderr)
 	if err != nil {
 		t.Fatal(err)

@@ -15,7 +15,7 @@ import (
 // Every request is carried out by root, beneath the folder. It closes rwc.
 func Serve(rwc io.ReadWriteCloser, root *Root) error {
 	h := &handlers{root: root}
-	srv := sftp.NewRequestServer(rwc, sftp.Handlers{FileGet: h, FilePut: h, FileCmd: h, FileList: h})
+	srv := sftp.NewRequestServer(rwc, sftp.Handlers{FileGet: h, FilePut: h, FileCmd: h, FileList: h}, sftp.WithRSMaxTxPacket(maxPacket))
 	defer srv.Close()
 	err := srv.Serve()
 	if errors.Is(err, io.EOF) {

@@ -21,22 +21,35 @@ func (p *pairStreamer) OpenService(ctx context.Context, service string) (net.Con
 	if service != ServiceName {
 		return nil, fmt.Errorf("no service %q", service)
 	}
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	host, guest, err := socketPair()
 	if err != nil {
 		return nil, err
 	}
-	conn := func(fd int) net.Conn {
-		f := os.NewFile(uintptr(fd), "pair")
-		defer f.Close()
-		c, err := net.FileConn(f)
-		if err != nil {
-			panic(err)
-		}
-		return c
-	}
-	host, guest := conn(fds[0]), conn(fds[1])
 	go func() { _ = p.guest.ServeStream(context.Background(), guest) }()
 	return host, nil
+}
+
+// socketPair returns the two ends of a real Unix stream socket pair.
+func socketPair() (net.Conn, net.Conn, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	conn := func(fd int) (net.Conn, error) {
+		f := os.NewFile(uintptr(fd), "pair")
+		defer f.Close()
+		return net.FileConn(f)
+	}
+	a, err := conn(fds[0])
+	if err != nil {
+		return nil, nil, err
+	}
+	b, err := conn(fds[1])
+	if err != nil {
+		_ = a.Close()
+		return nil, nil, err
+	}
+	return a, b, nil
 }
 
 func mounted(dir string) bool {
