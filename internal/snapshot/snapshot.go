@@ -109,6 +109,8 @@ type File struct {
 	Role   string `json:"role"`
 	Size   int64  `json:"size"`   // apparent size
 	Blocks int64  `json:"blocks"` // bytes allocated on disk
+	// SHA256 is a tree hash: the SHA-256 of the SHA-256s of the file's
+	// 1 MiB chunks (holes are not read; see fileSHA256).
 	SHA256 string `json:"sha256"`
 }
 
