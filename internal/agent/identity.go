@@ -147,6 +147,14 @@ func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
 		return nil, err
 	}
 	res := &IdentityResult{}
+	sys := identitySystem
+	if _, real := sys.(realSystem); real && s.Root != "" && s.Root != "/" {
+		// An agent serving a directory tree (the fake Firecracker's, an
+		// image under test) is not the guest's system: its files are
+		// changed, never the clock, hostname or interfaces of the host
+		// it runs on.
+		sys = filesOnly{}
+	}
 	step := func(name string, err error) error {
 		if err != nil {
 			return fmt.Errorf("set identity: %s (after %v): %w", name, res.Applied, err)
@@ -157,12 +165,12 @@ func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
 	if id.HostTime > 0 {
 		host := time.Unix(0, id.HostTime)
 		res.ClockStep = time.Until(host)
-		if err := step("clock", identitySystem.setClock(host)); err != nil {
+		if err := step("clock", sys.setClock(host)); err != nil {
 			return res, err
 		}
 	}
 	if len(id.Seed) > 0 {
-		if err := step("random-seed", identitySystem.reseed(id.Seed)); err != nil {
+		if err := step("random-seed", sys.reseed(id.Seed)); err != nil {
 			return res, err
 		}
 	}
@@ -177,12 +185,12 @@ func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
 		if id.Gateway != "" {
 			gw = netip.MustParseAddr(id.Gateway)
 		}
-		if err := step("network", identitySystem.setNetwork(oldMAC, mac, addr, gw)); err != nil {
+		if err := step("network", sys.setNetwork(oldMAC, mac, addr, gw)); err != nil {
 			return res, err
 		}
 	}
 	if id.Hostname != "" {
-		err := identitySystem.setHostname(id.Hostname)
+		err := sys.setHostname(id.Hostname)
 		if err == nil {
 			err = s.writeHostname(id.Hostname)
 		}
@@ -199,7 +207,7 @@ func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
 		key, err := s.replaceHostKeys()
 		if err == nil {
 			res.HostKey = key
-			err = identitySystem.reloadSSHD()
+			err = sys.reloadSSHD()
 		}
 		if err := step("ssh-host-keys", err); err != nil {
 			return res, err
@@ -286,6 +294,9 @@ func (s *Server) replaceHostKeys() (string, error) {
 // replaceFile writes data beside path and renames it over path, so a
 // symlink at path is replaced, never written through.
 func replaceFile(path string, data []byte, mode os.FileMode) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
 	tmp := path + ".banger-new"
 	_ = os.Remove(tmp)
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_EXCL|os.O_WRONLY|unix.O_NOFOLLOW, mode) //nolint:gosec // a fixed guest path under the agent's root
@@ -341,6 +352,18 @@ func (l *limitedReader) Read(p []byte) (int, error) {
 	l.n -= int64(n)
 	return n, err
 }
+
+// filesOnly is the system of an agent whose root is not "/": nothing but
+// files is touched.
+type filesOnly struct{}
+
+func (filesOnly) setClock(time.Time) error { return nil }
+func (filesOnly) reseed([]byte) error      { return nil }
+func (filesOnly) setNetwork(_, _ net.HardwareAddr, _ netip.Prefix, _ netip.Addr) error {
+	return nil
+}
+func (filesOnly) setHostname(string) error { return nil }
+func (filesOnly) reloadSSHD() error        { return nil }
 
 // realSystem acts on the running guest.
 type realSystem struct{}

@@ -232,3 +232,27 @@ func TestSetNetworkInNamespace(t *testing.T) {
 		t.Errorf("setNetwork on a missing interface = %v", err)
 	}
 }
+
+// TestSetIdentityUnderAnotherRoot: an agent serving a directory tree (the
+// fake Firecracker's) changes files there and never the system it runs on.
+func TestSetIdentityUnderAnotherRoot(t *testing.T) {
+	if _, ok := identitySystem.(realSystem); !ok {
+		t.Fatal("the default identity system is not the real one")
+	}
+	s := newTestServer(t)
+	host, _ := os.Hostname()
+	res, err := s.setIdentity(&Identity{HostTime: 1, Hostname: "not-this-host", MachineID: NewMachineID(), MAC: "06:00:00:00:00:01", Address: "10.9.9.9/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if now, _ := os.Hostname(); now != host {
+		t.Fatalf("the host's hostname changed to %q", now)
+	}
+	if time.Now().Year() < 2000 {
+		t.Fatal("the host clock was stepped")
+	}
+	if b, _ := os.ReadFile(filepath.Join(s.Root, "etc/hostname")); string(b) != "not-this-host\n" {
+		t.Errorf("etc/hostname under the agent root = %q", b)
+	}
+	t.Logf("applied under %s: %v", s.Root, res.Applied)
+}
