@@ -11,7 +11,7 @@ TEST_TIMEOUT  ?= 40m
 # the race detector: the daemon (and what is split out of it below
 # internal/daemon/), the store, the agent, netctl and blockdev. A new
 # package with concurrency joins this list.
-RACE_PKGS     ?= ./internal/daemon/... ./internal/store/... ./internal/agent/... ./internal/netctl/... ./internal/blockdev/...
+RACE_PKGS     ?= ./internal/daemon/... ./internal/lifecycle/... ./internal/reconciler/... ./internal/supervisor/... ./internal/store/... ./internal/agent/... ./internal/netctl/... ./internal/blockdev/...
 # The race run leaves out the data-heavy pipeline tests, which the plain run
 # has just passed: under the race detector the Debian bookworm catalog pull
 # alone takes over 8 minutes, and they exercise decompression and ext4

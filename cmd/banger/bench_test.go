@@ -17,8 +17,11 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/blockdev"
 	"github.com/bangerdev/banger/internal/daemon/daemontest"
 	"github.com/bangerdev/banger/internal/model"
+	"github.com/bangerdev/banger/internal/netctl"
+	"github.com/bangerdev/banger/internal/vmm"
 )
 
 // BenchmarkVMListSocket measures GET /v1/vms through the real Unix socket
@@ -29,7 +32,8 @@ func BenchmarkVMListSocket(b *testing.B) {
 	for i := range 1000 {
 		vm := &model.VM{ID: fmt.Sprintf("id-%04d", i), Name: fmt.Sprintf("vm-%04d", i), Image: "debian", State: model.VMRunning,
 			VMM: "qemu", DiskDriver: "copy", CPUs: 2, MemoryMiB: 1024, Created: time.Now(),
-			Runtime: model.Runtime{PID: 1000 + i, Tap: "bgr-" + strconv.Itoa(i), RuntimeDir: "/run/banger/vms/x", Loops: []model.LoopDev{{Device: "/dev/loop1", BackingFile: "/var/lib/banger/images/x/rootfs.ext4"}}}}
+			Runtime: model.Runtime{Monitor: vmm.Handle{PID: 1000 + i}, Tap: netctl.TapRef{Name: "bgr-" + strconv.Itoa(i)}, RuntimeDir: "/run/banger/vms/x",
+				Disk: blockdev.Disk{Loops: []model.LoopDev{{Device: "/dev/loop1", BackingFile: "/var/lib/banger/images/x/rootfs.ext4"}}}}}
 		if err := st.CreateVM(vm, netip.Prefix{}); err != nil {
 			b.Fatal(err)
 		}

@@ -3,7 +3,7 @@ package main
 import (
 	"strings"
 
-	"github.com/bangerdev/banger/internal/daemon"
+	"github.com/bangerdev/banger/internal/api"
 	"github.com/spf13/cobra"
 )
 
@@ -17,7 +17,7 @@ func newImageCatalogCmd(g *globals) *cobra.Command {
 			"Pull an entry with: banger image pull NAME",
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			var list []daemon.CatalogListing
+			var list []api.CatalogListing
 			if err := g.client().Do(c.Context(), "GET", "/images/catalog", nil, &list); err != nil {
 				return err
 			}

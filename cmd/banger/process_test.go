@@ -16,9 +16,11 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/blockdev"
 	"github.com/bangerdev/banger/internal/daemon/daemontest"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/testutil"
+	"github.com/bangerdev/banger/internal/vmm"
 )
 
 // bangerCmd runs the test binary as the banger program.
@@ -169,7 +171,11 @@ func TestPeerCredentials(t *testing.T) {
 		name string
 		uid  uint32
 	}{{"root-vm", 0}, {"nobody-vm", uid}} {
-		if err := st.CreateVM(&model.VM{ID: "id-" + v.name, Name: v.name, OwnerUID: v.uid, State: model.VMStopped, Created: time.Now()}, netip.Prefix{}); err != nil {
+		// Runtime internals the API shows root only.
+		rt := model.Runtime{RuntimeDir: "/run/banger/vms/id-" + v.name, Monitor: vmm.Handle{PID: 4242, Cmdline: []string{"qemu-system-x86_64", "-name", "secret-cmdline"}},
+			Disk: blockdev.Disk{DMName: "banger-secret-dm", Loops: []model.LoopDev{{Device: "/dev/loop9", BackingFile: "/var/lib/banger/secret-loop"}}}}
+		if err := st.CreateVM(&model.VM{ID: "id-" + v.name, Name: v.name, OwnerUID: v.uid, State: model.VMStopped, Created: time.Now(),
+			Runtime: rt, Recovery: model.Recovery{Removed: []string{"qemu pid 4241 (sigkill)"}}}, netip.Prefix{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -218,6 +224,27 @@ func TestPeerCredentials(t *testing.T) {
 	}
 	if _, _, code := asNobody("vm", "inspect", "nobody-vm"); code != 0 {
 		t.Fatalf("uid %d inspecting its own VM: exit %d", uid, code)
+	}
+	// The owner's view holds no runtime internals (pids, command lines,
+	// loop and dm names, what recovery removed); root's holds them.
+	for _, args := range [][]string{{"vm", "inspect", "nobody-vm", "-o", "json"}, {"vm", "inspect", "nobody-vm"}} {
+		out, errOut, code := asNobody(args...)
+		if code != 0 {
+			t.Fatalf("uid %d: banger %s: exit %d: %s", uid, strings.Join(args, " "), code, errOut)
+		}
+		for _, secret := range []string{"4242", "secret-cmdline", "banger-secret-dm", "/dev/loop9", "secret-loop", "4241", `"runtime"`, `"recovery"`} {
+			if strings.Contains(out, secret) {
+				t.Errorf("uid %d: banger %s shows %q, a runtime internal:\n%s", uid, strings.Join(args, " "), secret, out)
+			}
+		}
+	}
+	out, _, code = runCLI(t, s.Config.Socket, "vm", "inspect", "nobody-vm", "-o", "json")
+	var rootView api.VM
+	if err := json.Unmarshal([]byte(out), &rootView); err != nil || code != 0 {
+		t.Fatalf("root: vm inspect nobody-vm: exit %d, %v: %s", code, err, out)
+	}
+	if rootView.Runtime == nil || rootView.Runtime.Monitor.PID != 4242 || rootView.Runtime.Disk.DMName != "banger-secret-dm" || rootView.Recovery == nil {
+		t.Errorf("root's view of nobody-vm lacks the runtime internals: %s", out)
 	}
 	if _, errOut, code := asNobody("kernel", "rm", "x"); code != exitForbidden {
 		t.Fatalf("uid %d removing a kernel: exit %d (%s), want forbidden", uid, code, errOut)

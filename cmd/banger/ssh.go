@@ -78,13 +78,13 @@ func newSSHCmd(g *globals) *cobra.Command {
 
 // waitForSSH returns the VM once it is running with a known host key,
 // printing a progress line while it boots.
-func waitForSSH(g *globals, c *cobra.Command, name string, timeout time.Duration) (model.VM, error) {
+func waitForSSH(g *globals, c *cobra.Command, name string, timeout time.Duration) (api.VM, error) {
 	deadline := time.Now().Add(timeout)
 	pr := newProgressRenderer(g.errOut)
 	defer pr.Close()
 	start := time.Now()
 	for {
-		var vm model.VM
+		var vm api.VM
 		if err := g.client().Do(c.Context(), "GET", "/vms/"+url.PathEscape(name), nil, &vm); err != nil {
 			return vm, err
 		}

@@ -33,7 +33,7 @@ func newVMCmd(g *globals) *cobra.Command {
 				rows := make([][]string, 0, len(vms))
 				for _, v := range vms {
 					rows = append(rows, []string{v.Name, string(v.State), orDash(v.IP), orDash(v.VMM), orDash(v.DiskDriver), v.Image, ownerName(v.OwnerUID),
-						uptime(model.VM{State: v.State, StartedAt: v.StartedAt})})
+						uptime(v.State, v.StartedAt)})
 				}
 				return printTable(g.out, []string{"NAME", "STATE", "IP", "VMM", "DISK", "IMAGE", "OWNER", "UPTIME"}, rows)
 			},
@@ -43,7 +43,7 @@ func newVMCmd(g *globals) *cobra.Command {
 			Short: "Show a VM's record, runtime and recovery details",
 			Args:  exactArgs(1, "a VM name"),
 			RunE: func(c *cobra.Command, args []string) error {
-				var v model.VM
+				var v api.VM
 				if err := g.client().Do(c.Context(), "GET", "/vms/"+url.PathEscape(args[0]), nil, &v); err != nil {
 					return err
 				}
@@ -64,36 +64,40 @@ func newVMCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-func vmPairs(v model.VM) [][2]string {
+func vmPairs(v api.VM) [][2]string {
 	pairs := [][2]string{
 		{"name", v.Name}, {"id", v.ID}, {"state", string(v.State)}, {"reason", v.Reason},
 		{"owner", ownerName(v.OwnerUID)}, {"image", v.Image}, {"kernel", v.Kernel},
 		{"vmm", v.VMM}, {"disk driver", v.DiskDriver},
 		{"cpus", strconv.Itoa(v.CPUs)}, {"memory", strconv.Itoa(v.MemoryMiB) + " MiB"}, {"disk", humanBytes(v.DiskBytes)},
-		{"ip", v.IP}, {"mac", v.MAC}, {"uptime", uptime(v)}, {"first boot", v.FirstBoot},
+		{"ip", v.IP}, {"mac", v.MAC}, {"uptime", uptime(v.State, v.StartedAt)}, {"first boot", v.FirstBoot},
 		{"created", v.Created.Format(time.RFC3339)},
 	}
 	pairs = append(pairs, guestPairs(v)...)
-	rt := v.Runtime
-	if rt.PID != 0 {
-		pairs = append(pairs, [2]string{"pid", strconv.Itoa(rt.PID)})
+	// The runtime and recovery details are root's only.
+	if rt := v.Runtime; rt != nil {
+		if rt.Monitor.PID != 0 {
+			pairs = append(pairs, [2]string{"pid", strconv.Itoa(rt.Monitor.PID)})
+		}
+		pairs = append(pairs, [][2]string{{"tap", rt.Tap.Name}, {"dm device", rt.Disk.DMName}, {"disk path", rt.Disk.Path}, {"console log", rt.ConsoleLog}}...)
+		for _, l := range rt.Disk.Loops {
+			pairs = append(pairs, [2]string{"loop", l.Device + " -> " + l.BackingFile})
+		}
 	}
-	pairs = append(pairs, [][2]string{{"tap", rt.Tap}, {"dm device", rt.DMName}, {"disk path", rt.DiskPath}, {"console log", rt.ConsoleLog}}...)
-	for _, l := range rt.Loops {
-		pairs = append(pairs, [2]string{"loop", l.Device + " -> " + l.BackingFile})
-	}
-	if !v.Recovery.ReadoptedAt.IsZero() {
-		pairs = append(pairs, [2]string{"re-adopted at", v.Recovery.ReadoptedAt.Format(time.RFC3339)})
-	}
-	if !v.Recovery.CleanedAt.IsZero() {
-		pairs = append(pairs, [2]string{"last cleanup", v.Recovery.CleanedAt.Format(time.RFC3339) + " removed: " + orDash(strings.Join(v.Recovery.Removed, ", "))})
+	if rec := v.Recovery; rec != nil {
+		if !rec.ReadoptedAt.IsZero() {
+			pairs = append(pairs, [2]string{"re-adopted at", rec.ReadoptedAt.Format(time.RFC3339)})
+		}
+		if !rec.CleanedAt.IsZero() {
+			pairs = append(pairs, [2]string{"last cleanup", rec.CleanedAt.Format(time.RFC3339) + " removed: " + orDash(strings.Join(rec.Removed, ", "))})
+		}
 	}
 	return pairs
 }
 
-func uptime(v model.VM) string {
-	if v.State != model.VMRunning || v.StartedAt.IsZero() {
+func uptime(st model.VMState, startedAt time.Time) string {
+	if st != model.VMRunning || startedAt.IsZero() {
 		return "-"
 	}
-	return humanDuration(time.Since(v.StartedAt))
+	return humanDuration(time.Since(startedAt))
 }

@@ -100,7 +100,7 @@ func splitShellWords(s string) ([]string, error) {
 }
 
 // guestPairs are vm inspect's lines about the init and the main process.
-func guestPairs(v model.VM) [][2]string {
+func guestPairs(v api.VM) [][2]string {
 	asked := string(v.Init)
 	if asked == "" {
 		asked = string(guestabi.InitAuto)

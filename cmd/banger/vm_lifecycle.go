@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/api"
-	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/sshkeys"
 	"github.com/bangerdev/banger/internal/termsafe"
 	"github.com/spf13/cobra"
@@ -65,7 +64,7 @@ func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
 			req.Start, req.Wait = run, run
 			pr := newProgressRenderer(g.errOut)
 			start := time.Now()
-			var vm model.VM
+			var vm api.VM
 			err = g.client().Stream(c.Context(), "POST", "/vms", req, pr.Func(), &vm)
 			pr.Close()
 			if err != nil {
@@ -100,7 +99,7 @@ func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
 // vmAction runs a streamed VM action and prints the VM's new state.
 func vmAction(g *globals, c *cobra.Command, name, action string, body any) error {
 	pr := newProgressRenderer(g.errOut)
-	var vm model.VM
+	var vm api.VM
 	err := g.client().Stream(c.Context(), "POST", "/vms/"+url.PathEscape(name)+"/"+action, body, pr.Func(), &vm)
 	pr.Close()
 	if err != nil {

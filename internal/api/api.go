@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
 )
 
@@ -92,10 +91,6 @@ type DeleteResult struct {
 	Freed   int64  `json:"freed_bytes,omitempty"`
 }
 
-// VMSummary is one row of GET /v1/vms: what `banger vm ls` shows. The full
-// record (runtime, recovery) is GET /v1/vms/{name}.
-type VMSummary = model.VMSummary
-
 // PullRequest is the body of POST /v1/images/pull.
 type PullRequest struct {
 	Ref       string `json:"ref"`                  // OCI reference or catalog name
@@ -141,4 +136,32 @@ type StartVMRequest struct {
 type KernelPullRequest struct {
 	Name  string `json:"name"`
 	Force bool   `json:"force,omitempty"`
+}
+
+// CatalogListing is one entry of GET /v1/images/catalog: an image catalog
+// entry and whether it is pulled here.
+type CatalogListing struct {
+	// Name is what users pull, e.g. "debian-bookworm".
+	Name        string `json:"name"`
+	Description string `json:"description,omitempty"`
+	// OS is the distribution inside the image.
+	OS struct {
+		ID      string `json:"id"`
+		Version string `json:"version,omitempty"`
+	} `json:"os"`
+	// KernelRef names the kernel the image boots with when its bundle
+	// carries none.
+	KernelRef string `json:"kernel_ref,omitempty"`
+	// Bundle is the downloadable bundle.
+	Bundle struct {
+		URL    string `json:"url"`
+		SHA256 string `json:"sha256"`
+		Size   int64  `json:"size"`
+	} `json:"bundle"`
+	// Pulled is true when a local image came from this entry.
+	Pulled bool `json:"pulled"`
+	// Images are the local images pulled from this entry.
+	Images []string `json:"images,omitempty"`
+	// Current is true when one of them is the entry's current bundle.
+	Current bool `json:"current,omitempty"`
 }

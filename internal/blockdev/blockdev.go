@@ -20,8 +20,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-
-	"github.com/bangerdev/banger/internal/model"
 )
 
 // Disk drivers.
@@ -52,17 +50,17 @@ var (
 	ErrDiskTooSmall = errors.New("disk size is smaller than the image")
 )
 
-// Disk is a prepared VM disk and everything teardown needs to remove it.
-// Its fields map onto model.Runtime (DiskPath, COWPath, Loops, DMName,
-// DMUUID); BaseLink is also the backing file of the read-only loop.
+// Disk is a prepared VM disk and everything teardown needs to remove it. A
+// VM's record keeps it as it is (model.Runtime.Disk); BaseLink is also the
+// backing file of the read-only loop.
 type Disk struct {
-	Driver   string          `json:"driver"`              // DriverDMSnapshot, DriverReflink or DriverCopy
-	Path     string          `json:"path"`                // what the VM boots: /dev/mapper/banger-<id> or the disk file
-	COWPath  string          `json:"cow_path,omitempty"`  // the VM's writable layer: COW file or disk copy
-	BaseLink string          `json:"base_link,omitempty"` // dm-snapshot: hard link of the image in the VM dir
-	Loops    []model.LoopDev `json:"loops,omitempty"`     // dm-snapshot: base (read-only) and COW loops
-	DMName   string          `json:"dm_name,omitempty"`   // dm-snapshot: banger-<vm-id>
-	DMUUID   string          `json:"dm_uuid,omitempty"`   // dm-snapshot: BANGER-<vm-id>
+	Driver   string `json:"driver"`              // DriverDMSnapshot, DriverReflink or DriverCopy
+	Path     string `json:"path"`                // what the VM boots: /dev/mapper/banger-<id> or the disk file
+	COWPath  string `json:"cow_path,omitempty"`  // the VM's writable layer: COW file or disk copy
+	BaseLink string `json:"base_link,omitempty"` // dm-snapshot: hard link of the image in the VM dir
+	Loops    []Loop `json:"loops,omitempty"`     // dm-snapshot: base (read-only) and COW loops
+	DMName   string `json:"dm_name,omitempty"`   // dm-snapshot: banger-<vm-id>
+	DMUUID   string `json:"dm_uuid,omitempty"`   // dm-snapshot: BANGER-<vm-id>
 }
 
 // PrepareOptions says which disk to prepare.

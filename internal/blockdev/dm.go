@@ -8,8 +8,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-
-	"github.com/bangerdev/banger/internal/model"
 )
 
 const (
@@ -67,7 +65,7 @@ func (m *Manager) prepareDM(ctx context.Context, opts PrepareOptions, imageSize 
 	}
 
 	// Loops, reusing ones already bound to our files (a restart).
-	for _, l := range []model.LoopDev{{BackingFile: d.BaseLink, ReadOnly: true}, {BackingFile: d.COWPath}} {
+	for _, l := range []Loop{{BackingFile: d.BaseLink, ReadOnly: true}, {BackingFile: d.COWPath}} {
 		devs, err := m.loop().Find(l.BackingFile)
 		if err != nil {
 			return Disk{}, fmt.Errorf("prepare dm-snapshot: %w", err)
@@ -116,8 +114,8 @@ func (m *Manager) prepareDM(ctx context.Context, opts PrepareOptions, imageSize 
 	return d, nil
 }
 
-func withLoop(d Disk, l model.LoopDev) Disk {
-	d.Loops = append(append([]model.LoopDev(nil), d.Loops...), l)
+func withLoop(d Disk, l Loop) Disk {
+	d.Loops = append(append([]Loop(nil), d.Loops...), l)
 	return d
 }
 
@@ -158,7 +156,31 @@ func createCOW(path string, diskBytes int64) (bool, error) {
 }
 
 // DMDevice is an active device-mapper device.
-type DMDevice struct{ Name, UUID string }
+type DMDevice struct {
+	Name, UUID string
+	VMID       string // ListBangerDM: the VM its BANGER-<id> UUID names
+}
+
+// ListBangerDM returns the active device-mapper devices that carry
+// banger's identity (a BANGER-<vm-id> UUID), with the VM id each names. On
+// a host without device-mapper there are none, and no error.
+func (m *Manager) ListBangerDM(ctx context.Context) ([]DMDevice, error) {
+	if _, err := os.Stat("/dev/mapper/control"); err != nil && m.Runner == nil {
+		return nil, nil
+	}
+	devs, err := m.ListDM(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var ours []DMDevice
+	for _, d := range devs {
+		if id, ok := strings.CutPrefix(d.UUID, "BANGER-"); ok {
+			d.VMID = id
+			ours = append(ours, d)
+		}
+	}
+	return ours, nil
+}
 
 // ListDM returns the active device-mapper devices with their UUIDs
 // (dmsetup info -c --noheadings -o name,uuid).

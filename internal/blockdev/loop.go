@@ -180,22 +180,16 @@ func LoopBacking(dev string) (backing string, bound bool, err error) {
 // through /sys/block/loopN/loop/backing_file rather than a stored number.
 func FindLoopsByBackingFile(file string) ([]string, error) {
 	want := canonical(file)
-	files, err := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	loops, err := ListLoops()
 	if err != nil {
 		return nil, err
 	}
 	var devs []string
-	for _, f := range files {
-		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(f)))
-		backing, bound, err := LoopBacking(dev)
-		if err != nil || !bound {
-			continue // unbound meanwhile
-		}
-		if backing == want {
-			devs = append(devs, dev)
+	for _, l := range loops {
+		if l.BackingFile == want {
+			devs = append(devs, l.Device)
 		}
 	}
-	sort.Slice(devs, func(i, j int) bool { return loopNum(devs[i]) < loopNum(devs[j]) })
 	return devs, nil
 }
 
@@ -279,4 +273,32 @@ func (m *Manager) detachByBacking(ctx context.Context, backing string) error {
 		errs = append(errs, m.loop().Detach(ctx, dev, backing, m.StateDir))
 	}
 	return errors.Join(errs...)
+}
+
+// Loop is a loop device and the file behind it: one of a dm-snapshot
+// disk's loops (Disk.Loops), or a bound device as ListLoops reports it.
+type Loop struct {
+	Device      string `json:"device"` // /dev/loopN, a hint only: found again by BackingFile
+	BackingFile string `json:"backing_file"`
+	ReadOnly    bool   `json:"read_only,omitempty"`
+}
+
+// ListLoops returns every bound loop device with its backing file, in
+// device order. The orphan scan reads it instead of parsing sysfs itself.
+func ListLoops() ([]Loop, error) {
+	files, err := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	if err != nil {
+		return nil, err
+	}
+	var loops []Loop
+	for _, f := range files {
+		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(f)))
+		backing, bound, err := LoopBacking(dev)
+		if err != nil || !bound {
+			continue // unbound meanwhile
+		}
+		loops = append(loops, Loop{Device: dev, BackingFile: backing})
+	}
+	sort.Slice(loops, func(i, j int) bool { return loopNum(loops[i].Device) < loopNum(loops[j].Device) })
+	return loops, nil
 }

@@ -1,5 +1,8 @@
-// Package daemon is banger's root daemon: it owns the state store and every
-// host resource, and serves the API of package api on a Unix socket.
+// Package daemon is banger's root daemon and its composition root: it opens
+// the state store, wires the services (images, lifecycle, reconciler), runs
+// start-up recovery, and serves the API of package api on a Unix socket.
+// Its handlers decode requests, authorize the caller (SO_PEERCRED) and call
+// a service; the mechanisms live in the services and below them.
 package daemon
 
 import (
@@ -14,13 +17,14 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/config"
-	"github.com/bangerdev/banger/internal/imagepull"
+	"github.com/bangerdev/banger/internal/images"
+	"github.com/bangerdev/banger/internal/lifecycle"
 	"github.com/bangerdev/banger/internal/lockfile"
+	"github.com/bangerdev/banger/internal/reconciler"
 	"github.com/bangerdev/banger/internal/store"
 	"golang.org/x/sys/unix"
 )
@@ -42,19 +46,14 @@ type Daemon struct {
 	store *store.Store
 	mux   *http.ServeMux
 
-	pulls pulls
-	lives liveSet
+	img  *images.Service
+	life *lifecycle.Service
+	rec  *reconciler.Reconciler
 
-	// bgCtx is the context of background work (VM watchers, boot
-	// waiters); it ends when the daemon shuts down.
-	bgCtx     context.Context
-	bgCancel  context.CancelFunc
-	cacheOnce sync.Once
-	cache     *imagepull.Cache
-
-	// vmLocks serializes operations on one VM.
-	vmLocksMu sync.Mutex
-	vmLocks   map[string]*sync.Mutex
+	// bgCtx is the context of background work (VM supervisors); it ends
+	// when the daemon shuts down.
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
 }
 
 // New prepares a daemon: it creates the state, cache and runtime dirs, takes
@@ -83,8 +82,11 @@ func New(ctx context.Context, opts Options) (*Daemon, error) {
 		_ = lock.Release()
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, log: log, lock: lock, store: st, vmLocks: map[string]*sync.Mutex{}}
+	d := &Daemon{cfg: cfg, log: log, lock: lock, store: st}
 	d.bgCtx, d.bgCancel = context.WithCancel(context.Background())
+	d.img = images.New(cfg, st, log)
+	d.life = lifecycle.New(lifecycle.Options{Config: cfg, Store: st, Logger: log, Kernels: d.img, Background: d.bgCtx})
+	d.rec = &reconciler.Reconciler{Config: cfg, Store: st, Life: d.life, Log: log}
 	d.mux = d.routes()
 	if err := d.recover(ctx); err != nil {
 		d.close()
@@ -98,6 +100,10 @@ func (d *Daemon) Store() *store.Store { return d.store }
 
 // Handler returns the API handler (for in-process tests).
 func (d *Daemon) Handler() http.Handler { return d.mux }
+
+// Lifecycle returns the VM lifecycle service; its Supervisor(id) holds a
+// running VM's agent session.
+func (d *Daemon) Lifecycle() *lifecycle.Service { return d.life }
 
 func (d *Daemon) close() {
 	d.bgCancel()
@@ -235,16 +241,4 @@ func (d *Daemon) handleVersion(w http.ResponseWriter, r *http.Request) {
 		StateDir: d.cfg.StateDir, CacheDir: d.cfg.CacheDir, RuntimeDir: d.cfg.RuntimeDir,
 		CallerUID: CallerFrom(r.Context()).UID,
 	})
-}
-
-// vmLock returns the mutex serializing operations on the VM with id.
-func (d *Daemon) vmLock(id string) *sync.Mutex {
-	d.vmLocksMu.Lock()
-	defer d.vmLocksMu.Unlock()
-	m, ok := d.vmLocks[id]
-	if !ok {
-		m = &sync.Mutex{}
-		d.vmLocks[id] = m
-	}
-	return m
 }

@@ -23,7 +23,6 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/config"
-	"github.com/bangerdev/banger/internal/daemon"
 	"github.com/bangerdev/banger/internal/daemon/daemontest"
 	"github.com/bangerdev/banger/internal/imagecat"
 	"github.com/bangerdev/banger/internal/model"
@@ -250,11 +249,11 @@ func TestCatalogPull(t *testing.T) {
 	}
 
 	// The catalog listing marks it pulled.
-	var list []daemon.CatalogListing
+	var list []api.CatalogListing
 	if err := f.client.Do(context.Background(), "GET", "/images/catalog", nil, &list); err != nil {
 		t.Fatal(err)
 	}
-	got := map[string]daemon.CatalogListing{}
+	got := map[string]api.CatalogListing{}
 	for _, l := range list {
 		got[l.Name] = l
 	}

@@ -12,22 +12,22 @@ import (
 // once every record says what it holds.
 func (d *Daemon) recovery() []recoveryStep {
 	return []recoveryStep{
-		{"pull leftovers", recoverPullLeftovers},
-		{"kernel import leftovers", recoverKernelLeftovers},
-		{"VM reconcile", reconcileVMs},
-		{"orphan scan", scanOrphans},
+		{"pull leftovers", d.img.RecoverPullLeftovers},
+		{"kernel import leftovers", d.img.RecoverKernelLeftovers},
+		{"VM reconcile", d.rec.VMs},
+		{"orphan scan", d.rec.Orphans},
 	}
 }
 
 // recoveryStep is one named step of start-up recovery.
 type recoveryStep struct {
 	name string
-	run  func(ctx context.Context, d *Daemon) error
+	run  func(ctx context.Context) error
 }
 
 func (d *Daemon) recover(ctx context.Context) error {
 	for _, s := range d.recovery() {
-		if err := s.run(ctx, d); err != nil {
+		if err := s.run(ctx); err != nil {
 			return fmt.Errorf("%s: %w", s.name, err)
 		}
 	}

@@ -1,15 +1,31 @@
 // Package model holds banger's persistent records: images, kernels and VMs.
-// They are stored as JSON by package store and returned as JSON by the API,
-// so field names are part of both the on-disk format and the API.
+// They are stored as JSON by package store, so field names are part of the
+// on-disk format. A VM's runtime is composed of the records of the
+// packages that make its resources (vmm.Handle, blockdev.Disk,
+// netctl.TapRef), which therefore sit below this package.
 package model
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
+	"reflect"
 	"regexp"
+	"slices"
 	"time"
 
+	"github.com/bangerdev/banger/internal/blockdev"
 	"github.com/bangerdev/banger/internal/guestabi"
+	"github.com/bangerdev/banger/internal/netctl"
+	"github.com/bangerdev/banger/internal/vmm"
 )
+
+// NewID returns a random 24-hex-digit id, for images and VMs.
+func NewID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
 
 // Image is a published root filesystem, ready to boot.
 type Image struct {
@@ -122,44 +138,49 @@ type VM struct {
 	Main    *guestabi.MainState `json:"main,omitempty"`
 }
 
-// Runtime is what a started VM holds on the host. It mirrors the teardown
-// identity in the VM's handles.json so that cleanup works when that file is
-// missing or corrupt. Fields are written before the resource is created
-// (intent) and confirmed after.
+// Runtime is what a started VM holds on the host, composed of its parts as
+// the packages that make them define them: the VM monitor's handle, the
+// disk and the tap. It mirrors the teardown identity in the VM's
+// handles.json so that cleanup works when that file is missing or corrupt.
+// Parts are written before the resource is created (intent) and confirmed
+// after.
 type Runtime struct {
-	Phase       string    `json:"phase,omitempty"` // last intent recorded, e.g. "tap:creating"
-	PID         int       `json:"pid,omitempty"`
-	PIDStart    uint64    `json:"pid_start,omitempty"` // field 22 of /proc/<pid>/stat
-	BootID      string    `json:"boot_id,omitempty"`
-	Cmdline     []string  `json:"cmdline,omitempty"`
-	RuntimeDir  string    `json:"runtime_dir,omitempty"`
-	APISocket   string    `json:"api_socket,omitempty"` // firecracker API or QEMU QMP
-	AgentSocket string    `json:"agent_socket,omitempty"`
-	ConsoleLog  string    `json:"console_log,omitempty"`
-	Tap         string    `json:"tap,omitempty"`
-	TapAlias    string    `json:"tap_alias,omitempty"`
-	Loops       []LoopDev `json:"loops,omitempty"`
-	DMName      string    `json:"dm_name,omitempty"`
-	DMUUID      string    `json:"dm_uuid,omitempty"`
-	COWPath     string    `json:"cow_path,omitempty"`
-	BaseLink    string    `json:"base_link,omitempty"` // dm-snapshot: the VM's hard link of the image behind the read-only loop
-	DiskPath    string    `json:"disk_path,omitempty"` // what the VM boots from: dm device or disk file
-	VsockCID    uint32    `json:"vsock_cid,omitempty"`
-	// AgentTransport is how the host reaches the agent: "vsock-uds"
-	// (Firecracker), "vsock" (vhost-vsock) or "virtio-serial" (QEMU).
-	AgentTransport string `json:"agent_transport,omitempty"`
+	Phase      string `json:"phase,omitempty"` // last intent recorded, e.g. "tap:creating"
+	RuntimeDir string `json:"runtime_dir,omitempty"`
+	ConsoleLog string `json:"console_log,omitempty"`
+	// Monitor is the VM monitor process, its sockets and how to reach the
+	// guest agent.
+	Monitor vmm.Handle `json:"monitor,omitzero"`
+	// Disk is the disk the VM boots and what backs it (loops, dm device,
+	// COW file).
+	Disk blockdev.Disk `json:"disk,omitzero"`
+	// Tap is the VM's network device on the bridge.
+	Tap netctl.TapRef `json:"tap,omitzero"`
 }
 
 // LoopDev is a loop device and the file behind it.
-type LoopDev struct {
-	Device      string `json:"device"` // /dev/loopN, a hint only
-	BackingFile string `json:"backing_file"`
-	ReadOnly    bool   `json:"read_only,omitempty"`
+type LoopDev = blockdev.Loop
+
+// Empty reports whether the runtime holds nothing to tear down: no
+// monitor, no disk, no tap and no runtime dir (the phase and the console
+// log name no resource).
+func (r Runtime) Empty() bool {
+	return r.RuntimeDir == "" && reflect.ValueOf(r.Monitor).IsZero() && reflect.ValueOf(r.Disk).IsZero() && r.Tap == (netctl.TapRef{})
 }
 
-// Empty reports whether the runtime holds nothing to tear down.
-func (r Runtime) Empty() bool {
-	return r.PID == 0 && r.Tap == "" && len(r.Loops) == 0 && r.DMName == "" && r.COWPath == "" && r.RuntimeDir == ""
+// SameIdentity reports whether r and o name the same teardown identity:
+// every field, the monitor's, the disk's and the tap's included.
+// TestSameIdentityChecksEveryField fails when a field is added to Runtime
+// or its parts and not compared here.
+func (r Runtime) SameIdentity(o Runtime) bool {
+	a, b := r.Monitor, o.Monitor
+	d, e := r.Disk, o.Disk
+	return r.Phase == o.Phase && r.RuntimeDir == o.RuntimeDir && r.ConsoleLog == o.ConsoleLog &&
+		a.PID == b.PID && a.PIDStart == b.PIDStart && a.BootID == b.BootID && slices.Equal(a.Cmdline, b.Cmdline) &&
+		a.APISocket == b.APISocket && a.AgentSocket == b.AgentSocket && a.AgentTransport == b.AgentTransport && a.AgentCID == b.AgentCID &&
+		d.Driver == e.Driver && d.Path == e.Path && d.COWPath == e.COWPath && d.BaseLink == e.BaseLink &&
+		slices.Equal(d.Loops, e.Loops) && d.DMName == e.DMName && d.DMUUID == e.DMUUID &&
+		r.Tap == o.Tap
 }
 
 // Recovery records what the daemon did for the VM at its last start-up.
@@ -191,25 +212,4 @@ func ValidateName(kind, name string) error {
 		return fmt.Errorf("%s name %q is invalid: 24 hex digits is the form of an id; choose a name that is not", kind, name)
 	}
 	return nil
-}
-
-// VMSummary is the part of a VM record a listing shows.
-type VMSummary struct {
-	ID         string    `json:"id"`
-	Name       string    `json:"name"`
-	State      VMState   `json:"state"`
-	Reason     string    `json:"reason,omitempty"`
-	IP         string    `json:"ip,omitempty"`
-	VMM        string    `json:"vmm,omitempty"`
-	DiskDriver string    `json:"disk_driver,omitempty"`
-	Image      string    `json:"image"`
-	OwnerUID   uint32    `json:"owner_uid"`
-	Created    time.Time `json:"created"`
-	StartedAt  time.Time `json:"started_at,omitzero"`
-}
-
-// Summary returns the listing fields of vm.
-func (vm VM) Summary() VMSummary {
-	return VMSummary{ID: vm.ID, Name: vm.Name, State: vm.State, Reason: vm.Reason, IP: vm.IP, VMM: vm.VMM,
-		DiskDriver: vm.DiskDriver, Image: vm.Image, OwnerUID: vm.OwnerUID, Created: vm.Created, StartedAt: vm.StartedAt}
 }

@@ -117,6 +117,17 @@ func TapName(vmID string) string {
 // TapAlias returns the alias that marks a tap as banger's for vmID.
 func TapAlias(vmID string) string { return AliasPrefix + vmID }
 
+// TapRef is what a VM's record keeps of its tap: the name, and the alias
+// that proves the tap is the VM's (DeleteTap checks it on the kernel's
+// interface before it removes anything).
+type TapRef struct {
+	Name  string `json:"name"`
+	Alias string `json:"alias,omitempty"`
+}
+
+// TapRefFor is the tap of VM vmID.
+func TapRefFor(vmID string) TapRef { return TapRef{Name: TapName(vmID), Alias: TapAlias(vmID)} }
+
 // MACFor returns the guest MAC address for a VM: six bytes of a SHA-256 of
 // the id, with the locally administered bit set and the multicast bit
 // cleared. The same id always gives the same address.

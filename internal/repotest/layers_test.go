@@ -74,11 +74,49 @@ var allowed = map[string][]string{
 	"internal/kvm":        {},
 	"internal/lockfile":   {},
 	"internal/guestabi":   {},
-	"internal/model":      {"internal/guestabi"},
+	"internal/model":      {"internal/blockdev", "internal/guestabi", "internal/netctl", "internal/vmm"},
 	"internal/privdir":    {},
 	"internal/progress":   {},
 	"internal/units":      {},
 	"internal/testutil":   {"internal/kvm"},
+	"internal/subpath":    {},
+	"internal/failpoint":  {},
+	"internal/supervisor": {"internal/agent", "internal/model", "internal/vmm"},
+}
+
+// forbidden says which packages a service may not import: the composition
+// root sits on top, the services beside each other only downwards
+// (reconciler → lifecycle → supervisor), and nothing imports the daemon.
+var forbidden = map[string][]string{
+	"internal/lifecycle":  {"internal/daemon", "internal/reconciler", "internal/images"},
+	"internal/reconciler": {"internal/daemon", "internal/images"},
+	"internal/images":     {"internal/daemon", "internal/lifecycle", "internal/reconciler", "internal/supervisor"},
+}
+
+// TestServiceLayers fails when a service imports a package above it or a
+// sibling it must not know, or when anything but the CLI and the daemon's
+// own test helpers imports the daemon.
+func TestServiceLayers(t *testing.T) {
+	im := imports(t)
+	for pkg, bad := range forbidden {
+		if _, ok := im[pkg]; !ok {
+			t.Errorf("package %s is listed in the layering table but has no Go files", pkg)
+		}
+		for _, dep := range im[pkg] {
+			for _, b := range bad {
+				if dep == b {
+					t.Errorf("%s imports %s, which it must not", pkg, dep)
+				}
+			}
+		}
+	}
+	for pkg, deps := range im {
+		for _, dep := range deps {
+			if dep == "internal/daemon" && !strings.HasPrefix(pkg, "cmd/") && pkg != "internal/daemon/daemontest" {
+				t.Errorf("%s imports the daemon; only cmd/ and internal/daemon/daemontest may", pkg)
+			}
+		}
+	}
 }
 
 // TestNoUpwardImports fails when a low-level package imports a higher one

@@ -44,7 +44,7 @@ func writer(path string) {
 		case 2:
 			_, _ = s.UpdateVM(name, func(vm *model.VM) error {
 				vm.State = model.VMRunning
-				vm.Runtime.Tap = "bgr-" + strconv.Itoa(i)
+				vm.Runtime.Tap.Name = "bgr-" + strconv.Itoa(i)
 				return nil
 			})
 		case 3:

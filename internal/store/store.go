@@ -10,15 +10,20 @@
 package store
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"time"
 
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/blockdev"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/netctl"
+	"github.com/bangerdev/banger/internal/vmm"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -104,11 +109,48 @@ var migrations = []func(tx *bolt.Tx) error{
 			return err
 		}
 		return tx.Bucket(bVMs).ForEach(func(k, v []byte) error {
-			var vm model.VM
-			if err := json.Unmarshal(v, &vm); err != nil {
+			// The runtime is in schema 1's flat shape (migrated at 2 -> 3);
+			// a summary does not need it.
+			var rec map[string]json.RawMessage
+			if err := json.Unmarshal(v, &rec); err != nil {
 				return fmt.Errorf("decode vm %q: %w", k, err)
 			}
-			return put(sums, vm.ID, vm.Summary())
+			delete(rec, "runtime")
+			raw, err := json.Marshal(rec)
+			if err != nil {
+				return err
+			}
+			var vm model.VM
+			if err := json.Unmarshal(raw, &vm); err != nil {
+				return fmt.Errorf("decode vm %q: %w", k, err)
+			}
+			return put(sums, vm.ID, api.SummaryOf(vm))
+		})
+	},
+	// 2 -> 3: VM.Runtime is composed of its parts (monitor, disk, tap)
+	// instead of one flat struct.
+	func(tx *bolt.Tx) error {
+		vms := tx.Bucket(bVMs)
+		return vms.ForEach(func(k, v []byte) error {
+			var rec map[string]json.RawMessage
+			if err := json.Unmarshal(v, &rec); err != nil {
+				return fmt.Errorf("decode vm %q: %w", k, err)
+			}
+			rt, err := DecodeRuntime(rec["runtime"])
+			if err != nil {
+				return fmt.Errorf("vm %q: %w", k, err)
+			}
+			if !reflect.ValueOf(rt.Disk).IsZero() && rt.Disk.Driver == "" {
+				_ = json.Unmarshal(rec["disk_driver"], &rt.Disk.Driver)
+			}
+			if rec["runtime"], err = json.Marshal(rt); err != nil {
+				return err
+			}
+			raw, err := json.Marshal(rec)
+			if err != nil {
+				return err
+			}
+			return vms.Put(k, raw)
 		})
 	},
 }
@@ -413,7 +455,7 @@ func (s *Store) ListVMs(owner *uint32) ([]model.VM, error) {
 	return out, err
 }
 
-// VMSummaries returns the JSON summaries (model.VMSummary) of every VM,
+// VMSummaries returns the JSON summaries (api.VMSummary) of every VM,
 // or of those owned by owner when it is not nil, in name order. They are
 // kept precomputed beside the records, so listing decodes nothing for root.
 func (s *Store) VMSummaries(owner *uint32) ([]json.RawMessage, error) {
@@ -448,7 +490,7 @@ func putVM(tx *bolt.Tx, vm *model.VM) error {
 	if err := put(tx.Bucket(bVMs), vm.ID, vm); err != nil {
 		return err
 	}
-	return put(tx.Bucket(bVMSummaries), vm.ID, vm.Summary())
+	return put(tx.Bucket(bVMSummaries), vm.ID, api.SummaryOf(*vm))
 }
 
 // DeleteVM removes the VM record and releases its IP lease in one
@@ -545,4 +587,73 @@ func (s *Store) Check() error {
 		return err
 	}
 	return errors.Join(errs...)
+}
+
+// legacyRuntime is VM.Runtime as schema 2 and the handles.json of daemons
+// before it stored it: one flat struct. Frozen: it only reads old records.
+type legacyRuntime struct {
+	Phase          string          `json:"phase"`
+	PID            int             `json:"pid"`
+	PIDStart       uint64          `json:"pid_start"`
+	BootID         string          `json:"boot_id"`
+	Cmdline        []string        `json:"cmdline"`
+	RuntimeDir     string          `json:"runtime_dir"`
+	APISocket      string          `json:"api_socket"`
+	AgentSocket    string          `json:"agent_socket"`
+	ConsoleLog     string          `json:"console_log"`
+	Tap            string          `json:"tap"`
+	TapAlias       string          `json:"tap_alias"`
+	Loops          []model.LoopDev `json:"loops"`
+	DMName         string          `json:"dm_name"`
+	DMUUID         string          `json:"dm_uuid"`
+	COWPath        string          `json:"cow_path"`
+	BaseLink       string          `json:"base_link"`
+	DiskPath       string          `json:"disk_path"`
+	VsockCID       uint32          `json:"vsock_cid"`
+	AgentTransport string          `json:"agent_transport"`
+}
+
+// legacyKeys are keys only the flat runtime has.
+var legacyKeys = []string{"pid", "pid_start", "boot_id", "cmdline", "api_socket", "agent_socket", "tap_alias",
+	"loops", "dm_name", "dm_uuid", "cow_path", "base_link", "disk_path", "vsock_cid", "agent_transport"}
+
+// DecodeRuntime reads a VM runtime in either shape: the composed one this
+// build writes, or the flat one of schema 2 (and of handles.json files
+// written by earlier daemons), which it converts. Empty input is an empty
+// runtime.
+func DecodeRuntime(raw []byte) (model.Runtime, error) {
+	var rt model.Runtime
+	if len(bytes.TrimSpace(raw)) == 0 || bytes.Equal(bytes.TrimSpace(raw), []byte("null")) {
+		return rt, nil
+	}
+	var keys map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &keys); err != nil {
+		return rt, fmt.Errorf("decode runtime: %w", err)
+	}
+	legacy := false
+	for _, k := range legacyKeys {
+		if _, ok := keys[k]; ok {
+			legacy = true
+		}
+	}
+	if t, ok := keys["tap"]; ok && len(t) > 0 && t[0] == '"' {
+		legacy = true
+	}
+	if !legacy {
+		if err := json.Unmarshal(raw, &rt); err != nil {
+			return rt, fmt.Errorf("decode runtime: %w", err)
+		}
+		return rt, nil
+	}
+	var l legacyRuntime
+	if err := json.Unmarshal(raw, &l); err != nil {
+		return rt, fmt.Errorf("decode runtime (schema 2): %w", err)
+	}
+	rt = model.Runtime{Phase: l.Phase, RuntimeDir: l.RuntimeDir, ConsoleLog: l.ConsoleLog,
+		Monitor: vmm.Handle{PID: l.PID, PIDStart: l.PIDStart, BootID: l.BootID, Cmdline: l.Cmdline,
+			APISocket: l.APISocket, AgentSocket: l.AgentSocket, AgentTransport: l.AgentTransport, AgentCID: l.VsockCID},
+		Disk: blockdev.Disk{Path: l.DiskPath, COWPath: l.COWPath, BaseLink: l.BaseLink, Loops: l.Loops,
+			DMName: l.DMName, DMUUID: l.DMUUID},
+		Tap: netctl.TapRef{Name: l.Tap, Alias: l.TapAlias}}
+	return rt, nil
 }

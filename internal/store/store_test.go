@@ -1,6 +1,7 @@
 package store
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -10,7 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/blockdev"
 	"github.com/bangerdev/banger/internal/model"
+	"github.com/bangerdev/banger/internal/netctl"
+	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/google/go-cmp/cmp"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -208,5 +213,106 @@ func TestMigrationFromSchema1(t *testing.T) {
 	u := uint32(8)
 	if other, _ := s.VMSummaries(&u); len(other) != 0 {
 		t.Fatalf("owner filter: uid 8 sees %s", other)
+	}
+}
+
+// schema2VM is a VM record as schema 2 stored it: the runtime flat.
+const schema2VM = `{"id":"id2","name":"flat","owner_uid":0,"image":"img","image_id":"img-1","kernel":"k","cpus":1,"memory_mib":128,
+"disk_bytes":1,"vmm":"qemu","disk_driver":"dm-snapshot","state":"running","created":"2026-12-01T00:00:00Z",
+"runtime":{"phase":"running","pid":4242,"pid_start":99,"boot_id":"b","cmdline":["qemu-system-x86_64","-qmp","unix:/run/banger/vms/id2/qmp.sock"],
+"runtime_dir":"/run/banger/vms/id2","api_socket":"/run/banger/vms/id2/qmp.sock","agent_socket":"/run/banger/vms/id2/agent.sock",
+"console_log":"/var/lib/banger/vms/id2/console.log","tap":"bgr-0123456789a","tap_alias":"banger:id2",
+"loops":[{"device":"/dev/loop3","backing_file":"/var/lib/banger/vms/id2/base.ext4.link","read_only":true},{"device":"/dev/loop4","backing_file":"/var/lib/banger/vms/id2/cow.img"}],
+"dm_name":"banger-id2","dm_uuid":"BANGER-id2","cow_path":"/var/lib/banger/vms/id2/cow.img","base_link":"/var/lib/banger/vms/id2/base.ext4.link",
+"disk_path":"/dev/mapper/banger-id2","vsock_cid":1003,"agent_transport":"virtio-serial"}}`
+
+// wantSchema2Runtime is schema2VM's runtime in the composed shape.
+var wantSchema2Runtime = model.Runtime{Phase: "running", RuntimeDir: "/run/banger/vms/id2", ConsoleLog: "/var/lib/banger/vms/id2/console.log",
+	Monitor: vmm.Handle{PID: 4242, PIDStart: 99, BootID: "b", Cmdline: []string{"qemu-system-x86_64", "-qmp", "unix:/run/banger/vms/id2/qmp.sock"},
+		APISocket: "/run/banger/vms/id2/qmp.sock", AgentSocket: "/run/banger/vms/id2/agent.sock", AgentTransport: "virtio-serial", AgentCID: 1003},
+	Disk: blockdev.Disk{Driver: "dm-snapshot", Path: "/dev/mapper/banger-id2", COWPath: "/var/lib/banger/vms/id2/cow.img",
+		BaseLink: "/var/lib/banger/vms/id2/base.ext4.link", DMName: "banger-id2", DMUUID: "BANGER-id2",
+		Loops: []model.LoopDev{{Device: "/dev/loop3", BackingFile: "/var/lib/banger/vms/id2/base.ext4.link", ReadOnly: true},
+			{Device: "/dev/loop4", BackingFile: "/var/lib/banger/vms/id2/cow.img"}}},
+	Tap: netctl.TapRef{Name: "bgr-0123456789a", Alias: "banger:id2"}}
+
+// TestMigrationFromSchema2 opens a store written by schema 2, whose VM
+// runtimes are flat: the record reads back with every field in its part,
+// the disk's driver taken from the VM.
+func TestMigrationFromSchema2(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "banger.db")
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, m := range migrations[:2] {
+			if err := m(tx); err != nil {
+				return err
+			}
+		}
+		if err := setSchema(tx, 2); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bVMs).Put([]byte("id2"), []byte(schema2VM)); err != nil {
+			return err
+		}
+		return tx.Bucket(bVMNames).Put([]byte("flat"), []byte("id2"))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	s, err := Open(path, time.Second)
+	if err != nil {
+		t.Fatalf("Open schema-2 store: %v", err)
+	}
+	defer s.Close()
+	if v, _ := s.SchemaVersion(); v != CurrentSchema || v < 3 {
+		t.Fatalf("schema %d after migration, want %d", v, CurrentSchema)
+	}
+	vm, err := s.GetVM("flat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(wantSchema2Runtime, vm.Runtime); diff != "" {
+		t.Errorf("migrated runtime (-want +got):\n%s", diff)
+	}
+	if vm.Name != "flat" || vm.State != model.VMRunning || vm.DiskDriver != "dm-snapshot" {
+		t.Errorf("migrated VM lost fields: %+v", vm)
+	}
+}
+
+// TestDecodeRuntimeBothShapes: a handles.json written by an earlier daemon
+// holds the flat runtime; DecodeRuntime reads it and the composed shape
+// alike, and refuses what is not JSON.
+func TestDecodeRuntimeBothShapes(t *testing.T) {
+	var rec struct {
+		Runtime json.RawMessage `json:"runtime"`
+	}
+	if err := json.Unmarshal([]byte(schema2VM), &rec); err != nil {
+		t.Fatal(err)
+	}
+	want := wantSchema2Runtime
+	want.Disk.Driver = "" // the flat runtime did not hold it
+	got, err := DecodeRuntime(rec.Runtime)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("DecodeRuntime(flat) (-want +got):\n%s", diff)
+	}
+	raw, err := json.Marshal(wantSchema2Runtime)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := DecodeRuntime(raw); err != nil || !got.SameIdentity(wantSchema2Runtime) {
+		t.Errorf("DecodeRuntime(composed) = %+v, %v", got, err)
+	}
+	if got, err := DecodeRuntime(nil); err != nil || !got.Empty() {
+		t.Errorf("DecodeRuntime(nil) = %+v, %v, want an empty runtime", got, err)
+	}
+	if _, err := DecodeRuntime([]byte(`{"pid":`)); err == nil {
+		t.Error("DecodeRuntime of truncated JSON succeeded")
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -340,4 +341,53 @@ func StopVerified(h Handle, backend string, stop func() (StopMethod, error)) (St
 		}
 	}
 	return how, nil
+}
+
+// FindMonitors lists the running processes of the given monitor programs
+// (matched by the base name of argv[0]) that have an argument naming a
+// path inside dir/<id>/, and returns their identities by <id>. The daemon
+// passes its VMs' runtime dir, so that start-up finds the monitors of starts
+// that died before recording the pid, and the orphan scan those of VMs it
+// no longer knows. The calling process is never listed.
+func FindMonitors(programs []string, dir string) map[string][]Handle {
+	progs := map[string]bool{}
+	for _, p := range programs {
+		progs[filepath.Base(p)] = true
+	}
+	prefix := filepath.Clean(dir) + "/"
+	out := map[string][]Handle{}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return out
+	}
+	self := os.Getpid()
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid <= 1 || pid == self {
+			continue
+		}
+		argv, err := procCmdline(pid)
+		if err != nil || len(argv) == 0 || !progs[filepath.Base(argv[0])] {
+			continue
+		}
+		id := ""
+		for _, a := range argv[1:] {
+			if i := strings.Index(a, prefix); i >= 0 {
+				rest := a[i+len(prefix):]
+				if j := strings.IndexByte(rest, '/'); j > 0 {
+					id = rest[:j]
+					break
+				}
+			}
+		}
+		if id == "" {
+			continue
+		}
+		h, err := Identify(pid)
+		if err != nil || !slices.Equal(h.Cmdline, argv) {
+			continue // gone or changed meanwhile
+		}
+		out[id] = append(out[id], h)
+	}
+	return out
 }

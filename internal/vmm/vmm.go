@@ -23,6 +23,9 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/bangerdev/banger/internal/agent"
+	"github.com/bangerdev/banger/internal/guestabi"
 )
 
 // Sentinel errors. Test with errors.Is.
@@ -38,21 +41,43 @@ var (
 	ErrInvalidSpec = errors.New("invalid VM spec")
 )
 
-// Agent transports, the values of Handle.AgentTransport.
+// Agent transports, the values of Handle.AgentTransport (the agent
+// package names them; AgentConn dials them).
 const (
 	// TransportVsockUDS is Firecracker's hybrid vsock: connect to the Unix
 	// socket Handle.AgentSocket, send "CONNECT <port>\n", read "OK <n>\n".
-	TransportVsockUDS = "vsock-uds"
+	TransportVsockUDS = string(agent.TransportVsockUDS)
 	// TransportVsock is a vhost-vsock device: dial AF_VSOCK at the guest CID.
-	TransportVsock = "vsock"
-	// TransportVirtioSerial is a virtio-serial port (org.banger.agent) whose
-	// host end is the Unix socket Handle.AgentSocket.
-	TransportVirtioSerial = "virtio-serial"
+	TransportVsock = string(agent.TransportVsock)
+	// TransportVirtioSerial is a virtio-serial port
+	// (guestabi.AgentSerialPort) whose host end is the Unix socket
+	// Handle.AgentSocket.
+	TransportVirtioSerial = string(agent.TransportVirtioSerial)
 )
 
-// AgentPortName is the name of the virtio-serial port that carries the agent
-// channel when the guest has no vsock device.
-const AgentPortName = "org.banger.agent"
+// AgentConn connects to the guest agent of the VM that h describes, over the
+// channel its monitor gave the guest, as lima's drivers hand their host
+// agent a GuestAgentConn: nothing above this package formats or parses an
+// agent address. serial reports a virtio-serial stream, on which the agent
+// client must resynchronize (agent.ClientOptions.Resync).
+func AgentConn(ctx context.Context, h Handle) (conn net.Conn, serial bool, err error) {
+	switch h.AgentTransport {
+	case TransportVsockUDS:
+		conn, err = agent.ConnectVsockUDS(ctx, h.AgentSocket, guestabi.AgentVsockPort)
+	case TransportVsock:
+		conn, err = agent.DialVsock(ctx, h.AgentCID, guestabi.AgentVsockPort)
+	case TransportVirtioSerial:
+		var d net.Dialer
+		conn, err = d.DialContext(ctx, "unix", h.AgentSocket)
+		serial = true
+	default:
+		return nil, false, fmt.Errorf("agent channel %q of pid %d: %w", h.AgentTransport, h.PID, ErrNotSupported)
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("connect to the guest agent (%s): %w", h.AgentTransport, err)
+	}
+	return conn, serial, nil
+}
 
 // Spec is what a VM monitor needs to start one VM. Paths are host paths the
 // daemon has already prepared and validated; the monitor creates only the

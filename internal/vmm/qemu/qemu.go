@@ -40,6 +40,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/consolelog"
+	"github.com/bangerdev/banger/internal/guestabi"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -329,7 +330,7 @@ func buildArgs(spec vmm.Spec, caps vmm.Caps) (plan, error) {
 		a = append(a,
 			"-device", "virtio-serial-pci",
 			"-chardev", "socket,id=agent,server=on,wait=off,fd="+p.fd(opening{kind: openListen, path: spec.AgentSocket}),
-			"-device", "virtserialport,chardev=agent,name="+vmm.AgentPortName,
+			"-device", "virtserialport,chardev=agent,name="+guestabi.AgentSerialPort,
 		)
 	}
 	p.args = a

@@ -48,14 +48,14 @@ func TestE2ERestartQEMU(t *testing.T) {
 	before := e2etest.Inspect(ctx, t, d, "keep")
 	bootID := strings.TrimSpace(d.MustCLI(ctx, "ssh", "keep", "--", "cat", "/proc/sys/kernel/random/boot_id"))
 	d.Stop()
-	h := vmm.Handle{PID: before.Runtime.PID, PIDStart: before.Runtime.PIDStart, BootID: before.Runtime.BootID, Cmdline: before.Runtime.Cmdline}
+	h := vmm.Handle{PID: before.Runtime.Monitor.PID, PIDStart: before.Runtime.Monitor.PIDStart, BootID: before.Runtime.Monitor.BootID, Cmdline: before.Runtime.Monitor.Cmdline}
 	if alive, _ := vmm.Alive(h); !alive {
 		t.Fatalf("QEMU pid %d died with the daemon", h.PID)
 	}
 	d.Start()
 	after := e2etest.Inspect(ctx, t, d, "keep")
-	if after.State != model.VMRunning || after.Runtime.PID != before.Runtime.PID || after.Recovery.ReadoptedAt.IsZero() {
-		t.Fatalf("after restart: state %s pid %d readopted %v, want running, pid %d, re-adopted", after.State, after.Runtime.PID, after.Recovery.ReadoptedAt, before.Runtime.PID)
+	if after.State != model.VMRunning || after.Runtime.Monitor.PID != before.Runtime.Monitor.PID || after.Recovery.ReadoptedAt.IsZero() {
+		t.Fatalf("after restart: state %s pid %d readopted %v, want running, pid %d, re-adopted", after.State, after.Runtime.Monitor.PID, after.Recovery.ReadoptedAt, before.Runtime.Monitor.PID)
 	}
 	if text := d.MustCLI(ctx, "vm", "inspect", "keep"); !strings.Contains(text, "re-adopted at") {
 		t.Errorf("banger vm inspect shows no re-adoption:\n%s", text)
@@ -126,7 +126,7 @@ func TestE2ERestartQEMU(t *testing.T) {
 	if !strings.Contains(d.Log()[logBefore:], "VM stopped at start-up: the host rebooted") {
 		t.Errorf("no log line for the reboot")
 	}
-	rh := vmm.Handle{PID: running.Runtime.PID, PIDStart: running.Runtime.PIDStart, BootID: running.Runtime.BootID, Cmdline: running.Runtime.Cmdline}
+	rh := vmm.Handle{PID: running.Runtime.Monitor.PID, PIDStart: running.Runtime.Monitor.PIDStart, BootID: running.Runtime.Monitor.BootID, Cmdline: running.Runtime.Monitor.Cmdline}
 	if alive, _ := vmm.Alive(rh); alive {
 		t.Errorf("QEMU pid %d still runs after the simulated reboot", rh.PID)
 	}

@@ -218,7 +218,7 @@ func waitMain(ctx context.Context, t *testing.T, d *e2etest.Daemon, name string)
 // monitor), and its ext4 clean by e2fsck -fn afterwards.
 func stopClean(ctx context.Context, t *testing.T, d *e2etest.Daemon, vm model.VM) {
 	t.Helper()
-	disk := vm.Runtime.DiskPath
+	disk := vm.Runtime.Disk.Path
 	start := time.Now()
 	var out model.VM
 	d.JSON(ctx, &out, "vm", "stop", vm.Name)

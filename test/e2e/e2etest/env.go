@@ -235,7 +235,7 @@ func Leaks(t testing.TB, e *Env, vms []model.VM) []string {
 			}
 		case model.VMRunning:
 			running[vm.ID] = vm
-			h := vmm.Handle{PID: vm.Runtime.PID, PIDStart: vm.Runtime.PIDStart, BootID: vm.Runtime.BootID, Cmdline: vm.Runtime.Cmdline}
+			h := vmm.Handle{PID: vm.Runtime.Monitor.PID, PIDStart: vm.Runtime.Monitor.PIDStart, BootID: vm.Runtime.Monitor.BootID, Cmdline: vm.Runtime.Monitor.Cmdline}
 			if alive, err := vmm.Alive(h); !alive || err != nil {
 				out = append(out, fmt.Sprintf("VM %s is running but its monitor pid %d is not the recorded process (%v)", vm.Name, h.PID, err))
 			}
@@ -246,7 +246,7 @@ func Leaks(t testing.TB, e *Env, vms []model.VM) []string {
 	// Taps in the namespace.
 	var wantTaps, gotTaps []string
 	for _, vm := range running {
-		wantTaps = append(wantTaps, vm.Runtime.Tap)
+		wantTaps = append(wantTaps, vm.Runtime.Tap.Name)
 	}
 	for _, l := range strings.Split(e.NS.MustRun(t, "ip", "-o", "link", "show"), "\n") {
 		f := strings.Fields(l)
@@ -260,7 +260,7 @@ func Leaks(t testing.TB, e *Env, vms []model.VM) []string {
 	// Monitor processes in the namespace.
 	var wantPIDs, gotPIDs []string
 	for _, vm := range running {
-		wantPIDs = append(wantPIDs, strconv.Itoa(vm.Runtime.PID))
+		wantPIDs = append(wantPIDs, strconv.Itoa(vm.Runtime.Monitor.PID))
 	}
 	for _, pid := range e.NS.PIDs() {
 		comm, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm")
@@ -301,7 +301,7 @@ func Leaks(t testing.TB, e *Env, vms []model.VM) []string {
 	// loops; dm-snapshot's would belong to running VMs' records).
 	var wantLoops []string
 	for _, vm := range running {
-		for _, l := range vm.Runtime.Loops {
+		for _, l := range vm.Runtime.Disk.Loops {
 			wantLoops = append(wantLoops, l.BackingFile)
 		}
 	}

@@ -48,10 +48,10 @@ func TestE2EFailures(t *testing.T) {
 	d.MustCLI(ctx, "vm", "run", "--image", e.Image, "--name", "victim", "--memory", "768M")
 	vm = model.VM{}
 	d.JSON(ctx, &vm, "vm", "inspect", "victim")
-	if vm.Runtime.PID == 0 {
+	if vm.Runtime.Monitor.PID == 0 {
 		t.Fatal("running VM has no pid")
 	}
-	if err := syscall.Kill(vm.Runtime.PID, syscall.SIGKILL); err != nil {
+	if err := syscall.Kill(vm.Runtime.Monitor.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(30 * time.Second)

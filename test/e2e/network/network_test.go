@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/test/e2e/e2etest"
 )
@@ -36,7 +37,7 @@ func TestE2ETwoVMs(t *testing.T) {
 	}
 	d.MustCLI(ctx, "ssh", "a", "--", "ping", "-c", "2", "-W", "5", b.IP)
 	d.MustCLI(ctx, "ssh", "b", "--", "ping", "-c", "2", "-W", "5", a.IP)
-	var list []model.VMSummary
+	var list []api.VMSummary
 	d.JSON(ctx, &list, "vm", "ls")
 	if len(list) != 2 || list[0].State != model.VMRunning || list[1].State != model.VMRunning {
 		t.Fatalf("vm ls: %+v", list)

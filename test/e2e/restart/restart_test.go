@@ -91,7 +91,7 @@ func TestE2ECorruptHandles(t *testing.T) {
 		dev := losetup(t, file)
 		ownLoops[v] = dev
 		vm, err = st.UpdateVM(vm.ID, func(m *model.VM) error {
-			m.Runtime.Loops = []model.LoopDev{{Device: dev, BackingFile: file}}
+			m.Runtime.Disk.Loops = []model.LoopDev{{Device: dev, BackingFile: file}}
 			if v == "lo-store-empty" {
 				m.Runtime = model.Runtime{}
 			}
@@ -127,7 +127,7 @@ func TestE2ECorruptHandles(t *testing.T) {
 			VMID    string        `json:"vm_id"`
 			Runtime model.Runtime `json:"runtime"`
 		}
-		if err := json.Unmarshal(good, &h); err != nil || h.VMID != vm.ID || h.Runtime.Tap == "" || h.Runtime.PID == 0 {
+		if err := json.Unmarshal(good, &h); err != nil || h.VMID != vm.ID || h.Runtime.Tap.Name == "" || h.Runtime.Monitor.PID == 0 {
 			t.Fatalf("%s: handles.json written at start is not the VM's runtime: %v\n%s", v, err, good)
 		}
 		withRT := func(fn func(*model.Runtime)) []byte {
@@ -152,15 +152,15 @@ func TestE2ECorruptHandles(t *testing.T) {
 		case "other-vm":
 			raw = []byte(strings.ReplaceAll(string(good), vm.ID, other))
 		case "lo", "lo-store-empty":
-			raw = withRT(func(rt *model.Runtime) { rt.Tap, rt.TapAlias = "lo", "" })
+			raw = withRT(func(rt *model.Runtime) { rt.Tap.Name, rt.Tap.Alias = "lo", "" })
 		case "eth0":
-			raw = withRT(func(rt *model.Runtime) { rt.Tap = "eth0" })
+			raw = withRT(func(rt *model.Runtime) { rt.Tap.Name = "eth0" })
 		case "foreign-loop":
 			raw = withRT(func(rt *model.Runtime) {
-				rt.Loops = []model.LoopDev{{Device: foreignLoop, BackingFile: foreignFile}}
+				rt.Disk.Loops = []model.LoopDev{{Device: foreignLoop, BackingFile: foreignFile}}
 			})
 		case "foreign-dm":
-			raw = withRT(func(rt *model.Runtime) { rt.DMName, rt.DMUUID = "cryptroot", "CRYPT-LUKS2-0123" })
+			raw = withRT(func(rt *model.Runtime) { rt.Disk.DMName, rt.Disk.DMUUID = "cryptroot", "CRYPT-LUKS2-0123" })
 		}
 		if err := os.WriteFile(path, raw, 0o600); err != nil {
 			t.Fatal(err)
@@ -182,7 +182,7 @@ func TestE2ECorruptHandles(t *testing.T) {
 		if v != "lo-store-empty" {
 			// The cleanup itself (not the orphan scan) removed banger's tap
 			// and loop, found through VM.Runtime.
-			for _, want := range []string{"tap " + vms[v].Runtime.Tap, "loop " + ownLoops[v]} {
+			for _, want := range []string{"tap " + vms[v].Runtime.Tap.Name, "loop " + ownLoops[v]} {
 				if !strings.Contains(removed, want) {
 					t.Errorf("%s: last cleanup removed %q, want %q in it", v, removed, want)
 				}
@@ -217,8 +217,8 @@ func TestE2ECorruptHandles(t *testing.T) {
 	}
 	// The live VM is re-adopted from the store, its handles.json rewritten.
 	got := e2etest.Inspect(ctx, t, d, "live-garbage")
-	if got.State != model.VMRunning || got.Recovery.ReadoptedAt.IsZero() || got.Runtime.PID != live.Runtime.PID {
-		t.Errorf("live-garbage: state %s readopted %v pid %d, want running, re-adopted, pid %d", got.State, got.Recovery.ReadoptedAt, got.Runtime.PID, live.Runtime.PID)
+	if got.State != model.VMRunning || got.Recovery.ReadoptedAt.IsZero() || got.Runtime.Monitor.PID != live.Runtime.Monitor.PID {
+		t.Errorf("live-garbage: state %s readopted %v pid %d, want running, re-adopted, pid %d", got.State, got.Recovery.ReadoptedAt, got.Runtime.Monitor.PID, live.Runtime.Monitor.PID)
 	}
 	if text := d.MustCLI(ctx, "vm", "inspect", "live-garbage"); !strings.Contains(text, "re-adopted at") {
 		t.Errorf("banger vm inspect shows no re-adoption:\n%s", text)
@@ -270,7 +270,7 @@ func TestE2EReconcile50(t *testing.T) {
 		if i < 30 {
 			d.MustCLI(ctx, "vm", "start", name, "--wait")
 			if i%2 == 0 {
-				pids = append(pids, e2etest.Inspect(ctx, t, d, name).Runtime.PID)
+				pids = append(pids, e2etest.Inspect(ctx, t, d, name).Runtime.Monitor.PID)
 			}
 		}
 	}

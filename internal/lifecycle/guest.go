@@ -1,4 +1,4 @@
-package daemon
+package lifecycle
 
 import (
 	"context"
@@ -65,7 +65,7 @@ func guestOptions(req api.CreateVMRequest) (guestabi.Init, []string, []string, e
 // overrides (guestabi.Cmdline). Without an initramfs to pick the init, the
 // kernel starts banger's init in images that have it, and banger's init
 // applies the same rule.
-func (d *Daemon) cmdline(vm model.VM, nc netctl.Config, initrd string) string {
+func (s *Service) cmdline(vm model.VM, nc netctl.Config, initrd string) string {
 	c := guestabi.Cmdline{
 		Kernel:    []string{"console=ttyS0", "panic=-1", "quiet", "loglevel=4", "net.ifnames=0"},
 		Root:      guestabi.DefaultRoot,
@@ -83,24 +83,24 @@ func (d *Daemon) cmdline(vm model.VM, nc netctl.Config, initrd string) string {
 	if mac, err := net.ParseMAC(vm.MAC); err == nil {
 		c.Network.MAC = mac
 	}
-	for _, s := range d.cfg.DNS {
-		if a, err := netip.ParseAddr(s); err == nil {
+	for _, d := range s.cfg.DNS {
+		if a, err := netip.ParseAddr(d); err == nil {
 			c.Network.DNS = append(c.Network.DNS, a)
 		}
 	}
 	if initrd == "" && vm.Init != guestabi.InitImage {
-		if img, err := d.store.GetImage(vm.ImageID); err == nil && img.Init != "" {
+		if img, err := s.store.GetImage(vm.ImageID); err == nil && img.Init != "" {
 			c.Init = guestabi.InitPath
 		}
 	}
-	s, err := c.Encode()
+	line, err := c.Encode()
 	if err != nil {
 		// create validated the overrides: drop them rather than not boot.
-		d.log.Warn("kernel command line: dropping the main-process overrides", "vm", vm.Name, "err", err)
+		s.log.Warn("kernel command line: dropping the main-process overrides", "vm", vm.Name, "err", err)
 		c.Main = guestabi.MainOverride{}
-		s, _ = c.Encode()
+		line, _ = c.Encode()
 	}
-	return s
+	return line
 }
 
 // hostnameFor is a VM name as an RFC 1123 host name ('_' becomes '-').
@@ -124,25 +124,29 @@ func recordGuestStatus(v *model.VM, st *agent.Status) {
 	v.Main = st.Main
 }
 
-// withGuestState refreshes a running VM's main-process state from its
-// agent (vm inspect), within a short timeout; on any failure it returns
-// the recorded state.
-func (d *Daemon) withGuestState(ctx context.Context, vm model.VM) model.VM {
+// GuestState refreshes a running VM's main-process state from its agent
+// (vm inspect), through the VM's agent session, within a short timeout;
+// on any failure it returns the recorded state.
+func (s *Service) GuestState(ctx context.Context, vm model.VM) model.VM {
 	if vm.State != model.VMRunning || vm.InitRan != guestabi.InitBanger {
+		return vm
+	}
+	sup := s.Supervisor(vm.ID)
+	if sup == nil {
 		return vm
 	}
 	cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	c, err := agentDial(vm.Runtime)(cctx)
+	c, err := sup.Session(cctx)
 	if err != nil {
 		return vm
 	}
-	defer c.Close()
 	st, err := c.Status(cctx)
 	if err != nil {
+		sup.DropSession(c)
 		return vm
 	}
-	if upd, err := d.store.UpdateVM(vm.ID, func(v *model.VM) error { recordGuestStatus(v, st); return nil }); err == nil {
+	if upd, err := s.store.UpdateVM(vm.ID, func(v *model.VM) error { recordGuestStatus(v, st); return nil }); err == nil {
 		return upd
 	}
 	recordGuestStatus(&vm, st)

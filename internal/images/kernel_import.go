@@ -1,4 +1,4 @@
-package daemon
+package images
 
 import (
 	"archive/tar"
@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"path"
 	"path/filepath"
@@ -18,61 +17,57 @@ import (
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/subpath"
 )
 
 // maxUpload bounds what a kernel import may upload.
 const maxUpload = 4 << 30
 
-// handleKernelImport imports a kernel whose files the CLI uploads as a tar
-// stream: "kernel" [+ "initrd"] [+ "modules/..."], or "package.deb". The
-// daemon never opens a path the client names, so a caller cannot make it
-// read files the caller could not read itself.
-func (d *Daemon) handleKernelImport(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	name, force := q.Get("name"), q.Get("force") == "true"
+// CheckKernelImport refuses a kernel import that cannot start: a bad name,
+// or a kernel of that name without force.
+func (s *Service) CheckKernelImport(name string, force bool) error {
 	if err := model.ValidateName("kernel", name); err != nil {
-		d.writeError(w, r, api.Errorf(api.CodeInvalid, "%v", err))
-		return
+		return api.Errorf(api.CodeInvalid, "%v", err)
 	}
-	if !CallerFrom(r.Context()).Root() {
-		d.writeError(w, r, api.Errorf(api.CodeForbidden, "importing kernels needs root: kernels are shared by every user of this host"))
-		return
+	if _, err := s.store.GetKernel(name); err == nil && !force {
+		return api.Errorf(api.CodeConflict, "kernel %q already exists: pass --force to replace it", name)
 	}
-	if _, err := d.store.GetKernel(name); err == nil && !force {
-		d.writeError(w, r, api.Errorf(api.CodeConflict, "kernel %q already exists: pass --force to replace it", name))
-		return
-	}
-	upload, err := os.MkdirTemp(d.cfg.KernelsDir(), ".upload-")
-	if err != nil {
-		d.writeError(w, r, err)
-		return
-	}
-	defer os.RemoveAll(upload)
-	// HTTP/1 handlers must read the body before they answer.
-	if err := receiveTar(io.LimitReader(r.Body, maxUpload+1), upload, maxUpload); err != nil {
-		d.writeError(w, r, err)
-		return
-	}
-	d.stream(w, r, func(ctx context.Context, report progress.Func) (any, error) {
-		return d.importKernel(ctx, name, upload, force, report)
-	})
+	return nil
 }
 
-// importKernel builds every path from name, which handleKernelImport
-// checked with model.ValidateName, under the kernels dir.
+// ReceiveUpload unpacks a kernel import's upload, a tar stream of
+// "kernel" [+ "initrd"] [+ "modules/..."] or "package.deb", into a fresh dir
+// under the kernels dir, which the caller removes. The daemon never opens a
+// path the client names, so a caller cannot make it read files the caller
+// could not read itself.
+func (s *Service) ReceiveUpload(r io.Reader) (string, error) {
+	upload, err := os.MkdirTemp(s.cfg.KernelsDir(), ".upload-")
+	if err != nil {
+		return "", err
+	}
+	if err := receiveTar(io.LimitReader(r, maxUpload+1), upload, maxUpload); err != nil {
+		_ = os.RemoveAll(upload)
+		return "", err
+	}
+	return upload, nil
+}
+
+// ImportKernel imports the kernel of an upload (ReceiveUpload) as name.
+// It builds every path from name, which CheckKernelImport checked with
+// model.ValidateName, under the kernels dir.
 //
 //nolint:gosec // G703: see above; the taint analysis cannot see the validation
-func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bool, report progress.Func) (model.Kernel, error) {
+func (s *Service) ImportKernel(ctx context.Context, name, upload string, force bool, report progress.Func) (model.Kernel, error) {
 	// name passed model.ValidateName: no separators, no dots at the start.
-	dst := filepath.Join(d.cfg.KernelsDir(), name)
-	tmpDst := filepath.Join(d.cfg.KernelsDir(), ".new-"+name+"-"+newID()[:8])
+	dst := filepath.Join(s.cfg.KernelsDir(), name)
+	tmpDst := filepath.Join(s.cfg.KernelsDir(), ".new-"+name+"-"+model.NewID()[:8])
 	var (
 		k   model.Kernel
 		err error
 	)
 	deb := filepath.Join(upload, "package.deb")
 	if _, serr := os.Stat(deb); serr == nil {
-		initBin, ferr := findHelper(d.cfg.InitBinary, "banger-init", "init_binary")
+		initBin, ferr := findHelper(s.cfg.InitBinary, "banger-init", "init_binary")
 		if ferr != nil {
 			return k, ferr
 		}
@@ -108,7 +103,7 @@ func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bo
 			_ = os.RemoveAll(tmpDst)
 			return k, api.Errorf(api.CodeConflict, "kernel %q already exists: pass --force to replace it", name)
 		}
-		old = dst + ".old-" + newID()[:8]
+		old = dst + ".old-" + model.NewID()[:8]
 		if err := os.Rename(dst, old); err != nil {
 			_ = os.RemoveAll(tmpDst)
 			return k, err
@@ -120,7 +115,7 @@ func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bo
 	}
 	k = rebaseKernel(k, tmpDst, dst)
 	k.Created = time.Now().UTC()
-	if err := d.store.PutKernel(k, force); err != nil {
+	if err := s.store.PutKernel(k, force); err != nil {
 		_ = os.RemoveAll(dst)
 		if errors.Is(err, store.ErrConflict) {
 			return k, api.Errorf(api.CodeConflict, "kernel %q already exists: pass --force to replace it", name)
@@ -130,28 +125,22 @@ func (d *Daemon) importKernel(ctx context.Context, name, upload string, force bo
 	if old != "" {
 		_ = os.RemoveAll(old)
 	}
-	d.log.Info("kernel imported", "kernel", name, "version", k.Version, "format", k.Format)
+	s.log.Info("kernel imported", "kernel", name, "version", k.Version, "format", k.Format)
 	return k, nil
 }
 
 // rebaseKernel rewrites the artifact paths of k from dir from to dir to.
 func rebaseKernel(k model.Kernel, from, to string) model.Kernel {
-	re := func(p string) string {
-		if rel, err := filepath.Rel(from, p); err == nil && !strings.HasPrefix(rel, "..") {
-			return filepath.Join(to, rel)
-		}
-		return p
-	}
 	k.Dir = to
-	k.Kernel.Path = re(k.Kernel.Path)
+	k.Kernel.Path = subpath.Rebase(k.Kernel.Path, from, to)
 	if k.Initrd != nil {
 		a := *k.Initrd
-		a.Path = re(a.Path)
+		a.Path = subpath.Rebase(a.Path, from, to)
 		k.Initrd = &a
 	}
 	if k.Modules != nil {
 		a := *k.Modules
-		a.Path = re(a.Path)
+		a.Path = subpath.Rebase(a.Path, from, to)
 		k.Modules = &a
 	}
 	return k
@@ -218,19 +207,19 @@ func receiveTar(r io.Reader, dir string, limit int64) error {
 	}
 }
 
-// recoverKernelLeftovers removes partial imports left by a crash.
-func recoverKernelLeftovers(_ context.Context, d *Daemon) error {
+// RecoverKernelLeftovers removes partial imports left by a crash.
+func (s *Service) RecoverKernelLeftovers(_ context.Context) error {
 	for _, pat := range []string{".upload-*", ".new-*", "*.old-*"} {
-		m, _ := filepath.Glob(filepath.Join(d.cfg.KernelsDir(), pat))
+		m, _ := filepath.Glob(filepath.Join(s.cfg.KernelsDir(), pat))
 		for _, p := range m {
 			if err := os.RemoveAll(p); err == nil {
-				d.log.Info("removed leftover of an interrupted kernel import", "path", p)
+				s.log.Info("removed leftover of an interrupted kernel import", "path", p)
 			}
 		}
 	}
-	if removed, err := kernels.RemoveStale(d.cfg.KernelsDir()); err == nil {
+	if removed, err := kernels.RemoveStale(s.cfg.KernelsDir()); err == nil {
 		for _, p := range removed {
-			d.log.Info("removed leftover kernel staging dir", "path", p)
+			s.log.Info("removed leftover kernel staging dir", "path", p)
 		}
 	}
 	return nil

@@ -1,4 +1,4 @@
-package daemon
+package reconciler
 
 import (
 	"bytes"
@@ -8,15 +8,16 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/blockdev"
 	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/lifecycle"
+	"github.com/bangerdev/banger/internal/lifecycle/lifecycletest"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/netctl"
 	"github.com/bangerdev/banger/internal/store"
@@ -30,42 +31,6 @@ import (
 // hold no tap or loop, and the store is the real one. The root-only halves
 // (real taps, loops, a daemon process in a network namespace) are in
 // test/e2e/restart_test.go and crash_test.go.
-
-var (
-	fakeOnce sync.Once
-	fakeBin  string
-	fakeErr  error
-)
-
-// fakeFirecracker builds cmd/banger-fake-firecracker once per test binary
-// (or uses the one BANGER_FAKE_FIRECRACKER names, for a test binary run
-// where no Go toolchain is at hand).
-func fakeFirecracker(t testing.TB) string {
-	t.Helper()
-	fakeOnce.Do(func() {
-		if p := os.Getenv("BANGER_FAKE_FIRECRACKER"); p != "" {
-			fakeBin = p
-			return
-		}
-		dir, err := os.MkdirTemp("", "banger-reconcile-bin-")
-		if err != nil {
-			fakeErr = err
-			return
-		}
-		fakeBin = filepath.Join(dir, "banger-fake-firecracker")
-		_, file, _, _ := runtime.Caller(0)
-		cmd := exec.Command("go", "build", "-o", fakeBin, "./cmd/banger-fake-firecracker")
-		cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			fakeErr = fmt.Errorf("go build banger-fake-firecracker: %w\n%s", err, out)
-		}
-	})
-	if fakeErr != nil {
-		t.Fatal(fakeErr)
-	}
-	return fakeBin
-}
 
 // syncBuffer is a log sink safe for the daemon's goroutines.
 type syncBuffer struct {
@@ -109,7 +74,7 @@ func newRig(t testing.TB) *rig {
 	cfg.RuntimeDir = filepath.Join(base, "run")
 	cfg.Socket = filepath.Join(cfg.RuntimeDir, "banger.sock")
 	cfg.SocketGroup = ""
-	cfg.FirecrackerBinary = fakeFirecracker(t)
+	cfg.FirecrackerBinary = lifecycletest.FakeFirecracker(t)
 	for _, d := range []string{cfg.StateDir, cfg.VMsDir(), filepath.Join(cfg.RuntimeDir, "vms")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
@@ -152,9 +117,7 @@ func (r *rig) monitor(id string) model.Runtime {
 		r.t.Fatalf("start fake firecracker for %s: %v", id, err)
 	}
 	r.mons = append(r.mons, h)
-	return model.Runtime{Phase: "running", PID: h.PID, PIDStart: h.PIDStart, BootID: h.BootID, Cmdline: h.Cmdline,
-		RuntimeDir: r.rtDir(id), APISocket: h.APISocket, AgentSocket: h.AgentSocket, AgentTransport: h.AgentTransport,
-		ConsoleLog: spec.ConsoleLog, VsockCID: 3}
+	return model.Runtime{Phase: "running", Monitor: h, RuntimeDir: r.rtDir(id), ConsoleLog: spec.ConsoleLog}
 }
 
 // deadMonitor starts a fake and stops it: its runtime names a process that
@@ -162,7 +125,7 @@ func (r *rig) monitor(id string) model.Runtime {
 func (r *rig) deadMonitor(id string) model.Runtime {
 	r.t.Helper()
 	rt := r.monitor(id)
-	if _, err := firecracker.New().Stop(context.Background(), handleOf(rt), 0); err != nil {
+	if _, err := firecracker.New().Stop(context.Background(), rt.Monitor, 0); err != nil {
 		r.t.Fatal(err)
 	}
 	if err := os.MkdirAll(r.rtDir(id), 0o700); err != nil {
@@ -174,7 +137,7 @@ func (r *rig) deadMonitor(id string) model.Runtime {
 // vm stores a VM record.
 func (r *rig) vm(name string, st model.VMState, rt model.Runtime, lease bool) model.VM {
 	r.t.Helper()
-	return r.vmWithID(newID(), name, st, rt, lease)
+	return r.vmWithID(model.NewID(), name, st, rt, lease)
 }
 
 func (r *rig) vmWithID(id, name string, st model.VMState, rt model.Runtime, lease bool) model.VM {
@@ -204,30 +167,64 @@ func (r *rig) handles(id string, raw []byte) {
 
 func handlesJSON(t testing.TB, id string, rt model.Runtime) []byte {
 	t.Helper()
-	raw, err := json.Marshal(Handles{VMID: id, Written: time.Now().UTC(), Runtime: rt})
+	raw, err := json.Marshal(lifecycle.Handles{VMID: id, Written: time.Now().UTC(), Runtime: rt})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return raw
 }
 
-// start closes the rig's store and starts a daemon on the state dir; start-
-// up recovery runs inside.
-func (r *rig) start() *Daemon {
+// daemon is what a daemon start-up makes of the rig's state dir: the
+// lifecycle service and the reconciler over the reopened store.
+type daemon struct {
+	*Reconciler
+	store  *store.Store
+	cancel context.CancelFunc
+}
+
+func (d *daemon) close() {
+	d.cancel()
+	_ = d.store.Close()
+}
+
+func (d *daemon) loadHandles(id string) (model.Runtime, error) { return d.Life.LoadHandles(id) }
+func (d *daemon) writeHandles(vm model.VM) error               { return d.Life.WriteHandles(vm) }
+func (d *daemon) vmRuntimeDir(id string) string                { return d.Life.RuntimeDir(id) }
+func (d *daemon) vmDir(id string) string                       { return d.Life.VMDir(id) }
+func (d *daemon) ownRuntime(id string, rt model.Runtime) (model.Runtime, []string) {
+	return d.Life.OwnRuntime(id, rt)
+}
+
+// newDaemon wires the services over cfg and st (nil: no store, for the
+// checks that read only files).
+func newDaemon(cfg config.Config, st *store.Store, log *slog.Logger) *daemon {
+	bg, cancel := context.WithCancel(context.Background())
+	life := lifecycle.New(lifecycle.Options{Config: cfg, Store: st, Logger: log, Background: bg})
+	return &daemon{Reconciler: &Reconciler{Config: cfg, Store: st, Life: life, Log: log}, store: st, cancel: cancel}
+}
+
+// start closes the rig's store and runs what a daemon start-up runs over
+// the state dir: the VM reconcile, then the orphan scan.
+func (r *rig) start() *daemon {
 	r.t.Helper()
 	if err := r.st.Close(); err != nil {
 		r.t.Fatal(err)
 	}
-	d, err := New(context.Background(), Options{Config: r.cfg,
-		Logger: slog.New(slog.NewTextHandler(r.log, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	st, err := store.Open(r.cfg.DBPath(), 5*time.Second)
 	if err != nil {
-		r.t.Fatalf("daemon.New: %v\n%s", err, r.log.String())
+		r.t.Fatal(err)
 	}
+	d := newDaemon(r.cfg, st, slog.New(slog.NewTextHandler(r.log, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	r.t.Cleanup(d.close)
+	for _, step := range []func(context.Context) error{d.VMs, d.Orphans} {
+		if err := step(context.Background()); err != nil {
+			r.t.Fatalf("start-up recovery: %v\n%s", err, r.log.String())
+		}
+	}
 	return d
 }
 
-func (r *rig) get(d *Daemon, id string) model.VM {
+func (r *rig) get(d *daemon, id string) model.VM {
 	r.t.Helper()
 	vm, err := d.store.GetVM(id)
 	if err != nil {
@@ -241,12 +238,14 @@ func (r *rig) get(d *Daemon, id string) model.VM {
 // ownRuntime drops every resource that cannot be the VM's (lo, eth0, a
 // foreign loop, a foreign dm device, another VM's runtime dir, pid 1).
 func TestRecoveryRuntimeCorruptHandles(t *testing.T) {
-	d := &Daemon{cfg: config.Config{StateDir: "/var/lib/banger-test", RuntimeDir: "/run/banger-test"}}
+	d := newDaemon(config.Config{StateDir: "/var/lib/banger-test", RuntimeDir: "/run/banger-test"}, nil, slog.Default())
 	id := "0123456789abcdef01234567"
 	rtDir := d.vmRuntimeDir(id)
-	store := model.Runtime{Phase: "running", PID: 4242, PIDStart: 99, BootID: "b", Cmdline: []string{"firecracker", "--api-sock", rtDir + "/fc.sock"},
-		RuntimeDir: rtDir, APISocket: rtDir + "/fc.sock", AgentSocket: rtDir + "/agent.sock",
-		Tap: netctl.TapName(id), TapAlias: netctl.TapAlias(id), COWPath: d.vmDir(id) + "/disk.ext4", DiskPath: d.vmDir(id) + "/disk.ext4"}
+	store := model.Runtime{Phase: "running", RuntimeDir: rtDir,
+		Monitor: vmm.Handle{PID: 4242, PIDStart: 99, BootID: "b", Cmdline: []string{"firecracker", "--api-sock", rtDir + "/fc.sock"},
+			APISocket: rtDir + "/fc.sock", AgentSocket: rtDir + "/agent.sock"},
+		Tap:  netctl.TapRefFor(id),
+		Disk: blockdev.Disk{COWPath: d.vmDir(id) + "/disk.ext4", Path: d.vmDir(id) + "/disk.ext4"}}
 	full := handlesJSON(t, id, store)
 	with := func(fn func(*model.Runtime)) []byte {
 		rt := store
@@ -263,23 +262,23 @@ func TestRecoveryRuntimeCorruptHandles(t *testing.T) {
 		{"truncated", full[:len(full)/2], "store (handles.json is truncated or not JSON"},
 		{"garbage", []byte("\x00\xffnot json at all{"), "store (handles.json is truncated or not JSON"},
 		{"another VM's", handlesJSON(t, "ffffffffffffffffffffffff", store), `store (handles.json was written for VM "ffffffffffffffffffffffff")`},
-		{"naming lo", with(func(rt *model.Runtime) { rt.Tap, rt.TapAlias = "lo", "" }), "store (handles.json disagrees with it)"},
-		{"naming eth0", with(func(rt *model.Runtime) { rt.Tap = "eth0" }), "store (handles.json disagrees with it)"},
+		{"naming lo", with(func(rt *model.Runtime) { rt.Tap.Name, rt.Tap.Alias = "lo", "" }), "store (handles.json disagrees with it)"},
+		{"naming eth0", with(func(rt *model.Runtime) { rt.Tap.Name = "eth0" }), "store (handles.json disagrees with it)"},
 		{"foreign loop", with(func(rt *model.Runtime) {
-			rt.Loops = []model.LoopDev{{Device: "/dev/loop7", BackingFile: "/home/someone/disk.img"}}
+			rt.Disk.Loops = []model.LoopDev{{Device: "/dev/loop7", BackingFile: "/home/someone/disk.img"}}
 		}), "store (handles.json disagrees with it)"},
-		{"foreign dm", with(func(rt *model.Runtime) { rt.DMName, rt.DMUUID = "cryptroot", "CRYPT-LUKS2-abc" }), "store (handles.json disagrees with it)"},
-		{"reused pid", with(func(rt *model.Runtime) { rt.PID, rt.PIDStart = 1, 1 }), "store (handles.json disagrees with it)"},
+		{"foreign dm", with(func(rt *model.Runtime) { rt.Disk.DMName, rt.Disk.DMUUID = "cryptroot", "CRYPT-LUKS2-abc" }), "store (handles.json disagrees with it)"},
+		{"reused pid", with(func(rt *model.Runtime) { rt.Monitor.PID, rt.Monitor.PIDStart = 1, 1 }), "store (handles.json disagrees with it)"},
 		{"agrees", full, "handles.json"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			base := t.TempDir()
-			d := &Daemon{cfg: config.Config{StateDir: filepath.Join(base, "state"), RuntimeDir: filepath.Join(base, "run")}}
+			d := newDaemon(config.Config{StateDir: filepath.Join(base, "state"), RuntimeDir: filepath.Join(base, "run")}, nil, slog.Default())
 			rtDir := d.vmRuntimeDir(id)
 			// Re-root the fixture under this test's dirs.
 			fix := func(b []byte) []byte {
-				return bytes.ReplaceAll(bytes.ReplaceAll(b, []byte("/run/banger-test"), []byte(d.cfg.RuntimeDir)), []byte("/var/lib/banger-test"), []byte(d.cfg.StateDir))
+				return bytes.ReplaceAll(bytes.ReplaceAll(b, []byte("/run/banger-test"), []byte(d.Config.RuntimeDir)), []byte("/var/lib/banger-test"), []byte(d.Config.StateDir))
 			}
 			var want model.Runtime
 			if err := json.Unmarshal(fix(mustJSON(t, store)), &want); err != nil {
@@ -301,7 +300,7 @@ func TestRecoveryRuntimeCorruptHandles(t *testing.T) {
 				t.Errorf("recoveryRuntime runtime (-want +got):\n%s", diff)
 			}
 			own, refused := d.ownRuntime(id, got)
-			if len(refused) != 0 || !sameIdentity(own, want) {
+			if len(refused) != 0 || !own.SameIdentity(want) {
 				t.Errorf("ownRuntime(store runtime) refused %v; it is all the VM's own", refused)
 			}
 		})
@@ -320,52 +319,54 @@ func mustJSON(t testing.TB, v any) []byte {
 // TestOwnRuntimeRefusesForeign: with no store record to trust, a runtime
 // naming something that is not the VM's keeps only the VM's own resources.
 func TestOwnRuntimeRefusesForeign(t *testing.T) {
-	d := &Daemon{cfg: config.Config{StateDir: "/var/lib/banger", RuntimeDir: "/run/banger"}}
+	d := newDaemon(config.Config{StateDir: "/var/lib/banger", RuntimeDir: "/run/banger"}, nil, slog.Default())
 	id, other := "aaaaaaaaaaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbbbbbbbbbb"
 	rtDir, vmDir := d.vmRuntimeDir(id), d.vmDir(id)
 	dm, uuid := "banger-"+id, "BANGER-"+id
-	good := model.Runtime{PID: 4242, Cmdline: []string{"qemu-system-x86_64", "-chardev", "socket,id=qmp,path=" + rtDir + "/qmp.sock"},
-		RuntimeDir: rtDir, APISocket: rtDir + "/qmp.sock", AgentSocket: rtDir + "/agent.sock",
-		Tap: netctl.TapName(id), TapAlias: netctl.TapAlias(id),
-		Loops:  []model.LoopDev{{Device: "/dev/loop3", BackingFile: vmDir + "/base.ext4.link", ReadOnly: true}, {Device: "/dev/loop4", BackingFile: vmDir + "/cow.img"}},
-		DMName: dm, DMUUID: uuid, COWPath: vmDir + "/cow.img", BaseLink: vmDir + "/base.ext4.link", DiskPath: "/dev/mapper/" + dm}
+	good := model.Runtime{RuntimeDir: rtDir,
+		Monitor: vmm.Handle{PID: 4242, Cmdline: []string{"qemu-system-x86_64", "-chardev", "socket,id=qmp,path=" + rtDir + "/qmp.sock"},
+			APISocket: rtDir + "/qmp.sock", AgentSocket: rtDir + "/agent.sock"},
+		Tap: netctl.TapRefFor(id),
+		Disk: blockdev.Disk{
+			Loops:  []model.LoopDev{{Device: "/dev/loop3", BackingFile: vmDir + "/base.ext4.link", ReadOnly: true}, {Device: "/dev/loop4", BackingFile: vmDir + "/cow.img"}},
+			DMName: dm, DMUUID: uuid, COWPath: vmDir + "/cow.img", BaseLink: vmDir + "/base.ext4.link", Path: "/dev/mapper/" + dm}}
 	cases := []struct {
 		name    string
 		mutate  func(*model.Runtime)
 		check   func(model.Runtime) bool
 		refused string
 	}{
-		{"tap lo", func(rt *model.Runtime) { rt.Tap, rt.TapAlias = "lo", "" }, func(rt model.Runtime) bool { return rt.Tap == "" }, `tap "lo"`},
-		{"tap eth0", func(rt *model.Runtime) { rt.Tap = "eth0" }, func(rt model.Runtime) bool { return rt.Tap == "" }, `tap "eth0"`},
-		{"another VM's tap", func(rt *model.Runtime) { rt.Tap, rt.TapAlias = netctl.TapName(other), netctl.TapAlias(other) }, func(rt model.Runtime) bool { return rt.Tap == "" }, "tap"},
-		{"right tap, foreign alias", func(rt *model.Runtime) { rt.TapAlias = "banger:" + other }, func(rt model.Runtime) bool { return rt.Tap == "" }, "tap"},
+		{"tap lo", func(rt *model.Runtime) { rt.Tap.Name, rt.Tap.Alias = "lo", "" }, func(rt model.Runtime) bool { return rt.Tap.Name == "" }, `tap "lo"`},
+		{"tap eth0", func(rt *model.Runtime) { rt.Tap.Name = "eth0" }, func(rt model.Runtime) bool { return rt.Tap.Name == "" }, `tap "eth0"`},
+		{"another VM's tap", func(rt *model.Runtime) { rt.Tap.Name, rt.Tap.Alias = netctl.TapName(other), netctl.TapAlias(other) }, func(rt model.Runtime) bool { return rt.Tap.Name == "" }, "tap"},
+		{"right tap, foreign alias", func(rt *model.Runtime) { rt.Tap.Alias = "banger:" + other }, func(rt model.Runtime) bool { return rt.Tap.Name == "" }, "tap"},
 		{"foreign loop", func(rt *model.Runtime) {
-			rt.Loops = append(rt.Loops, model.LoopDev{Device: "/dev/loop0", BackingFile: "/home/u/disk.img"})
-		}, func(rt model.Runtime) bool { return len(rt.Loops) == 2 }, "loop /dev/loop0"},
+			rt.Disk.Loops = append(rt.Disk.Loops, model.LoopDev{Device: "/dev/loop0", BackingFile: "/home/u/disk.img"})
+		}, func(rt model.Runtime) bool { return len(rt.Disk.Loops) == 2 }, "loop /dev/loop0"},
 		{"loop of the state dir, another VM", func(rt *model.Runtime) {
-			rt.Loops = []model.LoopDev{{Device: "/dev/loop9", BackingFile: d.vmDir(other) + "/cow.img"}}
-		}, func(rt model.Runtime) bool { return len(rt.Loops) == 0 }, "loop /dev/loop9"},
+			rt.Disk.Loops = []model.LoopDev{{Device: "/dev/loop9", BackingFile: d.vmDir(other) + "/cow.img"}}
+		}, func(rt model.Runtime) bool { return len(rt.Disk.Loops) == 0 }, "loop /dev/loop9"},
 		{"loop escaping by ..", func(rt *model.Runtime) {
-			rt.Loops = []model.LoopDev{{Device: "/dev/loop9", BackingFile: vmDir + "/../../../../etc/passwd"}}
-		}, func(rt model.Runtime) bool { return len(rt.Loops) == 0 }, "loop /dev/loop9"},
+			rt.Disk.Loops = []model.LoopDev{{Device: "/dev/loop9", BackingFile: vmDir + "/../../../../etc/passwd"}}
+		}, func(rt model.Runtime) bool { return len(rt.Disk.Loops) == 0 }, "loop /dev/loop9"},
 		{"not a loop device", func(rt *model.Runtime) {
-			rt.Loops = []model.LoopDev{{Device: "/dev/sda", BackingFile: vmDir + "/cow.img"}}
-		}, func(rt model.Runtime) bool { return len(rt.Loops) == 0 }, "loop /dev/sda"},
-		{"foreign dm", func(rt *model.Runtime) { rt.DMName, rt.DMUUID = "cryptroot", "CRYPT-LUKS2-abc" }, func(rt model.Runtime) bool { return rt.DMName == "" && rt.DMUUID == "" }, `dm "cryptroot"`},
-		{"our dm name, foreign uuid", func(rt *model.Runtime) { rt.DMUUID = "LVM-xyz" }, func(rt model.Runtime) bool { return rt.DMName == "" }, "dm"},
+			rt.Disk.Loops = []model.LoopDev{{Device: "/dev/sda", BackingFile: vmDir + "/cow.img"}}
+		}, func(rt model.Runtime) bool { return len(rt.Disk.Loops) == 0 }, "loop /dev/sda"},
+		{"foreign dm", func(rt *model.Runtime) { rt.Disk.DMName, rt.Disk.DMUUID = "cryptroot", "CRYPT-LUKS2-abc" }, func(rt model.Runtime) bool { return rt.Disk.DMName == "" && rt.Disk.DMUUID == "" }, `dm "cryptroot"`},
+		{"our dm name, foreign uuid", func(rt *model.Runtime) { rt.Disk.DMUUID = "LVM-xyz" }, func(rt model.Runtime) bool { return rt.Disk.DMName == "" }, "dm"},
 		{"another VM's runtime dir", func(rt *model.Runtime) { rt.RuntimeDir = d.vmRuntimeDir(other) }, func(rt model.Runtime) bool { return rt.RuntimeDir == "" }, "runtime dir"},
-		{"socket outside", func(rt *model.Runtime) { rt.APISocket = "/run/systemd/private" }, func(rt model.Runtime) bool { return rt.APISocket == "" }, "socket"},
-		{"cow outside", func(rt *model.Runtime) { rt.COWPath = "/etc/shadow" }, func(rt model.Runtime) bool { return rt.COWPath == "" }, "disk file /etc/shadow"},
-		{"pid 1", func(rt *model.Runtime) { rt.PID, rt.Cmdline = 1, []string{"/sbin/init"} }, func(rt model.Runtime) bool { return rt.PID == 0 }, "pid 1"},
-		{"pid of another program", func(rt *model.Runtime) { rt.Cmdline = []string{"sshd", "-D"} }, func(rt model.Runtime) bool { return rt.PID == 0 }, "pid 4242"},
+		{"socket outside", func(rt *model.Runtime) { rt.Monitor.APISocket = "/run/systemd/private" }, func(rt model.Runtime) bool { return rt.Monitor.APISocket == "" }, "socket"},
+		{"cow outside", func(rt *model.Runtime) { rt.Disk.COWPath = "/etc/shadow" }, func(rt model.Runtime) bool { return rt.Disk.COWPath == "" }, "disk file /etc/shadow"},
+		{"pid 1", func(rt *model.Runtime) { rt.Monitor.PID, rt.Monitor.Cmdline = 1, []string{"/sbin/init"} }, func(rt model.Runtime) bool { return rt.Monitor.PID == 0 }, "pid 1"},
+		{"pid of another program", func(rt *model.Runtime) { rt.Monitor.Cmdline = []string{"sshd", "-D"} }, func(rt model.Runtime) bool { return rt.Monitor.PID == 0 }, "pid 4242"},
 	}
-	if own, refused := d.ownRuntime(id, good); len(refused) != 0 || !sameIdentity(own, good) {
+	if own, refused := d.ownRuntime(id, good); len(refused) != 0 || !own.SameIdentity(good) {
 		t.Fatalf("ownRuntime(good) refused %v", refused)
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			rt := good
-			rt.Loops = append([]model.LoopDev(nil), good.Loops...)
+			rt.Disk.Loops = append([]model.LoopDev(nil), good.Disk.Loops...)
 			c.mutate(&rt)
 			own, refused := d.ownRuntime(id, rt)
 			if !c.check(own) {
@@ -375,7 +376,7 @@ func TestOwnRuntimeRefusesForeign(t *testing.T) {
 				t.Errorf("refused = %q, want one entry containing %q", refused, c.refused)
 			}
 			// Everything else stays.
-			if c.name != "pid 1" && c.name != "pid of another program" && own.PID != good.PID {
+			if c.name != "pid 1" && c.name != "pid of another program" && own.Monitor.PID != good.Monitor.PID {
 				t.Errorf("the VM's own monitor was dropped")
 			}
 		})
@@ -390,7 +391,7 @@ func TestOwnRuntimeRefusesForeign(t *testing.T) {
 // failing the cleanup, orphans are removed.
 func TestReconcileAtStartup(t *testing.T) {
 	r := newRig(t)
-	id := func() string { return newID() }
+	id := func() string { return model.NewID() }
 
 	liveID := id()
 	live := r.vmWithID(liveID, "live", model.VMRunning, r.monitor(liveID), true)
@@ -421,17 +422,17 @@ func TestReconcileAtStartup(t *testing.T) {
 	// nothing: refused; the cleanup succeeds without touching them.
 	foreignID := id()
 	foreign := r.vmWithID(foreignID, "foreign", model.VMRunning, model.Runtime{}, true)
-	r.handles(foreign.ID, handlesJSON(t, foreign.ID, model.Runtime{Tap: "lo", DMName: "cryptroot", DMUUID: "CRYPT-x",
-		Loops: []model.LoopDev{{Device: "/dev/loop0", BackingFile: "/home/u/disk.img"}}, RuntimeDir: r.rtDir(foreignID)}))
+	r.handles(foreign.ID, handlesJSON(t, foreign.ID, model.Runtime{Tap: netctl.TapRef{Name: "lo"}, Disk: blockdev.Disk{DMName: "cryptroot", DMUUID: "CRYPT-x",
+		Loops: []model.LoopDev{{Device: "/dev/loop0", BackingFile: "/home/u/disk.img"}}}, RuntimeDir: r.rtDir(foreignID)}))
 
 	// An interrupted create (record and lease, half a disk) and an
 	// interrupted delete.
-	creating := r.vm("creating", model.VMCreated, model.Runtime{Phase: "disk:creating", COWPath: filepath.Join(r.vmDir("x"), "y")}, true)
+	creating := r.vm("creating", model.VMCreated, model.Runtime{Phase: "disk:creating", Disk: blockdev.Disk{COWPath: filepath.Join(r.vmDir("x"), "y")}}, true)
 	if err := os.MkdirAll(r.vmDir(creating.ID), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := r.st.UpdateVM(creating.ID, func(v *model.VM) error {
-		v.Runtime.COWPath = filepath.Join(r.vmDir(v.ID), "disk.ext4")
+		v.Runtime.Disk.COWPath = filepath.Join(r.vmDir(v.ID), "disk.ext4")
 		return nil
 	}); err != nil {
 		t.Fatal(err)
@@ -439,7 +440,7 @@ func TestReconcileAtStartup(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(r.vmDir(creating.ID), "disk.ext4.partial"), []byte("half"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	deleting := r.vm("deleting", model.VMStopped, model.Runtime{Phase: phaseDeleting}, true)
+	deleting := r.vm("deleting", model.VMStopped, model.Runtime{Phase: lifecycle.PhaseDeleting}, true)
 	if err := os.MkdirAll(r.vmDir(deleting.ID), 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -465,11 +466,11 @@ func TestReconcileAtStartup(t *testing.T) {
 
 	for _, vm := range []model.VM{live, noHandles, garbage} {
 		got := r.get(d, vm.ID)
-		if got.State != model.VMRunning || got.Recovery.ReadoptedAt.IsZero() || got.Runtime.PID != vm.Runtime.PID {
-			t.Errorf("%s: state %s readopted %v pid %d, want running, re-adopted, pid %d", vm.Name, got.State, got.Recovery.ReadoptedAt, got.Runtime.PID, vm.Runtime.PID)
+		if got.State != model.VMRunning || got.Recovery.ReadoptedAt.IsZero() || got.Runtime.Monitor.PID != vm.Runtime.Monitor.PID {
+			t.Errorf("%s: state %s readopted %v pid %d, want running, re-adopted, pid %d", vm.Name, got.State, got.Recovery.ReadoptedAt, got.Runtime.Monitor.PID, vm.Runtime.Monitor.PID)
 		}
-		if alive, _ := vmm.Alive(handleOf(vm.Runtime)); !alive {
-			t.Errorf("%s: the re-adopted monitor pid %d is gone", vm.Name, vm.Runtime.PID)
+		if alive, _ := vmm.Alive(vm.Runtime.Monitor); !alive {
+			t.Errorf("%s: the re-adopted monitor pid %d is gone", vm.Name, vm.Runtime.Monitor.PID)
 		}
 		if _, err := d.loadHandles(vm.ID); err != nil {
 			t.Errorf("%s: handles.json not rewritten after re-adoption: %v", vm.Name, err)
@@ -480,10 +481,7 @@ func TestReconcileAtStartup(t *testing.T) {
 	if got := r.get(d, starting.ID); got.State != model.VMStarting || got.Recovery.ReadoptedAt.IsZero() {
 		t.Errorf("starting: state %s readopted %v, want starting and re-adopted", got.State, got.Recovery.ReadoptedAt)
 	}
-	d.lives.mu.Lock()
-	l := d.lives.m[starting.ID]
-	d.lives.mu.Unlock()
-	if l == nil {
+	if l := d.Life.Supervisor(starting.ID); l == nil {
 		t.Errorf("starting: no boot waiter after re-adoption")
 	}
 	for _, vm := range []model.VM{dead, stray, foreign} {
@@ -495,14 +493,14 @@ func TestReconcileAtStartup(t *testing.T) {
 			t.Errorf("%s: runtime dir left (%v)", vm.Name, err)
 		}
 	}
-	if alive, _ := vmm.Alive(handleOf(strayRT)); alive {
-		t.Errorf("stray monitor pid %d of the interrupted start still runs", strayRT.PID)
+	if alive, _ := vmm.Alive(strayRT.Monitor); alive {
+		t.Errorf("stray monitor pid %d of the interrupted start still runs", strayRT.Monitor.PID)
 	}
-	if got := r.get(d, stray.ID); len(got.Recovery.Removed) != 1 || !strings.Contains(got.Recovery.Removed[0], fmt.Sprintf("stray monitor pid %d", strayRT.PID)) {
+	if got := r.get(d, stray.ID); len(got.Recovery.Removed) != 1 || !strings.Contains(got.Recovery.Removed[0], fmt.Sprintf("stray monitor pid %d", strayRT.Monitor.PID)) {
 		t.Errorf("stray: Recovery.Removed = %q, want the stray monitor", got.Recovery.Removed)
 	}
-	if alive, _ := vmm.Alive(handleOf(orphanRT)); alive {
-		t.Errorf("orphan monitor pid %d still runs", orphanRT.PID)
+	if alive, _ := vmm.Alive(orphanRT.Monitor); alive {
+		t.Errorf("orphan monitor pid %d still runs", orphanRT.Monitor.PID)
 	}
 	for _, vm := range []model.VM{creating, deleting} {
 		if _, err := d.store.GetVM(vm.ID); err == nil {
@@ -560,7 +558,7 @@ func TestReconcileAfterReboot(t *testing.T) {
 	r := newRig(t)
 	var vms []model.VM
 	for i := range 3 {
-		id := newID()
+		id := model.NewID()
 		vm := r.vmWithID(id, fmt.Sprintf("vm%d", i), model.VMRunning, r.monitor(id), true)
 		r.handles(id, handlesJSON(t, id, vm.Runtime))
 		vms = append(vms, vm)
@@ -577,8 +575,8 @@ func TestReconcileAfterReboot(t *testing.T) {
 		if _, err := os.Stat(r.rtDir(vm.ID)); !os.IsNotExist(err) {
 			t.Errorf("%s: stale runtime dir left (%v)", vm.Name, err)
 		}
-		if alive, _ := vmm.Alive(handleOf(vm.Runtime)); alive {
-			t.Errorf("%s: monitor pid %d still runs", vm.Name, vm.Runtime.PID)
+		if alive, _ := vmm.Alive(vm.Runtime.Monitor); alive {
+			t.Errorf("%s: monitor pid %d still runs", vm.Name, vm.Runtime.Monitor.PID)
 		}
 	}
 	if n := strings.Count(r.log.String(), "VM stopped at start-up: the host rebooted"); n != len(vms) {
@@ -586,21 +584,11 @@ func TestReconcileAfterReboot(t *testing.T) {
 	}
 }
 
-func TestParseFailpoints(t *testing.T) {
-	if parseFailpoints("") != nil {
-		t.Error(`parseFailpoints("") armed something`)
-	}
-	got := parseFailpoints("start:vmm, stop:released,,")
-	if diff := cmp.Diff(map[string]bool{"start:vmm": true, "stop:released": true}, got); diff != "" {
-		t.Errorf("parseFailpoints (-want +got):\n%s", diff)
-	}
-}
-
 // BenchmarkReconcile50 measures start-up reconcile over 50 VM records: 25
 // whose fake Firecracker runs (re-adopted: identity check and an API call
 // each) and 25 whose monitor is gone (cleaned up). Goal: under 1 s.
 //
-//	go test -run '^$' -bench Reconcile50 -benchtime 5x ./internal/daemon/
+//	go test -run '^$' -bench Reconcile50 -benchtime 5x ./internal/reconciler/
 func BenchmarkReconcile50(b *testing.B) {
 	r := newRig(b)
 	type rec struct {
@@ -609,7 +597,7 @@ func BenchmarkReconcile50(b *testing.B) {
 	}
 	var recs []rec
 	for i := range 50 {
-		id := newID()
+		id := model.NewID()
 		var rt model.Runtime
 		if i%2 == 0 {
 			rt = r.monitor(id)
@@ -624,10 +612,6 @@ func BenchmarkReconcile50(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		b.StopTimer()
-		for _, l := range d.lives.m {
-			l.cancel()
-		}
-		d.lives.m = nil
 		for _, rc := range recs {
 			if _, err := d.store.UpdateVM(rc.id, func(v *model.VM) error {
 				v.State, v.Runtime, v.Recovery = model.VMRunning, rc.rt, model.Recovery{}
@@ -640,7 +624,7 @@ func BenchmarkReconcile50(b *testing.B) {
 			}
 		}
 		b.StartTimer()
-		if err := reconcileVMs(ctx, d); err != nil {
+		if err := d.VMs(ctx); err != nil {
 			b.Fatal(err)
 		}
 	}

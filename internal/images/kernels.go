@@ -1,4 +1,4 @@
-package daemon
+package images
 
 import (
 	"context"
@@ -10,21 +10,18 @@ import (
 	"github.com/bangerdev/banger/internal/kernels/kernelcat"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/progress"
-	"github.com/google/go-containerregistry/pkg/authn"
 )
 
-type imagepullKeychain = authn.Keychain
-
 // localKernels adapts the store to kernels.LocalKernels.
-type localKernels struct{ d *Daemon }
+type localKernels struct{ s *Service }
 
 func (l localKernels) LookupKernel(name string) (model.Kernel, bool) {
-	k, err := l.d.store.GetKernel(name)
+	k, err := l.s.store.GetKernel(name)
 	return k, err == nil
 }
 
 func (l localKernels) KernelNames() []string {
-	ks, _ := l.d.store.ListKernels()
+	ks, _ := l.s.store.ListKernels()
 	names := make([]string, 0, len(ks))
 	for _, k := range ks {
 		names = append(names, k.Name)
@@ -33,28 +30,28 @@ func (l localKernels) KernelNames() []string {
 }
 
 // kernelCatalog is the configured kernel catalog.
-func (d *Daemon) kernelCatalog(report progress.Func) kernels.Catalog {
+func (s *Service) kernelCatalog(report progress.Func) kernels.Catalog {
 	return &kernelcat.Catalog{
-		IndexURL:   d.cfg.KernelCatalog,
-		KernelsDir: d.cfg.KernelsDir(),
-		CacheDir:   filepath.Join(d.cfg.CacheDir, "kernels"),
+		IndexURL:   s.cfg.KernelCatalog,
+		KernelsDir: s.cfg.KernelsDir(),
+		CacheDir:   filepath.Join(s.cfg.CacheDir, "kernels"),
 		Progress:   report,
 	}
 }
 
-// resolveKernel finds a kernel by name: local first, then the kernel catalog
-// (auto-pulled and recorded), else an error listing what exists.
-func (d *Daemon) resolveKernel(ctx context.Context, ref string, report progress.Func) (model.Kernel, error) {
+// ResolveKernel finds a kernel by name: local first, then the kernel
+// catalog (auto-pulled and recorded), else an error listing what exists.
+func (s *Service) ResolveKernel(ctx context.Context, ref string, report progress.Func) (model.Kernel, error) {
 	var cat kernels.Catalog
-	if d.cfg.KernelCatalog != "" {
-		cat = d.kernelCatalog(report)
+	if s.cfg.KernelCatalog != "" {
+		cat = s.kernelCatalog(report)
 	}
-	k, err := kernels.ResolveKernelInputs(ctx, ref, localKernels{d}, cat)
+	k, err := kernels.ResolveKernelInputs(ctx, ref, localKernels{s}, cat)
 	if err != nil {
 		return k, api.Errorf(api.CodeNotFound, "%v", err)
 	}
-	if _, err := d.store.GetKernel(k.Name); err != nil {
-		if err := d.store.PutKernel(k, false); err != nil {
+	if _, err := s.store.GetKernel(k.Name); err != nil {
+		if err := s.store.PutKernel(k, false); err != nil {
 			return k, fmt.Errorf("record pulled kernel: %w", err)
 		}
 	}
@@ -64,7 +61,7 @@ func (d *Daemon) resolveKernel(ctx context.Context, ref string, report progress.
 // stageBootArtifacts puts the kernel triple beside an image being
 // published: the kernel and initrd are hardlinked (copied across file
 // systems) into stagingDir, and the paths recorded are those under finalDir.
-func (d *Daemon) stageBootArtifacts(ctx context.Context, k model.Kernel, stagingDir, ext4, finalDir string) (model.BootArtifacts, error) {
+func (s *Service) stageBootArtifacts(ctx context.Context, k model.Kernel, stagingDir, ext4, finalDir string) (model.BootArtifacts, error) {
 	boot, err := kernels.StageBootArtifacts(ctx, k, stagingDir)
 	if err != nil {
 		return boot, fmt.Errorf("stage kernel %s: %w", k.Name, err)

@@ -1,4 +1,4 @@
-package daemon
+package lifecycle
 
 import (
 	"errors"
@@ -15,7 +15,7 @@ import (
 )
 
 func TestGuestCmdline(t *testing.T) {
-	d := &Daemon{cfg: config.Config{DNS: []string{"1.1.1.1", "9.9.9.9"}}, log: slog.New(slog.DiscardHandler)}
+	d := New(Options{Config: config.Config{DNS: []string{"1.1.1.1", "9.9.9.9"}}, Logger: slog.New(slog.DiscardHandler)})
 	nc := netctl.Config{Subnet: netip.MustParsePrefix("10.77.0.0/24")}
 	vm := model.VM{Name: "dev_box", IP: "10.77.0.5", MAC: "06:00:0a:4d:00:05", Init: guestabi.InitBanger,
 		Cmd: []string{"sh", "-c", "echo hi"}, Env: []string{"A=b c"}}

@@ -1,0 +1,50 @@
+// Package lifecycletest holds what the tests of the VM lifecycle and of
+// start-up recovery share: a real fake-Firecracker binary to run as the
+// VM monitor, so that they need neither root nor a hypervisor.
+package lifecycletest
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"testing"
+)
+
+var (
+	fakeOnce sync.Once
+	fakeBin  string
+	fakeErr  error
+)
+
+// FakeFirecracker builds cmd/banger-fake-firecracker once per test binary
+// and returns its path (or the one BANGER_FAKE_FIRECRACKER names, for a
+// test binary run where no Go toolchain is at hand).
+func FakeFirecracker(tb testing.TB) string {
+	tb.Helper()
+	fakeOnce.Do(func() {
+		if p := os.Getenv("BANGER_FAKE_FIRECRACKER"); p != "" {
+			fakeBin = p
+			return
+		}
+		dir, err := os.MkdirTemp("", "banger-fake-fc-bin-")
+		if err != nil {
+			fakeErr = err
+			return
+		}
+		fakeBin = filepath.Join(dir, "banger-fake-firecracker")
+		_, file, _, _ := runtime.Caller(0)
+		cmd := exec.Command("go", "build", "-o", fakeBin, "./cmd/banger-fake-firecracker")
+		cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..", "..")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fakeErr = fmt.Errorf("go build banger-fake-firecracker: %w\n%s", err, out)
+		}
+	})
+	if fakeErr != nil {
+		tb.Fatal(fakeErr)
+	}
+	return fakeBin
+}

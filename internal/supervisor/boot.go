@@ -1,0 +1,120 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agent"
+)
+
+// BootWait says what "ready" means for WaitBooted.
+type BootWait struct {
+	// SSHKey is authorized for root in the guest once the agent answers.
+	SSHKey string
+	// AgentOnly makes the agent's answer and a finished first boot enough;
+	// otherwise the guest must also report its SSH host key and accept
+	// connections on IP:22.
+	AgentOnly bool
+	// IP is the guest's address ("" skips the sshd check).
+	IP string
+	// Status is told every status the agent reports while booting.
+	Status func(*agent.Status)
+	// Poll is how often the agent is asked; zero means a second.
+	Poll time.Duration
+}
+
+// WaitBooted waits on the VM's agent session until the guest is ready for
+// ssh: the agent answers, the key is authorized, first boot has finished
+// (or failed: the status says so), the host key is known and sshd accepts
+// connections. ctx bounds the wait.
+func (s *Supervisor) WaitBooted(ctx context.Context, w BootWait) (*agent.Status, error) {
+	var c *agent.Client
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		cl, err := s.Session(cctx)
+		cancel()
+		if err == nil {
+			c = cl
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("the agent never answered (last error: %w)", err)
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	if _, err := c.Health(ctx); err != nil {
+		s.DropSession(c)
+		return nil, fmt.Errorf("agent health: %w", err)
+	}
+	if w.SSHKey != "" {
+		if _, err := c.AuthorizeKey(ctx, w.SSHKey); err != nil {
+			s.DropSession(c)
+			return nil, fmt.Errorf("authorize ssh key: %w", err)
+		}
+	}
+	poll := w.Poll
+	if poll <= 0 {
+		poll = time.Second
+	}
+	for {
+		st, err := c.Status(ctx)
+		if err != nil {
+			s.DropSession(c)
+			return nil, fmt.Errorf("agent status: %w", err)
+		}
+		if w.Status != nil {
+			w.Status(st)
+		}
+		// Failed: the status says so. Skipped: banger's PID 1 found no sshd
+		// to install (or no way to): the agent's SSH server is the way in,
+		// ready now.
+		if st.FirstBoot == agent.FirstBootFailed || st.FirstBoot == agent.FirstBootSkipped {
+			return st, nil
+		}
+		booted := st.FirstBoot == agent.FirstBootDone || st.FirstBoot == agent.FirstBootUnknown
+		if booted && w.AgentOnly {
+			return st, nil
+		}
+		if booted && st.HostKey != "" && sshOpen(ctx, w.IP) {
+			return st, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("first boot is %s and sshd is not ready yet", st.FirstBoot)
+		case <-time.After(poll):
+		}
+	}
+}
+
+// sshOpen reports whether ip:22 accepts a TCP connection.
+func sshOpen(ctx context.Context, ip string) bool {
+	if ip == "" {
+		return true
+	}
+	var dl net.Dialer
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	c, err := dl.DialContext(cctx, "tcp", net.JoinHostPort(ip, "22"))
+	if err != nil {
+		return false
+	}
+	_ = c.Close()
+	return true
+}
+
+// Shutdown asks the guest, through the agent session, to power itself off,
+// and returns the method the guest used.
+func (s *Supervisor) Shutdown(ctx context.Context) (string, error) {
+	c, err := s.Session(ctx)
+	if err != nil {
+		return "", err
+	}
+	method, err := c.Shutdown(ctx)
+	if err != nil {
+		s.DropSession(c)
+	}
+	return method, err
+}
