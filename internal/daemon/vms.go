@@ -66,7 +66,7 @@ func (d *Daemon) handleVMGet(w http.ResponseWriter, r *http.Request) {
 		d.writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, api.ViewOf(vm, CallerFrom(r.Context()).Root()))
+	writeJSON(w, http.StatusOK, api.ViewOf(d.life.GuestState(r.Context(), vm), CallerFrom(r.Context()).Root()))
 }
 
 // vmOp runs a VM operation for the stream of request r and answers the

@@ -51,6 +51,7 @@ func (s *Service) Create(ctx context.Context, req api.CreateVMRequest, uid uint3
 		ID: id, Name: spec.name, OwnerUID: uid, Image: spec.img.Name, ImageID: spec.img.ID, Kernel: spec.kernel,
 		CPUs: spec.cpus, MemoryMiB: int(spec.mem >> 20), DiskBytes: max(spec.disk, spec.img.Size), VMM: spec.vmm, DiskDriver: spec.driver,
 		MAC: netctl.MACFor(id).String(), State: model.VMCreated, Created: time.Now().UTC(), SSHKey: req.SSHKey,
+		Init: spec.init, Cmd: spec.cmd, Env: spec.env,
 		// Until the disk is made, the record says so: a daemon that dies
 		// meanwhile removes the half-made VM at its next start-up.
 		Runtime: model.Runtime{Phase: PhaseCreating},
@@ -66,7 +67,9 @@ func (s *Service) Create(ctx context.Context, req api.CreateVMRequest, uid uint3
 	}
 	failpoint.Reach("create:recorded")
 	log := s.log.With("vm", spec.name, "id", id)
-	log.Info("VM created", "image", spec.img.Name, "vmm", spec.vmm, "vmm_reason", spec.vmmWhy, "disk_driver", spec.driver, "ip", vm.IP)
+	note := initNote(spec.img, spec.init)
+	log.Info("VM created", "image", spec.img.Name, "vmm", spec.vmm, "vmm_reason", spec.vmmWhy, "disk_driver", spec.driver, "ip", vm.IP, "init", note)
+	report.Report(progress.Event{Phase: "init", Item: spec.name, Message: note})
 	defer func() {
 		if retErr != nil {
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
