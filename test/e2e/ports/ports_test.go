@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -236,13 +237,86 @@ func (g *guest) exec(t *testing.T, ctx context.Context, script string) (string, 
 	return out.String(), es.Code
 }
 
-// TestGuestPortsAndMounts: one guest, shared by the port and mount checks.
-func TestGuestPortsAndMounts(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+// TestE2EGuestPortsAndMounts: one guest, shared by the port and mount
+// checks (and, with BANGER_BENCH=1, the guest benchmarks).
+func TestE2EGuestPortsAndMounts(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	g := bootGuest(t, ctx)
 	t.Run("ports", func(t *testing.T) { testPorts(t, ctx, g) })
 	t.Run("mounts", func(t *testing.T) { testMounts(t, ctx, g) })
+	if os.Getenv("BANGER_BENCH") == "1" {
+		t.Run("bench", func(t *testing.T) { benchGuest(t, ctx, g) })
+	}
+}
+
+// benchGuest measures, under TCG over virtio-serial: a 64 MiB download
+// from the guest's httpd through a published port, and a sequential read
+// in the guest of a 64 MiB host file through the mount against the same
+// file in the guest's own memory (tmpfs; this guest has no disk).
+func benchGuest(t *testing.T, ctx context.Context, g *guest) {
+	const size = 64 << 20
+	if out, code := g.exec(t, ctx, "dd if=/dev/zero of=/www/big bs=1M count=64 2>&1"); code != 0 {
+		t.Fatalf("make /www/big: %s", out)
+	}
+	set, err := portfwd.Publish(ctx, []portfwd.Spec{{HostIP: portfwd.DefaultHostIP, GuestPort: 8080, Proto: portfwd.TCP}}, g.client, portfwd.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer set.Close()
+	start := time.Now()
+	resp, err := http.Get("http://" + set.Specs()[0].HostAddr().String() + "/big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, _ := io.Copy(io.Discard, resp.Body)
+	_ = resp.Body.Close()
+	if n != size {
+		t.Fatalf("downloaded %d bytes, want %d", n, size)
+	}
+	t.Logf("published port, 64 MiB from the guest's httpd: %.1f MB/s", float64(size)/1e6/time.Since(start).Seconds())
+	var lat []time.Duration
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	for i := 0; i < 50; i++ {
+		s := time.Now()
+		r, err := client.Get("http://" + set.Specs()[0].HostAddr().String() + "/index.html")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, r.Body)
+		_ = r.Body.Close()
+		lat = append(lat, time.Since(s))
+	}
+	slices.Sort(lat)
+	t.Logf("published port, small HTTP request: p50 %s p99 %s", lat[len(lat)/2].Round(time.Microsecond), lat[len(lat)*99/100].Round(time.Microsecond))
+
+	share := filepath.Join(g.work, "bench")
+	if err := os.Mkdir(share, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Create(filepath.Join(share, "big"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.CopyN(f, rand.Reader, size)
+	_ = f.Close()
+	ms, err := mounts.Attach(ctx, g.client, mounts.Launcher{Command: []string{g.banger, "mount-server"}}, mounts.Caller{}, []mounts.Spec{{HostDir: share, GuestDir: "/mnt/bench", ReadOnly: true}}, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ms.Close()
+	timed := func(script string) time.Duration {
+		s := time.Now()
+		if out, code := g.exec(t, ctx, script); code != 0 {
+			t.Fatalf("%s: %s", script, out)
+		}
+		return time.Since(s)
+	}
+	mnt := timed("cat /mnt/bench/big > /dev/null")
+	_ = timed("cp /mnt/bench/big /tmp/big")
+	own := timed("cat /tmp/big > /dev/null")
+	t.Logf("sequential read of 64 MiB in the guest: mount %.1f MB/s, guest tmpfs %.1f MB/s (%.2fx)",
+		float64(size)/1e6/mnt.Seconds(), float64(size)/1e6/own.Seconds(), own.Seconds()/mnt.Seconds())
 }
 
 func testPorts(t *testing.T, ctx context.Context, g *guest) {
