@@ -6,12 +6,10 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/failpoint"
 	"github.com/bangerdev/banger/internal/lifecycle/lifecycletest"
 	"github.com/bangerdev/banger/internal/model"
@@ -25,20 +23,7 @@ import (
 func newService(t *testing.T) (*Service, string) {
 	t.Helper()
 	base := t.TempDir()
-	cfg := config.Defaults(0, "", "")
-	cfg.StateDir = filepath.Join(base, "state")
-	cfg.CacheDir = filepath.Join(base, "cache")
-	cfg.RuntimeDir = filepath.Join(base, "run")
-	cfg.FirecrackerBinary = lifecycletest.FakeFirecracker(t)
-	for _, d := range []string{cfg.StateDir, cfg.VMsDir(), filepath.Join(cfg.RuntimeDir, "vms")} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	kernel := filepath.Join(base, "vmlinux")
-	if err := os.WriteFile(kernel, []byte("not a kernel"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	cfg, kernel := lifecycletest.Config(t, base)
 	st, err := store.Open(cfg.DBPath(), 5*time.Second)
 	if err != nil {
 		t.Fatal(err)

@@ -68,22 +68,7 @@ func newRig(t testing.TB) *rig {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(base) })
-	cfg := config.Defaults(0, "", "")
-	cfg.StateDir = filepath.Join(base, "state")
-	cfg.CacheDir = filepath.Join(base, "cache")
-	cfg.RuntimeDir = filepath.Join(base, "run")
-	cfg.Socket = filepath.Join(cfg.RuntimeDir, "banger.sock")
-	cfg.SocketGroup = ""
-	cfg.FirecrackerBinary = lifecycletest.FakeFirecracker(t)
-	for _, d := range []string{cfg.StateDir, cfg.VMsDir(), filepath.Join(cfg.RuntimeDir, "vms")} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	kernel := filepath.Join(base, "vmlinux")
-	if err := os.WriteFile(kernel, []byte("not a kernel"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	cfg, kernel := lifecycletest.Config(t, base)
 	st, err := store.Open(cfg.DBPath(), 5*time.Second)
 	if err != nil {
 		t.Fatal(err)

@@ -11,6 +11,8 @@ import (
 	"runtime"
 	"sync"
 	"testing"
+
+	"github.com/bangerdev/banger/internal/config"
 )
 
 var (
@@ -47,4 +49,28 @@ func FakeFirecracker(tb testing.TB) string {
 		tb.Fatal(fakeErr)
 	}
 	return fakeBin
+}
+
+// Config returns a configuration whose state, cache and runtime dirs live
+// under base (made, with the VMs' dirs), whose Firecracker is the fake, and
+// the path of a kernel file to name in specs (the fake does not boot it).
+func Config(tb testing.TB, base string) (config.Config, string) {
+	tb.Helper()
+	cfg := config.Defaults(0, "", "")
+	cfg.StateDir = filepath.Join(base, "state")
+	cfg.CacheDir = filepath.Join(base, "cache")
+	cfg.RuntimeDir = filepath.Join(base, "run")
+	cfg.Socket = filepath.Join(cfg.RuntimeDir, "banger.sock")
+	cfg.SocketGroup = ""
+	cfg.FirecrackerBinary = FakeFirecracker(tb)
+	for _, d := range []string{cfg.StateDir, cfg.VMsDir(), filepath.Join(cfg.RuntimeDir, "vms")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	kernel := filepath.Join(base, "vmlinux")
+	if err := os.WriteFile(kernel, []byte("not a kernel"), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	return cfg, kernel
 }
