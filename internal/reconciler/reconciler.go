@@ -301,7 +301,20 @@ func (r *Reconciler) Orphans(ctx context.Context) error {
 			inUse["loop:"+l.BackingFile] = true
 		}
 	}
-	var errs []error
+	r.orphanMonitors(ctx, known)
+	errs := append(r.orphanTaps(ctx, known, inUse), r.orphanDM(ctx, inUse)...)
+	errs = append(errs, r.orphanLoops(ctx, inUse)...)
+	r.Life.ReleaseNetworkIfIdle(ctx)
+	r.removeOrphanDirs(known)
+	if len(errs) > 0 {
+		r.Log.Warn("orphan scan could not remove everything", "err", errors.Join(errs...))
+	}
+	return nil
+}
+
+// orphanMonitors kills the monitor processes that name an unknown VM's
+// runtime dir.
+func (r *Reconciler) orphanMonitors(ctx context.Context, known map[string]model.VM) {
 	for id, procs := range r.monitorProcs() {
 		if _, ok := known[id]; ok {
 			continue
@@ -310,52 +323,71 @@ func (r *Reconciler) Orphans(ctx context.Context) error {
 			r.Log.Info("removed orphan VM monitor", "vm_id", id, "process", p)
 		}
 	}
-	if taps, err := netctl.ListTaps(ctx); err == nil {
-		for _, t := range taps {
-			if inUse["tap:"+t.Name] {
-				continue
-			}
-			if vm, ok := known[t.VMID]; ok && vm.Runtime.Tap.Name == t.Name {
-				continue
-			}
-			if err := netctl.DeleteTap(ctx, t.Name, t.VMID); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			r.Log.Info("removed orphan tap", "tap", t.Name, "alias", t.Alias)
-		}
+}
+
+// orphanTaps removes banger's taps that no record names.
+func (r *Reconciler) orphanTaps(ctx context.Context, known map[string]model.VM, inUse map[string]bool) []error {
+	taps, err := netctl.ListTaps(ctx)
+	if err != nil {
+		return nil
 	}
+	var errs []error
+	for _, t := range taps {
+		if inUse["tap:"+t.Name] {
+			continue
+		}
+		if vm, ok := known[t.VMID]; ok && vm.Runtime.Tap.Name == t.Name {
+			continue
+		}
+		if err := netctl.DeleteTap(ctx, t.Name, t.VMID); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		r.Log.Info("removed orphan tap", "tap", t.Name, "alias", t.Alias)
+	}
+	return errs
+}
+
+// orphanDM removes BANGER-* dm devices that no record names.
+func (r *Reconciler) orphanDM(ctx context.Context, inUse map[string]bool) []error {
 	disks := r.Life.Disks()
-	if devs, err := disks.ListBangerDM(ctx); err == nil {
-		for _, dev := range devs {
-			if inUse["dm:"+dev.Name] {
-				continue
-			}
-			if err := disks.Deactivate(ctx, blockdev.Disk{DMName: dev.Name, DMUUID: dev.UUID}); err != nil {
-				errs = append(errs, fmt.Errorf("orphan dm %s: %w", dev.Name, err))
-				continue
-			}
-			r.Log.Info("removed orphan dm device", "dm", dev.Name, "vm_id", dev.VMID)
+	devs, err := disks.ListBangerDM(ctx)
+	if err != nil {
+		return nil
+	}
+	var errs []error
+	for _, dev := range devs {
+		if inUse["dm:"+dev.Name] {
+			continue
 		}
-	}
-	if loops, err := blockdev.ListLoops(); err == nil {
-		for _, l := range loops {
-			if !subpath.InsideResolved(r.Config.StateDir, l.BackingFile) || inUse["loop:"+l.BackingFile] {
-				continue
-			}
-			if err := blockdev.DetachLoop(ctx, l.Device, l.BackingFile, r.Config.StateDir); err != nil {
-				errs = append(errs, fmt.Errorf("orphan loop %s: %w", l.Device, err))
-				continue
-			}
-			r.Log.Info("removed orphan loop device", "loop", l.Device, "backing_file", l.BackingFile)
+		if err := disks.Deactivate(ctx, blockdev.Disk{DMName: dev.Name, DMUUID: dev.UUID}); err != nil {
+			errs = append(errs, fmt.Errorf("orphan dm %s: %w", dev.Name, err))
+			continue
 		}
+		r.Log.Info("removed orphan dm device", "dm", dev.Name, "vm_id", dev.VMID)
 	}
-	r.Life.ReleaseNetworkIfIdle(ctx)
-	r.removeOrphanDirs(known)
-	if len(errs) > 0 {
-		r.Log.Warn("orphan scan could not remove everything", "err", errors.Join(errs...))
+	return errs
+}
+
+// orphanLoops detaches loop devices backed by files under the state dir
+// that no record names.
+func (r *Reconciler) orphanLoops(ctx context.Context, inUse map[string]bool) []error {
+	loops, err := blockdev.ListLoops()
+	if err != nil {
+		return nil
 	}
-	return nil
+	var errs []error
+	for _, l := range loops {
+		if !subpath.InsideResolved(r.Config.StateDir, l.BackingFile) || inUse["loop:"+l.BackingFile] {
+			continue
+		}
+		if err := blockdev.DetachLoop(ctx, l.Device, l.BackingFile, r.Config.StateDir); err != nil {
+			errs = append(errs, fmt.Errorf("orphan loop %s: %w", l.Device, err))
+			continue
+		}
+		r.Log.Info("removed orphan loop device", "loop", l.Device, "backing_file", l.BackingFile)
+	}
+	return errs
 }
 
 // removeOrphanDirs removes the runtime dirs and VM dirs of unknown VMs,
