@@ -47,6 +47,9 @@ type pid1 struct {
 	main     guestabi.MainState
 	sshdPath string
 	haveNet  bool
+	// firstBootPending: the sshd install must be tried once the network
+	// is up (firstBootEarly could not settle it).
+	firstBootPending bool
 }
 
 // RunPID1 is banger's PID 1. It never returns: it brings the guest up
@@ -147,6 +150,10 @@ func (p *pid1) boot() {
 	if err := writeNameFiles("/", p.cmdline.Hostname, dns); err != nil {
 		p.failf("hostname", err)
 	}
+	// First boot's state is known at once unless it needs the network, so
+	// the host need not wait for it.
+	p.sshdPath = findSSHD()
+	p.firstBootEarly()
 	// The agent starts first: it needs no network, and the host waits for it.
 	go p.supervise("agent", func() (int, <-chan unix.WaitStatus, error) {
 		return p.procs.start(p.self, []string{"banger-vsock-agent"}, &syscall.ProcAttr{
@@ -163,7 +170,6 @@ func (p *pid1) boot() {
 			p.logf("network: %s on %s via %s", n.Address, iface, n.Gateway)
 		}
 	}
-	p.sshdPath = findSSHD()
 	go p.firstBootAndSSHD()
 	go p.watchPowerButton()
 	p.startMain()

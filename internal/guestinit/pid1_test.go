@@ -2,6 +2,7 @@ package guestinit
 
 import (
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -230,5 +231,36 @@ func TestPrefixWriter(t *testing.T) {
 	pw.flush()
 	if want := "main| one\nmain| two\nmain| three\nmain| four\n"; out.String() != want {
 		t.Errorf("prefixed output %q, want %q", out.String(), want)
+	}
+}
+
+func TestAptMirrors(t *testing.T) {
+	root := t.TempDir()
+	writeRoot(t, root, map[string]string{
+		"etc/apt/sources.list":              "deb http://deb.example.org/debian bookworm main\n# deb http://commented.example/ x\ndeb [arch=amd64] https://secure.example:8443/d bookworm main\n",
+		"etc/apt/sources.list.d/x.sources":  "Types: deb\nURIs: http://deb.example.org/debian http://other.example/debian\nSuites: bookworm\n",
+		"etc/apt/sources.list.d/cdrom.list": "deb cdrom:[Debian]/ bookworm main\n",
+	})
+	got := aptMirrors(root)
+	want := []string{"deb.example.org:80", "secure.example:8443", "other.example:80"}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("aptMirrors (-want +got):\n%s", diff)
+	}
+	if err := reachMirror(nil, time.Second); err == nil {
+		t.Errorf("no mirrors: reachable")
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	closed, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := closed.Addr().String()
+	_ = closed.Close()
+	if err := reachMirror([]string{dead, l.Addr().String()}, 2*time.Second); err != nil {
+		t.Errorf("one mirror listening: %v", err)
+	}
+	if err := reachMirror([]string{dead}, 2*time.Second); err == nil {
+		t.Errorf("a closed port counted as a route out")
 	}
 }

@@ -6,10 +6,14 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
@@ -32,20 +36,14 @@ func findSSHD() string {
 // packageManagers are the installers first-boot.sh knows.
 var packageManagers = []string{"apt-get", "apk", "dnf", "yum", "pacman", "zypper"}
 
-// firstBootAndSSHD runs first boot when it is pending and can work (a
-// package manager and a route out), else records why it is skipped; then
-// starts the image's sshd, if it has one, with host keys.
+// firstBootAndSSHD runs first boot when it is still pending after
+// firstBootEarly and can work (a package manager and a route out), else
+// records why it is skipped; then starts the image's sshd, if it has one,
+// with host keys.
 func (p *pid1) firstBootAndSSHD() {
-	if _, err := os.Lstat(guestabi.FirstBootMarker); err == nil {
+	if p.firstBootPending {
 		state, why := p.firstBoot()
-		p.logf("first boot %s: %s", state, why)
-		if state != guestabi.FirstBootFailed {
-			_ = os.Remove(guestabi.FirstBootMarker)
-		}
-		if state != guestabi.FirstBootDone || p.sshdPath == "" {
-			appendFirstBootLog("banger-first-boot: " + string(state) + ": " + why)
-			_ = writeFileAtomic(guestabi.FirstBootStatus, []byte(string(state)+"\n"), 0o644)
-		}
+		p.recordFirstBoot(state, why)
 	}
 	if p.sshdPath == "" {
 		p.sshdPath = findSSHD()
@@ -66,26 +64,62 @@ func (p *pid1) firstBootAndSSHD() {
 	})
 }
 
-// firstBoot decides and, when it can, runs the sshd install.
-func (p *pid1) firstBoot() (guestabi.FirstBootState, string) {
-	if p.sshdPath != "" {
-		return guestabi.FirstBootDone, "sshd is already installed"
-	}
-	pm := ""
-	for _, name := range packageManagers {
-		if path, err := lookPath("/", name, nil); err == nil {
-			pm = path
-			break
-		}
+// firstBootEarly settles first boot at once, before the network is up,
+// when its outcome does not depend on the network: sshd already there, or
+// no package manager to install it with. It leaves p.firstBootPending set
+// when the install must be tried.
+func (p *pid1) firstBootEarly() {
+	if _, err := os.Lstat(guestabi.FirstBootMarker); err != nil {
+		return
 	}
 	switch {
-	case pm == "":
-		return guestabi.FirstBootSkipped, "the image has no package manager to install sshd with"
-	case !p.haveNet:
+	case p.sshdPath != "":
+		p.recordFirstBoot(guestabi.FirstBootDone, "sshd is already installed")
+	case p.packageManager() == "":
+		p.recordFirstBoot(guestabi.FirstBootSkipped, "the image has no package manager to install sshd with")
+	default:
+		p.firstBootPending = true
+	}
+}
+
+// recordFirstBoot writes the first-boot state, and its reason to the log;
+// the marker goes unless the attempt failed (it is retried next boot).
+func (p *pid1) recordFirstBoot(state guestabi.FirstBootState, why string) {
+	p.logf("first boot %s: %s", state, why)
+	appendFirstBootLog("banger-first-boot: " + string(state) + ": " + why)
+	if state != guestabi.FirstBootFailed {
+		_ = os.Remove(guestabi.FirstBootMarker)
+	}
+	if err := writeFileAtomic(guestabi.FirstBootStatus, []byte(string(state)+"\n"), 0o644); err != nil {
+		p.failf("record first boot", err)
+	}
+}
+
+// packageManager is the first installer first-boot.sh knows found in the
+// image, or "".
+func (p *pid1) packageManager() string {
+	for _, name := range packageManagers {
+		if path, err := lookPath("/", name, nil); err == nil {
+			return path
+		}
+	}
+	return ""
+}
+
+// firstBoot tries the sshd install: with a route out, through the image's
+// package manager (first-boot.sh).
+func (p *pid1) firstBoot() (guestabi.FirstBootState, string) {
+	pm := p.packageManager()
+	if !p.haveNet {
 		return guestabi.FirstBootSkipped, "the VM has no route out (no network or gateway) to install sshd"
 	}
 	if _, err := os.Stat("/bin/sh"); err != nil {
 		return guestabi.FirstBootSkipped, "the image has no /bin/sh to run " + guestabi.FirstBootScript
+	}
+	if filepath.Base(pm) == "apt-get" {
+		if err := reachMirror(aptMirrors("/"), 3*time.Second); err != nil {
+			return guestabi.FirstBootSkipped, "no route out to the package mirror (" + oneLineErr(err) + ")"
+		}
 	}
 	_, done, err := p.procs.start("/bin/sh", []string{"sh", guestabi.FirstBootScript}, &syscall.ProcAttr{
 		Dir: "/", Env: []string{"PATH=" + defaultPath, "BANGER_INIT=banger"}, Files: []uintptr{devNull(), 1, 2},
@@ -100,6 +134,64 @@ func (p *pid1) firstBoot() (guestabi.FirstBootState, string) {
 		return guestabi.FirstBootFailed, "installing sshd failed (" + describe(ws) + "); see " + guestabi.FirstBootLog
 	}
 	return guestabi.FirstBootDone, "sshd installed with " + filepath.Base(pm)
+}
+
+// aptMirrors lists the host:port of every http(s) URI in root's apt
+// sources, in order.
+func aptMirrors(root string) []string {
+	files, _ := filepath.Glob(filepath.Join(root, "etc/apt/sources.list.d/*"))
+	files = append([]string{filepath.Join(root, "etc/apt/sources.list")}, files...)
+	var out []string
+	for _, f := range files {
+		b, err := os.ReadFile(f) //nolint:gosec // the image's apt sources
+		if err != nil {
+			continue
+		}
+		var fields []string
+		for _, line := range strings.Split(string(b), "\n") {
+			if line, _, _ = strings.Cut(line, "#"); strings.TrimSpace(line) != "" {
+				fields = append(fields, strings.Fields(line)...)
+			}
+		}
+		for _, field := range fields {
+			u, err := url.Parse(field)
+			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				continue
+			}
+			port := u.Port()
+			if port == "" {
+				port = map[string]string{"http": "80", "https": "443"}[u.Scheme]
+			}
+			hp := net.JoinHostPort(u.Hostname(), port)
+			if !slices.Contains(out, hp) {
+				out = append(out, hp)
+			}
+		}
+	}
+	return out
+}
+
+// reachMirror reports whether a TCP connection to one of the mirrors
+// opens within timeout (name resolution included).
+func reachMirror(mirrors []string, timeout time.Duration) error {
+	if len(mirrors) == 0 {
+		return errors.New("the image's apt sources name no http mirror")
+	}
+	var last error
+	deadline := time.Now().Add(timeout)
+	for _, m := range mirrors {
+		left := time.Until(deadline)
+		if left <= 0 {
+			break
+		}
+		c, err := net.DialTimeout("tcp", m, left)
+		if err == nil {
+			_ = c.Close()
+			return nil
+		}
+		last = err
+	}
+	return last
 }
 
 func appendFirstBootLog(line string) {
