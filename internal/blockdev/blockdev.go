@@ -19,7 +19,8 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"strings"
+
+	"github.com/bangerdev/banger/internal/subpath"
 )
 
 // Disk drivers.
@@ -230,12 +231,5 @@ func canonical(path string) string {
 // isUnder reports whether path lies strictly inside dir. Both must be
 // clean absolute paths; "/var/lib/banger-evil" is not under "/var/lib/banger".
 func isUnder(path, dir string) bool {
-	if !filepath.IsAbs(path) || !filepath.IsAbs(dir) {
-		return false
-	}
-	rel, err := filepath.Rel(dir, path)
-	if err != nil {
-		return false
-	}
-	return rel != "." && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) && !filepath.IsAbs(rel)
+	return filepath.IsAbs(path) && filepath.IsAbs(dir) && subpath.Inside(dir, path)
 }
