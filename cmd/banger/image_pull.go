@@ -46,6 +46,7 @@ func newImagePullCmd(g *globals) *cobra.Command {
 	f.StringVar(&req.Name, "name", "", "image name (default: derived from the reference, e.g. debian-bookworm)")
 	f.StringVar(&req.KernelRef, "kernel-ref", "", "kernel to boot the image with (a local kernel or a kernel catalog entry)")
 	f.StringVar(&req.Size, "size", "", "root filesystem size, e.g. 4G (default: content × 1.5, at least 1 GiB)")
+	f.StringVar(&req.Builder, "builder", "auto", "how the root filesystem is written: direct (layers straight into ext4), staging (extract, then mkfs.ext4 -d), or auto (direct, falling back to staging)")
 	f.BoolVar(&req.Force, "force", false, "replace an existing image of the same name")
 	return cmd
 }

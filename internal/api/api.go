@@ -98,6 +98,7 @@ type PullRequest struct {
 	KernelRef string `json:"kernel_ref,omitempty"` // kernel to stage beside the image
 	Size      string `json:"size,omitempty"`       // ext4 size, e.g. "4G"; content × 1.5 (min 1 GiB) when empty
 	Force     bool   `json:"force,omitempty"`      // replace an image of the same name
+	Builder   string `json:"builder,omitempty"`    // "direct", "staging" or ""/"auto" (direct, falling back to staging)
 }
 
 // PruneResult answers a cache prune.

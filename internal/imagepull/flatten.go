@@ -163,10 +163,35 @@ func Flatten(ctx context.Context, src LayerSource, stagingDir string, opts Flatt
 		return nil, fmt.Errorf("staging dir %q: %w", stagingDir, err)
 	}
 
+	f := newFlattener(opts)
+	f.root = root
+	f.buf = make([]byte, 1<<20)
+	if err := f.replayAll(ctx, src, "flatten"); err != nil {
+		return nil, err
+	}
+	if err := f.restoreDirTimes(); err != nil {
+		return nil, err
+	}
+	return f.md, nil
+}
+
+func newFlattener(opts FlattenOptions) *flattener {
+	return &flattener{
+		root:     -1,
+		md:       Metadata{"": {Type: TypeDir, Mode: 0o755}},
+		children: map[string]map[string]struct{}{},
+		dirTimes: map[string]time.Time{},
+		opts:     opts,
+	}
+}
+
+// replayAll replays every layer, oldest first, prefetching the later ones
+// in the background; phase names its progress events.
+func (f *flattener) replayAll(ctx context.Context, src LayerSource, phase string) error {
 	layers := src.Layers()
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	defer wg.Wait() // runs after cancel: no download outlives Flatten
+	defer wg.Wait() // runs after cancel: no download outlives the replay
 	defer cancel()
 	if p, ok := src.(Prefetcher); ok && len(layers) > 1 {
 		wg.Go(func() {
@@ -175,26 +200,14 @@ func Flatten(ctx context.Context, src LayerSource, stagingDir string, opts Flatt
 			}
 		})
 	}
-
-	f := &flattener{
-		root:     root,
-		md:       Metadata{"": {Type: TypeDir, Mode: 0o755}},
-		children: map[string]map[string]struct{}{},
-		dirTimes: map[string]time.Time{},
-		opts:     opts,
-		buf:      make([]byte, 1<<20),
-	}
 	for i, l := range layers {
-		opts.Progress.Report(progress.Event{Phase: "flatten", Item: l.Digest, Current: int64(i), Total: int64(len(layers)), Unit: "layers"})
+		f.opts.Progress.Report(progress.Event{Phase: phase, Item: l.Digest, Current: int64(i), Total: int64(len(layers)), Unit: "layers"})
 		if err := f.replay(ctx, src, i, l); err != nil {
-			return nil, err
+			return err
 		}
-		opts.Progress.Report(progress.Event{Phase: "flatten", Item: l.Digest, Current: int64(i + 1), Total: int64(len(layers)), Unit: "layers", Done: true})
+		f.opts.Progress.Report(progress.Event{Phase: phase, Item: l.Digest, Current: int64(i + 1), Total: int64(len(layers)), Unit: "layers", Done: true})
 	}
-	if err := f.restoreDirTimes(); err != nil {
-		return nil, err
-	}
-	return f.md, nil
+	return nil
 }
 
 // Budget is the decompression budget of a pull that stages on dir's file
@@ -261,7 +274,13 @@ type flattener struct {
 	dirTimes map[string]time.Time           // directory mtimes, set last
 	opts     FlattenOptions
 	buf      []byte
-	bytes    int64 // bytes decompressed so far, over all layers
+
+	// meta is set for a metadata-only replay (Scan): nothing is written
+	// anywhere, and extra records what the ext4 writer needs that the
+	// Metadata does not hold.
+	meta  bool
+	extra map[string]entryExtra
+	bytes int64 // bytes decompressed so far, over all layers
 	// xattr bytes decoded so far
 	xattrBytes int64
 	entries    int
@@ -271,6 +290,36 @@ type flattener struct {
 	digest    string
 	written   map[string]bool
 	ancestors map[string]bool
+}
+
+// entryExtra is what a metadata-only replay keeps per path beside its
+// FileMeta.
+type entryExtra struct {
+	origin int       // ordinal (over all layers, from 1) of the entry whose content or node this is
+	mtime  time.Time // the entry's mtime
+	link   string    // symlink target
+}
+
+// dirFD opens directory dir of the tree; -1 in a metadata-only replay.
+func (f *flattener) dirFD(dir string) (int, error) {
+	if f.meta {
+		return -1, nil
+	}
+	return f.openDir(dir)
+}
+
+// subFD opens directory base below pfd; -1 in a metadata-only replay.
+func (f *flattener) subFD(pfd int, base string) (int, error) {
+	if f.meta {
+		return -1, nil
+	}
+	return openBeneath(pfd, base)
+}
+
+func closeFD(fd int) {
+	if fd >= 0 {
+		_ = unix.Close(fd)
+	}
 }
 
 // replay applies layer i.
@@ -395,11 +444,18 @@ func (f *flattener) apply(hdr *tar.Header, r io.Reader) error {
 	if err := f.mkdirParents(dir); err != nil {
 		return err
 	}
-	pfd, err := f.openDir(dir)
+	pfd, err := f.dirFD(dir)
 	if err != nil {
 		return err
 	}
-	defer unix.Close(pfd)
+	defer closeFD(pfd)
+	if f.meta && meta.Type != TypeHardlink {
+		defer func() {
+			if _, ok := f.md[rel]; ok && f.written[rel] {
+				f.extra[rel] = entryExtra{origin: f.entries, mtime: hdr.ModTime, link: hdr.Linkname}
+			}
+		}()
+	}
 
 	switch meta.Type {
 	case TypeDir:
@@ -409,8 +465,10 @@ func (f *flattener) apply(hdr *tar.Header, r io.Reader) error {
 			if err := f.removeAll(pfd, base, rel); err != nil {
 				return err
 			}
-			if err := unix.Mkdirat(pfd, base, stagingPerm(meta)); err != nil {
-				return fmt.Errorf("mkdir: %w", err)
+			if !f.meta {
+				if err := unix.Mkdirat(pfd, base, stagingPerm(meta)); err != nil {
+					return fmt.Errorf("mkdir: %w", err)
+				}
 			}
 			f.add(rel, meta)
 		}
@@ -423,8 +481,10 @@ func (f *flattener) apply(hdr *tar.Header, r io.Reader) error {
 		if err := f.removeAll(pfd, base, rel); err != nil {
 			return err
 		}
-		if err := f.writeFile(pfd, base, meta, hdr, r); err != nil {
-			return err
+		if !f.meta {
+			if err := f.writeFile(pfd, base, meta, hdr, r); err != nil {
+				return err
+			}
 		}
 		f.add(rel, meta)
 	case TypeSymlink:
@@ -434,10 +494,12 @@ func (f *flattener) apply(hdr *tar.Header, r io.Reader) error {
 		if err := f.removeAll(pfd, base, rel); err != nil {
 			return err
 		}
-		if err := unix.Symlinkat(hdr.Linkname, pfd, base); err != nil {
-			return fmt.Errorf("symlink: %w", err)
+		if !f.meta {
+			if err := unix.Symlinkat(hdr.Linkname, pfd, base); err != nil {
+				return fmt.Errorf("symlink: %w", err)
+			}
+			f.setTime(pfd, base, hdr.ModTime)
 		}
-		f.setTime(pfd, base, hdr.ModTime)
 		f.add(rel, meta)
 	case TypeHardlink:
 		return f.hardlink(pfd, rel, base, hdr.Linkname)
@@ -567,14 +629,16 @@ func (f *flattener) mkdirParents(dir string) error {
 	if err := f.mkdirParents(parent); err != nil {
 		return err
 	}
-	pfd, err := f.openDir(parent)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(pfd)
 	meta := FileMeta{Type: TypeDir, Mode: 0o755}
-	if err := unix.Mkdirat(pfd, base, stagingPerm(meta)); err != nil {
-		return fmt.Errorf("mkdir %q: %w", dir, err)
+	if !f.meta {
+		pfd, err := f.openDir(parent)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(pfd)
+		if err := unix.Mkdirat(pfd, base, stagingPerm(meta)); err != nil {
+			return fmt.Errorf("mkdir %q: %w", dir, err)
+		}
 	}
 	f.add(dir, meta)
 	return nil
@@ -682,6 +746,15 @@ func (f *flattener) hardlink(pfd int, rel, base, linkname string) error {
 	}
 	meta := tm
 	meta.Xattrs = maps.Clone(tm.Xattrs)
+	if f.meta {
+		x := f.extra[target]
+		if isSpecial(tm.Type) {
+			x.origin = f.entries // a node of its own, as in staging
+		}
+		f.add(rel, meta)
+		f.extra[rel] = x
+		return nil
+	}
 	if tm.Type == TypeCharDev || tm.Type == TypeBlockDev || tm.Type == TypeFIFO {
 		// Only in Metadata: ApplyOwnership makes a node of its own.
 		f.add(rel, meta)
@@ -720,11 +793,11 @@ func (f *flattener) whiteout(dir, base string) error {
 	if _, ok := f.md[rel]; !ok {
 		return nil
 	}
-	pfd, err := f.openDir(dir)
+	pfd, err := f.dirFD(dir)
 	if err != nil {
 		return err
 	}
-	defer unix.Close(pfd)
+	defer closeFD(pfd)
 	return f.removeLower(pfd, name, rel)
 }
 
@@ -736,11 +809,11 @@ func (f *flattener) opaque(dir string) error {
 	if m, ok := f.md[dir]; !ok || m.Type != TypeDir {
 		return nil
 	}
-	fd, err := f.openDir(dir)
+	fd, err := f.dirFD(dir)
 	if err != nil {
 		return err
 	}
-	defer unix.Close(fd)
+	defer closeFD(fd)
 	for name := range f.children[dir] {
 		if err := f.removeLower(fd, name, join(dir, name)); err != nil {
 			return err
@@ -768,11 +841,11 @@ func (f *flattener) removeLower(pfd int, base, rel string) error {
 	if f.md[rel].Type != TypeDir {
 		return nil
 	}
-	fd, err := openBeneath(pfd, base)
+	fd, err := f.subFD(pfd, base)
 	if err != nil {
 		return err
 	}
-	defer unix.Close(fd)
+	defer closeFD(fd)
 	for name := range f.children[rel] {
 		if err := f.removeLower(fd, name, join(rel, name)); err != nil {
 			return err
@@ -790,30 +863,35 @@ func (f *flattener) removeAll(pfd int, base, rel string) error {
 	}
 	switch m.Type {
 	case TypeDir:
-		fd, err := openBeneath(pfd, base)
+		fd, err := f.subFD(pfd, base)
 		if err != nil {
 			return err
 		}
 		for name := range f.children[rel] {
 			if err := f.removeAll(fd, name, join(rel, name)); err != nil {
-				_ = unix.Close(fd)
+				closeFD(fd)
 				return err
 			}
 		}
-		_ = unix.Close(fd)
-		if err := unix.Unlinkat(pfd, base, unix.AT_REMOVEDIR); err != nil && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("remove directory %q: %w", rel, err)
+		closeFD(fd)
+		if !f.meta {
+			if err := unix.Unlinkat(pfd, base, unix.AT_REMOVEDIR); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("remove directory %q: %w", rel, err)
+			}
 		}
 		delete(f.children, rel)
 		delete(f.dirTimes, rel)
 	case TypeCharDev, TypeBlockDev, TypeFIFO:
 		// Only in Metadata.
 	default:
-		if err := unix.Unlinkat(pfd, base, 0); err != nil && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("remove %q: %w", rel, err)
+		if !f.meta {
+			if err := unix.Unlinkat(pfd, base, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("remove %q: %w", rel, err)
+			}
 		}
 	}
 	delete(f.md, rel)
+	delete(f.extra, rel)
 	dir, _ := split(rel)
 	delete(f.children[dir], base)
 	delete(f.written, rel)

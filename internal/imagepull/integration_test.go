@@ -211,11 +211,15 @@ type fileRecord struct {
 	Rdev    uint64
 	Caps    string
 	HasCaps bool
+	Xattrs  string // every xattr, name=hex value, sorted
+	Nlink   uint64
+	Group   string // first path (in walk order) of this path's inode, for hardlinks
 }
 
 func walkTree(t testing.TB, root string) map[string]fileRecord {
 	t.Helper()
 	out := map[string]fileRecord{}
+	firstOf := map[uint64]string{}
 	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -226,6 +230,16 @@ func walkTree(t testing.TB, root string) map[string]fileRecord {
 			return err
 		}
 		r := fileRecord{Type: d.Type(), Mode: st.Mode & 0o7777, UID: st.Uid, GID: st.Gid}
+		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			r.Nlink = st.Nlink
+			if st.Nlink > 1 {
+				if _, ok := firstOf[st.Ino]; !ok {
+					firstOf[st.Ino] = rel
+				}
+				r.Group = firstOf[st.Ino]
+			}
+		}
+		r.Xattrs = allXattrs(t, p)
 		switch st.Mode & unix.S_IFMT {
 		case unix.S_IFREG:
 			r.Size = st.Size
@@ -260,29 +274,52 @@ func walkTree(t testing.TB, root string) map[string]fileRecord {
 	return out
 }
 
+// allXattrs lists every xattr of p as "name=hex", sorted.
+func allXattrs(t testing.TB, p string) string {
+	buf := make([]byte, 64<<10)
+	n, err := unix.Llistxattr(p, buf)
+	if err != nil {
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			return ""
+		}
+		t.Fatalf("listxattr %s: %v", p, err)
+	}
+	var out []string
+	for _, name := range strings.Split(strings.TrimRight(string(buf[:n]), "\x00"), "\x00") {
+		if name == "" {
+			continue
+		}
+		v := make([]byte, 64<<10)
+		m, err := unix.Lgetxattr(p, name, v)
+		if err != nil {
+			t.Fatalf("getxattr %s %s: %v", p, name, err)
+		}
+		out = append(out, name+"="+hex.EncodeToString(v[:m]))
+	}
+	sort.Strings(out)
+	return strings.Join(out, ";")
+}
+
 // banger runs the banger pipeline: Pull, Flatten, BuildExt4, ApplyOwnership.
-func bangerPipeline(t testing.TB, ctx context.Context, ref string, cache *Cache, work string) (string, Metadata) {
+func bangerPipeline(t testing.TB, ctx context.Context, ref string, cache *Cache, work string, builder Builder) (string, Metadata) {
 	t.Helper()
 	img, err := Pull(ctx, ref, PullOptions{Cache: cache})
 	if err != nil {
 		t.Fatalf("Pull: %v", err)
 	}
-	staging := filepath.Join(work, "staging")
-	if err := os.Mkdir(staging, 0o700); err != nil {
+	scratch := filepath.Join(work, "scratch")
+	if err := os.Mkdir(scratch, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	md, err := Flatten(ctx, img, staging, FlattenOptions{})
-	if err != nil {
-		t.Fatalf("Flatten: %v", err)
-	}
 	ext4 := filepath.Join(work, "rootfs.ext4")
-	if err := BuildExt4(ctx, staging, ext4, DefaultSize(md.ContentBytes())); err != nil {
-		t.Fatalf("BuildExt4: %v", err)
+	built, err := BuildImage(ctx, img, ext4, BuildOptions{Builder: builder, ScratchDir: scratch})
+	if err != nil {
+		t.Fatalf("BuildImage(%s): %v", builder, err)
 	}
-	if err := ApplyOwnership(ctx, ext4, md); err != nil {
-		t.Fatalf("ApplyOwnership: %v", err)
+	if built.Builder != builder {
+		t.Fatalf("BuildImage(%s) built with %s (fallback: %s)", builder, built.Builder, built.Fallback)
 	}
-	return ext4, md
+	return ext4, built.Metadata
 }
 
 // TestIntegrationDebianImage pulls a real two-layer Debian image from a real
@@ -297,8 +334,21 @@ func TestIntegrationDebianImage(t *testing.T) {
 
 	host := startDockerRegistry(t)
 	ref := pushDebianImage(t, host)
+	refRoot := referenceUnpack(t, ref, filepath.Join(t.TempDir(), "reference"))
+	want := walkTree(t, refRoot)
+	cache := &Cache{Dir: filepath.Join(t.TempDir(), "cache")}
+	for _, builder := range []Builder{BuilderDirect, BuilderStaging} {
+		t.Run(string(builder), func(t *testing.T) {
+			compareWithReference(t, ctx, ref, cache, builder, want)
+		})
+	}
+}
+
+// compareWithReference builds ref with builder and compares the ext4, path
+// by path, with the umoci extraction want.
+func compareWithReference(t *testing.T, ctx context.Context, ref string, cache *Cache, builder Builder, want map[string]fileRecord) {
 	work := t.TempDir()
-	ext4, md := bangerPipeline(t, ctx, ref, &Cache{Dir: filepath.Join(work, "cache")}, work)
+	ext4, md := bangerPipeline(t, ctx, ref, cache, work, builder)
 	if len(md) < 10000 {
 		t.Errorf("Metadata has %d paths; the Debian image has about 11k", len(md))
 	}
@@ -308,8 +358,6 @@ func TestIntegrationDebianImage(t *testing.T) {
 		t.Fatalf("e2fsck -fn %s: %v\n%s", ext4, err, out)
 	}
 
-	refRoot := referenceUnpack(t, ref, filepath.Join(work, "reference"))
-	want := walkTree(t, refRoot)
 
 	// Verification only: the pipeline itself never mounts.
 	mnt := filepath.Join(work, "mnt")

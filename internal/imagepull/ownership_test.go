@@ -293,6 +293,14 @@ func TestDebianRootfs(t *testing.T) {
 		len(md), md.ContentBytes()>>20, size>>20, tFlatten.Round(time.Millisecond), tMkfs.Round(time.Millisecond),
 		tOwn.Round(time.Millisecond), tInject.Round(time.Millisecond))
 
+	checkAgainstTar(t, img, tarPath)
+}
+
+// checkAgainstTar compares every path of the ext4 image img with the tar
+// it was built from: type, mode (setuid, setgid, sticky included), uid,
+// gid, device numbers, symlink targets, xattrs; and runs e2fsck.
+func checkAgainstTar(t *testing.T, img, tarPath string) {
+	t.Helper()
 	truth := tarTruth(t, tarPath)
 	paths := make([]string, 0, len(truth))
 	for p := range truth {
