@@ -2,8 +2,11 @@ package imagepull
 
 import (
 	"archive/tar"
+	"bytes"
 	"context"
 	"errors"
+	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +14,13 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/bangerdev/banger/internal/testutil"
 )
@@ -139,4 +149,123 @@ func TestBuildImageFallsBack(t *testing.T) {
 		t.Errorf("fallback image: %+v", got)
 	}
 	e2fsckClean(t, img)
+}
+
+// TestGoTarTestdata uses each of Go's own archive/tar test files as a
+// one-layer image. Where Flatten refuses a file, Scan refuses it too.
+// Where it accepts one, both builders must agree (compareBuilders), every
+// symlink has mode 0777, and the direct image must match GNU tar's
+// extraction by umoci as root wherever umoci accepts the file.
+func TestGoTarTestdata(t *testing.T) {
+	testutil.RequiresRoot(t)
+	testutil.RequiresLoop(t)
+	testutil.RequiresTool(t, "umoci", "mount", "umount", "mkfs.ext4", "debugfs", "e2fsck", "resize2fs", "tune2fs")
+	out, err := exec.Command("go", "env", "GOROOT").Output()
+	if err != nil {
+		t.Fatalf("go env GOROOT: %v", err)
+	}
+	files, _ := filepath.Glob(filepath.Join(strings.TrimSpace(string(out)), "src", "archive", "tar", "testdata", "*.tar"))
+	if len(files) < 20 {
+		t.Fatalf("found %d archive/tar test files", len(files))
+	}
+	accepted := 0
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			data, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			src := memSource{data}
+			base := t.TempDir()
+			staging := filepath.Join(base, "staging")
+			if err := os.Mkdir(staging, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			md, ferr := Flatten(context.Background(), src, staging, FlattenOptions{})
+			_, serr := Scan(context.Background(), src, base, FlattenOptions{})
+			if (ferr == nil) != (serr == nil) {
+				t.Fatalf("Flatten = %v but Scan = %v", ferr, serr)
+			}
+			if ferr != nil {
+				t.Logf("refused: %v", ferr)
+				return
+			}
+			accepted++
+			got := compareBuilders(t, src, staging, md)
+			if got == nil {
+				t.Fatal("the direct builder could not build it")
+			}
+			delete(got, "lost+found")
+			delete(got, ".")
+			for p, r := range got {
+				if r.Type&fs.ModeSymlink != 0 && r.Mode != 0o777 {
+					t.Errorf("symlink %q has mode %o, want 0777", p, r.Mode)
+				}
+			}
+			ref, ok := umociUnpack(t, data, filepath.Join(base, "umoci"))
+			if !ok {
+				return
+			}
+			want := walkTree(t, ref)
+			delete(want, ".")
+			// umoci never restores security.selinux (on purpose: the
+			// host's policy decides labels); banger writes the image's.
+			dropXattr(want, "security.selinux")
+			dropXattr(got, "security.selinux")
+			if diff := cmp.Diff(want, got); diff != "" {
+				t.Errorf("direct image differs from umoci's extraction as root (-umoci +banger):\n%s", diff)
+			}
+		})
+	}
+	t.Logf("%d of %d files accepted", accepted, len(files))
+}
+
+// umociUnpack writes a one-layer OCI layout of layer under dir and
+// unpacks it with umoci as root; ok is false (logged) when umoci refuses.
+func umociUnpack(t *testing.T, layer []byte, dir string) (string, bool) {
+	t.Helper()
+	lp, err := layout.Write(filepath.Join(dir, "layout"), empty.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(layer)), nil }, tarball.WithMediaType(types.OCILayer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON)
+	if img, err = mutate.AppendLayers(img, l); err != nil {
+		t.Fatal(err)
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = "linux", "amd64"
+	if img, err = mutate.ConfigFile(img, cf); err != nil {
+		t.Fatal(err)
+	}
+	if err := lp.AppendImage(img, layout.WithAnnotations(map[string]string{"org.opencontainers.image.ref.name": "test"})); err != nil {
+		t.Fatal(err)
+	}
+	bundle := filepath.Join(dir, "bundle")
+	if out, err := exec.Command("umoci", "unpack", "--image", filepath.Join(dir, "layout")+":test", bundle).CombinedOutput(); err != nil {
+		t.Logf("umoci refuses it (%v: %s); compared with the staging builder only", err, strings.TrimSpace(string(out)))
+		return "", false
+	}
+	return filepath.Join(bundle, "rootfs"), true
+}
+
+// dropXattr removes the xattr name from every record.
+func dropXattr(recs map[string]fileRecord, name string) {
+	for p, r := range recs {
+		var keep []string
+		for _, kv := range strings.Split(r.Xattrs, ";") {
+			if kv != "" && !strings.HasPrefix(kv, name+"=") {
+				keep = append(keep, kv)
+			}
+		}
+		r.Xattrs = strings.Join(keep, ";")
+		recs[p] = r
+	}
 }

@@ -539,7 +539,9 @@ func headerMeta(hdr *tar.Header) (FileMeta, error) {
 	case tar.TypeDir:
 		m.Type = TypeDir
 	case tar.TypeSymlink:
-		m.Type = TypeSymlink
+		// Linux symlinks are always 0777 (the kernel ignores and GNU tar
+		// and umoci give 0777 whatever the header says): never l---------.
+		m.Type, m.Mode = TypeSymlink, 0o777
 	case tar.TypeLink:
 		m.Type = TypeHardlink
 	case tar.TypeChar, tar.TypeBlock:

@@ -9,6 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	"github.com/bangerdev/banger/internal/testutil"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 )
 
 // flattenLayers pushes layers as one image to a fresh in-process registry,
@@ -472,7 +474,64 @@ func FuzzFlatten(f *testing.F) {
 				t.Errorf("Metadata holds a name CheckName refuses: %v", err)
 			}
 		}
+		compareBuilders(t, memSource{layer1, layer2}, staging, md)
 	})
+}
+
+// compareBuilders builds the image src both ways — the staging builder
+// from the tree Flatten left in staging, and the direct builder from the
+// layers — and requires both to be clean by e2fsck -fn and identical path
+// by path (loop-mounted read-only and walked: type, mode, owner, size,
+// content, link target, device, xattrs, link counts, hardlink groups).
+//
+// It returns the direct image's walked tree, or nil when it could not be
+// built here.
+func compareBuilders(t *testing.T, src LayerSource, staging string, md Metadata) map[string]fileRecord {
+	if _, err := exec.LookPath("resize2fs"); err != nil || os.Geteuid() != 0 {
+		return nil // the ext4 half needs root (loop mounts) and e2fsprogs
+	}
+	dir := t.TempDir()
+	size := DefaultSize(DiskUsage(md))
+	stagingImg := filepath.Join(dir, "staging.ext4")
+	if err := BuildExt4(context.Background(), staging, stagingImg, size); err != nil {
+		t.Fatalf("BuildExt4: %v", err)
+	}
+	if err := ApplyOwnership(context.Background(), stagingImg, md); err != nil {
+		t.Fatalf("ApplyOwnership: %v", err)
+	}
+	tree, err := Scan(context.Background(), src, dir, FlattenOptions{MaxBytes: 1 << 20, MaxEntries: 1000})
+	if err != nil {
+		t.Fatalf("Flatten accepted the image, Scan refused it: %v", err)
+	}
+	if diff := cmp.Diff(md, tree.Metadata(), cmpopts.EquateEmpty()); diff != "" {
+		t.Fatalf("Scan's Metadata differs from Flatten's (-flatten +scan):\n%s", diff)
+	}
+	directImg := filepath.Join(dir, "direct.ext4")
+	if err := tree.WriteExt4(context.Background(), src, directImg, size); err != nil {
+		if errors.Is(err, ErrDirectUnsupported) {
+			t.Logf("direct builder cannot build this one (the pull falls back to staging): %v", err)
+			return nil
+		}
+		t.Fatalf("WriteExt4: %v", err)
+	}
+	trees := map[string]map[string]fileRecord{}
+	for name, img := range map[string]string{"staging": stagingImg, "direct": directImg} {
+		if out, err := exec.Command("e2fsck", "-fn", img).CombinedOutput(); err != nil {
+			t.Fatalf("e2fsck -fn of the %s image: %v\n%s", name, err, out)
+		}
+		mnt := filepath.Join(dir, name+"-mnt")
+		if err := os.Mkdir(mnt, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		run(t, "mount", "-o", "loop,ro", img, mnt)
+		trees[name] = walkTree(t, mnt)
+		run(t, "umount", mnt)
+	}
+	if diff := cmp.Diff(trees["staging"], trees["direct"]); diff != "" {
+		t.Errorf("direct image differs from the staging image (-staging +direct):\n%s", diff)
+	}
+	t.Logf("staging and direct images agree on %d paths", len(trees["direct"]))
+	return trees["direct"]
 }
 
 func TestWriteFuzzCorpus(t *testing.T) {
