@@ -358,7 +358,6 @@ func compareWithReference(t *testing.T, ctx context.Context, ref string, cache *
 		t.Fatalf("e2fsck -fn %s: %v\n%s", ext4, err, out)
 	}
 
-
 	// Verification only: the pipeline itself never mounts.
 	mnt := filepath.Join(work, "mnt")
 	if err := os.Mkdir(mnt, 0o700); err != nil {
