@@ -158,7 +158,9 @@ func TestOCIPullThroughDaemon(t *testing.T) {
 	for _, ev := range evs {
 		phases[ev.Phase] = true
 	}
-	for _, p := range []string{"resolve", "download", "flatten", "mkfs", "ownership", "inject", "publish"} {
+	// The default builder is the direct one: scan, then mkfs (no staging
+	// tree, no ownership pass).
+	for _, p := range []string{"resolve", "download", "scan", "mkfs", "inject", "publish"} {
 		if !phases[p] {
 			t.Errorf("no %q progress event (got %v)", p, phases)
 		}
@@ -179,9 +181,22 @@ func TestOCIPullThroughDaemon(t *testing.T) {
 	if api.CodeOf(err) != api.CodeConflict {
 		t.Fatalf("second pull: %v, want a conflict", err)
 	}
-	img2, _, err := f.pull(ctx, api.PullRequest{Ref: ref, Force: true, Size: "1536M"})
+	img2, evs2, err := f.pull(ctx, api.PullRequest{Ref: ref, Force: true, Size: "1536M", Builder: "staging"})
 	if err != nil || img2.Size != 1536<<20 || img2.ID == img.ID {
-		t.Fatalf("pull --force --size 1536M: %+v, %v", img2, err)
+		t.Fatalf("pull --force --size 1536M --builder staging: %+v, %v", img2, err)
+	}
+	phases = map[string]bool{}
+	for _, ev := range evs2 {
+		phases[ev.Phase] = true
+	}
+	if !phases["flatten"] || !phases["ownership"] || phases["scan"] {
+		t.Errorf("--builder staging phases %v, want flatten and ownership, no scan", phases)
+	}
+	if out, err := testutil.Run(ctx, "e2fsck", "-fn", img2.RootFS); err != nil {
+		t.Fatalf("e2fsck -fn %s: %v\n%s", img2.RootFS, err, out)
+	}
+	if _, _, err := f.pull(ctx, api.PullRequest{Ref: ref, Force: true, Builder: "fast"}); api.CodeOf(err) != api.CodeInvalid {
+		t.Errorf("--builder fast: %v, want invalid", err)
 	}
 	if _, err := os.Stat(img.Dir); !os.IsNotExist(err) {
 		t.Errorf("the replaced image's dir is still there: %v", err)
@@ -202,7 +217,7 @@ func TestOCIPullThroughDaemon(t *testing.T) {
 	cctx, ccancel := context.WithCancel(ctx)
 	defer ccancel()
 	err = f.client.Stream(cctx, "POST", "/images/pull", api.PullRequest{Ref: big, Name: "big"}, func(ev progress.Event) {
-		if ev.Phase == "flatten" {
+		if ev.Phase == "scan" || ev.Phase == "flatten" {
 			ccancel() // Ctrl-C in the middle of the pull
 		}
 	}, nil)
