@@ -88,6 +88,10 @@ func (s *Service) pullFromOCI(ctx context.Context, req api.PullRequest, uid uint
 	if err != nil {
 		return img, err
 	}
+	builder, err := imagepull.ParseBuilder(req.Builder)
+	if err != nil {
+		return img, api.Errorf(api.CodeInvalid, "%v", err)
+	}
 	st, err := s.stage(s.log.With("image", imgName, "ref", ref.String()))
 	if err != nil {
 		return img, err
@@ -118,7 +122,7 @@ func (s *Service) pullFromOCI(ctx context.Context, req api.PullRequest, uid uint
 
 	ext4 := filepath.Join(st.dir, "rootfs.ext4")
 	runCfg := pulled.Config
-	facts, size, err := s.buildRootFS(ctx, pulled, &runCfg, filepath.Join(scratch, "rootfs"), ext4, size, agent, report, st.log)
+	facts, size, err := s.buildRootFS(ctx, pulled, &runCfg, builder, scratch, ext4, size, agent, report, st.log)
 	if err != nil {
 		return img, err
 	}
@@ -154,44 +158,28 @@ func (s *Service) ociTarget(req api.PullRequest) (name.Reference, string, error)
 	return ref, imgName, nil
 }
 
-// buildRootFS turns a pulled image into the ext4 at ext4: Flatten into
-// rootDir, InspectGuest (which init its VMs get), size the filesystem
-// (size 0: from the content), BuildExt4, ApplyOwnership and
-// InjectGuestAgents with the run config. It returns what the inspection
-// found and the size used.
-func (s *Service) buildRootFS(ctx context.Context, pulled *imagepull.Image, runCfg *guestabi.ImageConfig, rootDir, ext4 string,
+// buildRootFS turns a pulled image into the ext4 at ext4 with
+// imagepull.BuildImage (the direct builder unless req asks for staging;
+// auto falls back to staging with the reason logged), reports which init
+// its VMs get (InspectGuest), and runs InjectGuestAgents with the run
+// config. It returns what the inspection found and the size used (size 0:
+// from the content).
+func (s *Service) buildRootFS(ctx context.Context, pulled *imagepull.Image, runCfg *guestabi.ImageConfig, builder imagepull.Builder, scratch, ext4 string,
 	size int64, agent string, report progress.Func, log *slog.Logger) (facts imagepull.GuestFacts, _ int64, err error) {
-	if err := os.Mkdir(rootDir, 0o700); err != nil {
-		return facts, 0, fmt.Errorf("create extraction dir: %w", err)
+	built, err := imagepull.BuildImage(ctx, pulled, ext4, imagepull.BuildOptions{
+		Builder: builder, Size: size, MaxBytes: size, ScratchDir: scratch, Progress: report, Log: log,
+	})
+	if errors.Is(err, imagepull.ErrSizeTooSmall) {
+		return facts, 0, api.Errorf(api.CodeInvalid, "%v", err)
 	}
-	md, err := imagepull.Flatten(ctx, pulled, rootDir, imagepull.FlattenOptions{MaxBytes: size, Progress: report})
 	if err != nil {
 		return facts, 0, classifyPullError(err)
 	}
-	facts = imagepull.InspectGuest(rootDir)
+	facts, size = built.Facts, built.Size
+	log.Info("built rootfs", "builder", built.Builder, "size", size, "fallback", built.Fallback)
 	for _, n := range facts.Notes() {
 		report.Report(progress.Event{Phase: "init", Message: n})
 	}
-	content := imagepull.DiskUsage(md)
-	if size == 0 {
-		size = imagepull.DefaultSize(content)
-	} else if err := imagepull.CheckSize(content, size); err != nil {
-		return facts, 0, api.Errorf(api.CodeInvalid, "%v", err)
-	}
-	report.Report(progress.Event{Phase: "mkfs", Message: fmt.Sprintf("%s of content into a %s ext4", units.HumanBytes(content), units.HumanBytes(size))})
-	if err := imagepull.BuildExt4(ctx, rootDir, ext4, size); err != nil {
-		return facts, 0, err
-	}
-	report.Report(progress.Event{Phase: "mkfs", Done: true})
-	// The extracted tree is no longer needed: free the disk space now.
-	if err := os.RemoveAll(rootDir); err != nil {
-		log.Warn("remove extracted tree", "err", err)
-	}
-	report.Report(progress.Event{Phase: "ownership", Current: int64(len(md)), Total: int64(len(md)), Unit: "files"})
-	if err := imagepull.ApplyOwnership(ctx, ext4, md); err != nil {
-		return facts, 0, err
-	}
-	report.Report(progress.Event{Phase: "ownership", Done: true})
 	report.Report(progress.Event{Phase: "inject", Message: "guest agent, network and first-boot units"})
 	if err := imagepull.InjectGuestAgents(ctx, ext4, imagepull.GuestAssets{AgentBinary: agent, Config: runCfg, SSHDReady: facts.SSHDReady}); err != nil {
 		return facts, 0, err
