@@ -54,21 +54,21 @@ func splitShellWords(s string) ([]string, error) {
 	have := false
 	for i := 0; i < len(s); i++ {
 		c := s[i]
-		switch {
-		case c == ' ' || c == '\t' || c == '\n':
+		switch c {
+		case ' ', '\t', '\n':
 			if have {
 				words = append(words, cur.String())
 				cur.Reset()
 				have = false
 			}
-		case c == '\\':
+		case '\\':
 			if i+1 >= len(s) {
 				return nil, errors.New("trailing backslash")
 			}
 			i++
 			cur.WriteByte(s[i])
 			have = true
-		case c == '\'':
+		case '\'':
 			j := strings.IndexByte(s[i+1:], '\'')
 			if j < 0 {
 				return nil, errors.New("unterminated single quote")
@@ -76,7 +76,7 @@ func splitShellWords(s string) ([]string, error) {
 			cur.WriteString(s[i+1 : i+1+j])
 			i += j + 1
 			have = true
-		case c == '"':
+		case '"':
 			i++
 			for ; i < len(s) && s[i] != '"'; i++ {
 				if s[i] == '\\' && i+1 < len(s) && strings.IndexByte("\"\\$`", s[i+1]) >= 0 {

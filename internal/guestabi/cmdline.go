@@ -333,7 +333,7 @@ func CheckHostname(h string) error {
 			return bad("a label may not start or end with '-'")
 		}
 		for _, r := range label {
-			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+			if (r < 'a' || r > 'z') && (r < 'A' || r > 'Z') && (r < '0' || r > '9') && r != '-' {
 				return bad("only letters, digits, '-' and '.' are allowed")
 			}
 		}

@@ -194,7 +194,7 @@ func TestProcsStatus(t *testing.T) {
 			t.Fatalf("children not reaped; got %q", got)
 		}
 	}
-	if !(contains(got, "exit status 7") && contains(got, "killed by SIGKILL")) {
+	if !contains(got, "exit status 7") || !contains(got, "killed by SIGKILL") {
 		t.Errorf("statuses = %q, want exit status 7 and killed by SIGKILL", got)
 	}
 }

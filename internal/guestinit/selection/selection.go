@@ -74,16 +74,17 @@ func Choose(root string, choice guestabi.Init, imageInit string) (Decision, erro
 		image.Reason = "init=" + imageInit + " on the kernel command line"
 		return image, nil
 	}
-	if systemd, why := IsSystemd(root); systemd {
+	systemd, why := IsSystemd(root)
+	switch {
+	case systemd:
 		image.Reason = why
 		return image, nil
-	} else if !haveBanger {
+	case !haveBanger:
 		image.Reason = why + ", but the image has no " + guestabi.InitPath + " (pulled by an older banger): using the image's init"
 		return image, nil
-	} else {
-		banger.Reason = why
-		return banger, nil
 	}
+	banger.Reason = why
+	return banger, nil
 }
 
 // IsSystemd reports whether the image at root boots systemd: /sbin/init
