@@ -124,3 +124,73 @@ func TestIDNamedRecordsRefused(t *testing.T) {
 		t.Fatalf("root's image after the attempts: %+v, %v", got, err)
 	}
 }
+
+// TestForcePullOverAnothersImage: image rm is root's, and so is replacing
+// (and so deleting) root's image with pull --force. The refusal comes
+// before any download.
+func TestForcePullOverAnothersImage(t *testing.T) {
+	u := newSecondUser(t, nil)
+	rootImage(t, u.s, "aaaaaaaaaaaaaaaaaaaaaaaa", "shared")
+	_, errOut, code := u.run(t, "image", "pull", "--force", "--name", "shared", "127.0.0.1:1/x:y")
+	if code != exitForbidden {
+		t.Fatalf("uid %d: image pull --force over root's image: exit %d (%s), want forbidden", nobodyUID, code, strings.TrimSpace(errOut))
+	}
+	if got, err := u.s.D.Store().GetImage("shared"); err != nil || got.ID != "aaaaaaaaaaaaaaaaaaaaaaaa" {
+		t.Fatalf("root's image after the attempt: %+v, %v", got, err)
+	}
+}
+
+// TestPerUserLimits: over a configured per-user limit, create answers
+// forbidden naming the limit; sizes over the per-VM bounds are invalid.
+func TestPerUserLimits(t *testing.T) {
+	u := newSecondUser(t, func(c *cfgT) {
+		c.Limits.VMs = 1
+		c.Limits.VMMemory = "2G"
+		c.Limits.VMDisk = "1G"
+		c.Limits.VMCPUs = 4
+	})
+	rootImage(t, u.s, "aaaaaaaaaaaaaaaaaaaaaaaa", "base")
+	held := &model.VM{ID: "0123456789abcdef01234567", Name: "mine", OwnerUID: nobodyUID, CPUs: 1, MemoryMiB: 512, DiskBytes: 8 << 20, State: model.VMStopped, Created: time.Now()}
+	if err := u.s.D.Store().CreateVM(held, netip.Prefix{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"vm", "create", "--image", "base", "--name", "second"}, exitForbidden, "limit vms is 1"},
+		{[]string{"vm", "create", "--image", "base", "--name", "big", "--memory", "4G"}, exitInvalid, "limits.vm_memory"},
+		{[]string{"vm", "create", "--image", "base", "--name", "big", "--disk", "2G"}, exitInvalid, "limits.vm_disk"},
+		{[]string{"vm", "create", "--image", "base", "--name", "big", "--cpus", "8"}, exitInvalid, "limits.vm_cpus"},
+	} {
+		if _, errOut, code := u.run(t, c.args...); code != c.code || !strings.Contains(errOut, c.want) {
+			t.Errorf("uid %d: banger %s: exit %d (%s), want exit %d naming %q", nobodyUID, strings.Join(c.args, " "), code, strings.TrimSpace(errOut), c.code, c.want)
+		}
+	}
+	vms, _ := u.s.D.Store().ListVMs(nil)
+	if len(vms) != 1 {
+		t.Fatalf("%d VMs after the refused creates, want 1", len(vms))
+	}
+}
+
+// TestVMsDirPrivate: another user can neither list the VMs dir (whose
+// entries are VM ids) nor enter a VM's dir (disk, console).
+func TestVMsDirPrivate(t *testing.T) {
+	u := newSecondUser(t, nil)
+	vmDir := filepath.Join(u.s.Config.VMsDir(), "0123456789abcdef01234567")
+	if err := os.MkdirAll(vmDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{u.s.Config.VMsDir(), vmDir} {
+		fi, err := os.Stat(p)
+		if err != nil || fi.Mode().Perm() != 0o700 {
+			t.Fatalf("%s: mode %v, %v; want 0700", p, fi.Mode().Perm(), err)
+		}
+	}
+	cmd := exec.Command("/bin/ls", u.s.Config.VMsDir())
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobodyUID, Gid: uint32(u.gid)}}
+	if out, err := cmd.CombinedOutput(); err == nil {
+		t.Fatalf("uid %d listed the VMs dir: %s", nobodyUID, out)
+	}
+}

@@ -68,10 +68,18 @@ func New(ctx context.Context, opts Options) (*Daemon, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	for _, dir := range []string{cfg.StateDir, cfg.CacheDir, cfg.RuntimeDir, cfg.ImagesDir(), cfg.KernelsDir(), cfg.VMsDir()} {
+	for _, dir := range []string{cfg.StateDir, cfg.CacheDir, cfg.RuntimeDir, cfg.ImagesDir(), cfg.KernelsDir()} {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return nil, fmt.Errorf("create %s: %w", dir, err)
 		}
+	}
+	// VM dirs hold users' disks and consoles, and their names are VM ids:
+	// no other user may list or enter them (an older banger made it 0755).
+	if err := os.MkdirAll(cfg.VMsDir(), 0o700); err != nil {
+		return nil, fmt.Errorf("create %s: %w", cfg.VMsDir(), err)
+	}
+	if err := os.Chmod(cfg.VMsDir(), 0o700); err != nil {
+		return nil, fmt.Errorf("make %s private: %w", cfg.VMsDir(), err)
 	}
 	lock, err := lockfile.Acquire(cfg.LockPath())
 	if err != nil {

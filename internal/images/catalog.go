@@ -60,8 +60,8 @@ func (s *Service) Catalog(ctx context.Context) ([]api.CatalogListing, error) {
 // sha256 → unpackBundle into <images>/<id>.staging → InjectGuestAgents →
 // bundleKernel → publishImage. Any failure or cancellation removes the
 // staging dir; nothing is published.
-func (s *Service) pullCatalogImage(ctx context.Context, req api.PullRequest, report progress.Func) (img model.Image, retErr error) {
-	entry, imgName, err := s.catalogTarget(ctx, req, report)
+func (s *Service) pullCatalogImage(ctx context.Context, req api.PullRequest, uid uint32, report progress.Func) (img model.Image, retErr error) {
+	entry, imgName, err := s.catalogTarget(ctx, req, uid, report)
 	if err != nil {
 		return img, err
 	}
@@ -95,14 +95,14 @@ func (s *Service) pullCatalogImage(ctx context.Context, req api.PullRequest, rep
 		return img, err
 	}
 	report.Report(progress.Event{Phase: "inject", Done: true})
-	if kernel, err = s.bundleKernel(ctx, imgName, entry, un, kernel, req.Force, report); err != nil {
+	if kernel, err = s.bundleKernel(ctx, imgName, entry, un, kernel, req.Force, uid, report); err != nil {
 		return img, err
 	}
 
 	img = model.Image{
 		ID: st.id, Name: imgName, Ref: entry.Name, Source: imagecat.Source, Digest: "sha256:" + entry.Bundle.SHA256,
 		Dir: st.final, RootFS: filepath.Join(st.final, imagecat.MemberRootFS), Size: size,
-		Managed: true, Created: time.Now().UTC(),
+		Managed: true, Created: time.Now().UTC(), OwnerUID: uid,
 	}
 	if err := s.publishImage(ctx, &img, kernel, "the catalog entry names no kernel", st, un.RootFS, req.Force, report); err != nil {
 		return img, err
@@ -118,7 +118,7 @@ func (s *Service) pullCatalogImage(ctx context.Context, req api.PullRequest, rep
 
 // catalogTarget looks a bare name up in the image catalog and checks the
 // name the image gets.
-func (s *Service) catalogTarget(ctx context.Context, req api.PullRequest, report progress.Func) (imagecat.Entry, string, error) {
+func (s *Service) catalogTarget(ctx context.Context, req api.PullRequest, uid uint32, report progress.Func) (imagecat.Entry, string, error) {
 	if err := model.ValidateName("image", req.Ref); err != nil {
 		return imagecat.Entry{}, "", api.Errorf(api.CodeInvalid, "%v", err)
 	}
@@ -144,10 +144,15 @@ func (s *Service) catalogTarget(ctx context.Context, req api.PullRequest, report
 	if err := model.ValidateName("image", imgName); err != nil {
 		return entry, "", api.Errorf(api.CodeInvalid, "%v", err)
 	}
-	if _, err := s.store.GetImage(imgName); err == nil && !req.Force {
-		return entry, "", api.Errorf(api.CodeConflict,
-			"image %q already exists and %q is also a catalog entry: pass --force to replace the local image with the catalog's, or --name to pull it under another name",
-			imgName, entry.Name)
+	if old, err := s.store.GetImage(imgName); err == nil {
+		if !req.Force {
+			return entry, "", api.Errorf(api.CodeConflict,
+				"image %q already exists and %q is also a catalog entry: pass --force to replace the local image with the catalog's, or --name to pull it under another name",
+				imgName, entry.Name)
+		}
+		if err := mayReplace(uid, "image", imgName, old.OwnerUID); err != nil {
+			return entry, "", err
+		}
 	}
 	return entry, imgName, nil
 }
@@ -189,7 +194,7 @@ func (s *Service) unpackBundle(ctx context.Context, entry imagecat.Entry, bundle
 // entry's kernel ref. The bundle's own kernel files leave the image dir:
 // adopted or unused, only the rootfs stays.
 func (s *Service) bundleKernel(ctx context.Context, imgName string, entry imagecat.Entry, un imagecat.Unpacked, kernel *model.Kernel,
-	force bool, report progress.Func) (*model.Kernel, error) {
+	force bool, uid uint32, report progress.Func) (*model.Kernel, error) {
 	defer func() {
 		for _, p := range []string{un.Kernel, un.Initrd} {
 			if p != "" {
@@ -198,7 +203,7 @@ func (s *Service) bundleKernel(ctx context.Context, imgName string, entry imagec
 		}
 	}()
 	if kernel == nil && un.Kernel != "" {
-		k, err := s.adoptBundleKernel(ctx, imgName, un, force)
+		k, err := s.adoptBundleKernel(ctx, imgName, un, force, uid)
 		if err != nil {
 			return nil, err
 		}
@@ -218,7 +223,7 @@ func (s *Service) bundleKernel(ctx context.Context, imgName string, entry imagec
 // "<image>-kernel" (its modules are inside the rootfs already). An
 // existing kernel of that name is reused when it has the same version,
 // replaced with force, and a conflict otherwise.
-func (s *Service) adoptBundleKernel(ctx context.Context, image string, un imagecat.Unpacked, force bool) (model.Kernel, error) {
+func (s *Service) adoptBundleKernel(ctx context.Context, image string, un imagecat.Unpacked, force bool, uid uint32) (model.Kernel, error) {
 	name := image + "-kernel"
 	if err := model.ValidateName("kernel", name); err != nil {
 		return model.Kernel{}, api.Errorf(api.CodeInvalid, "bundle kernel: %v", err)
@@ -230,6 +235,9 @@ func (s *Service) adoptBundleKernel(ctx context.Context, image string, un imagec
 		if !force {
 			return model.Kernel{}, api.Errorf(api.CodeConflict,
 				"the bundle carries kernel %s, but kernel %q (%s) exists: pass --force to replace it", un.Metadata.Kernel.Version, name, k.Version)
+		}
+		if err := mayReplace(uid, "kernel", name, k.OwnerUID); err != nil {
+			return model.Kernel{}, err
 		}
 	}
 	dir := filepath.Join(s.cfg.KernelsDir(), name+".new-"+model.NewID()[:8])
@@ -247,7 +255,7 @@ func (s *Service) adoptBundleKernel(ctx context.Context, image string, un imagec
 		return model.Kernel{}, fmt.Errorf("bundle kernel: %w", err)
 	}
 	k = rebaseKernel(k, dir, final)
-	k.Source, k.SourceRef = kernels.SourceCatalog, "image bundle "+image
+	k.Source, k.SourceRef, k.OwnerUID = kernels.SourceCatalog, "image bundle "+image, uid
 	if err := s.store.PutKernel(k, true); err != nil {
 		return model.Kernel{}, fmt.Errorf("record bundle kernel: %w", err)
 	}

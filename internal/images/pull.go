@@ -20,7 +20,6 @@ import (
 	"github.com/bangerdev/banger/internal/privdir"
 	"github.com/bangerdev/banger/internal/progress"
 	"github.com/bangerdev/banger/internal/store"
-	"github.com/bangerdev/banger/internal/subpath"
 	"github.com/bangerdev/banger/internal/units"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -58,16 +57,16 @@ func (p *pulls) remove(digests []string) {
 // catalog name from the image catalog, anything else from an OCI registry.
 func (s *Service) Pull(ctx context.Context, req api.PullRequest, uid uint32, report progress.Func) (model.Image, error) {
 	if imagepull.IsCatalogName(req.Ref) {
-		return s.pullFromCatalog(ctx, req, report)
+		return s.pullFromCatalog(ctx, req, uid, report)
 	}
 	return s.pullFromOCI(ctx, req, uid, report)
 }
 
 // pullFromCatalog is the catalog fast path. Until an image catalog is
 // configured it explains how to pull from a registry instead.
-func (s *Service) pullFromCatalog(ctx context.Context, req api.PullRequest, report progress.Func) (model.Image, error) {
+func (s *Service) pullFromCatalog(ctx context.Context, req api.PullRequest, uid uint32, report progress.Func) (model.Image, error) {
 	if s.cfg.ImageCatalog != "" {
-		return s.pullCatalogImage(ctx, req, report)
+		return s.pullCatalogImage(ctx, req, uid, report)
 	}
 	return model.Image{}, api.Errorf(api.CodeInvalid,
 		"%q is a catalog name, but the image catalog is not configured (set image_catalog in the config file); to pull from a registry use a full reference such as docker.io/library/%s:latest",
@@ -80,7 +79,7 @@ func (s *Service) pullFromCatalog(ctx context.Context, req api.PullRequest, repo
 // <images>/<id>.staging; any failure or cancellation removes everything it
 // made.
 func (s *Service) pullFromOCI(ctx context.Context, req api.PullRequest, uid uint32, report progress.Func) (img model.Image, retErr error) {
-	ref, imgName, err := s.ociTarget(req)
+	ref, imgName, err := s.ociTarget(req, uid)
 	if err != nil {
 		return img, err
 	}
@@ -129,7 +128,7 @@ func (s *Service) pullFromOCI(ctx context.Context, req api.PullRequest, uid uint
 	img = model.Image{
 		ID: st.id, Name: imgName, Ref: ref.String(), Source: "oci", Digest: pulled.Digest,
 		Dir: st.final, RootFS: filepath.Join(st.final, "rootfs.ext4"), Size: size,
-		Layers: pulled.LayerDigests(), Managed: true, Created: time.Now().UTC(),
+		Layers: pulled.LayerDigests(), Managed: true, Created: time.Now().UTC(), OwnerUID: uid,
 		Config: &runCfg, Init: facts.Init, InitReason: facts.Reason, Notes: facts.Notes(),
 	}
 	if err := s.publishImage(ctx, &img, kernel, "no --kernel-ref was given", st, ext4, req.Force, report); err != nil {
@@ -140,7 +139,7 @@ func (s *Service) pullFromOCI(ctx context.Context, req api.PullRequest, uid uint
 }
 
 // ociTarget checks the reference and the image name of an OCI pull.
-func (s *Service) ociTarget(req api.PullRequest) (name.Reference, string, error) {
+func (s *Service) ociTarget(req api.PullRequest, uid uint32) (name.Reference, string, error) {
 	ref, err := imagepull.ParseReference(req.Ref)
 	if err != nil {
 		return nil, "", api.Errorf(api.CodeInvalid, "%v", err)
@@ -152,8 +151,13 @@ func (s *Service) ociTarget(req api.PullRequest) (name.Reference, string, error)
 	if err := model.ValidateName("image", imgName); err != nil {
 		return nil, "", api.Errorf(api.CodeInvalid, "%v", err)
 	}
-	if _, err := s.store.GetImage(imgName); err == nil && !req.Force {
-		return nil, "", api.Errorf(api.CodeConflict, "image %q already exists: pass --force to replace it, or --name to pull under another name", imgName)
+	if old, err := s.store.GetImage(imgName); err == nil {
+		if !req.Force {
+			return nil, "", api.Errorf(api.CodeConflict, "image %q already exists: pass --force to replace it, or --name to pull under another name", imgName)
+		}
+		if err := mayReplace(uid, "image", imgName, old.OwnerUID); err != nil {
+			return nil, "", err
+		}
 	}
 	return ref, imgName, nil
 }
@@ -252,9 +256,7 @@ func (s *Service) publishImage(ctx context.Context, img *model.Image, kernel *mo
 		return err
 	}
 	if old != nil {
-		if err := subpath.RemoveAll(s.cfg.ImagesDir(), old.Dir); err != nil {
-			st.log.Error("remove replaced image", "dir", old.Dir, "err", err)
-		}
+		s.retireReplaced(*old, report, st.log)
 	}
 	report.Report(progress.Event{Phase: "publish", Item: img.Name, Done: true})
 	return nil

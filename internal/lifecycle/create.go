@@ -56,7 +56,14 @@ func (s *Service) Create(ctx context.Context, req api.CreateVMRequest, uid uint3
 		// meanwhile removes the half-made VM at its next start-up.
 		Runtime: model.Runtime{Phase: PhaseCreating},
 	}
-	if err := s.store.CreateVM(&vm, nc.Subnet); err != nil {
+	// Hold the VM's lock from the moment its record exists until the disk
+	// is made and the record final: a start of the same VM (by name, as
+	// soon as it is listed) waits, instead of recording a monitor that
+	// create's last write would then wipe from the record.
+	mu := s.Lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	if err := s.withinQuota(vm, func() error { return s.store.CreateVM(&vm, nc.Subnet) }); err != nil {
 		if errors.Is(err, store.ErrConflict) {
 			return vm, api.Errorf(api.CodeConflict, "a VM named %q already exists", spec.name)
 		}

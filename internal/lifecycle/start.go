@@ -232,6 +232,9 @@ func (s *Service) launchMonitor(ctx context.Context, run *startRun, report progr
 		ConsoleLog: s.ConsoleLog(vm.ID), AgentSocket: filepath.Join(rtDir, "agent.sock"),
 		VsockCID: vsockCID(vm.IP),
 	}
+	if err := s.contain(&spec, vm.VMM); err != nil {
+		return err
+	}
 	h, err := run.mon.Start(ctx, spec)
 	if err != nil {
 		return fmt.Errorf("start %s: %w", vm.VMM, err)
