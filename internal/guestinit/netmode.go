@@ -50,6 +50,6 @@ func RunNetwork(args []string) int {
 	if err := writeNameFiles("/", c.Hostname, dns); err != nil {
 		return fail("names", err)
 	}
-	fmt.Fprintf(os.Stderr, "banger-network: %s on %s via %s\n", c.Network.Address, iface, c.Network.Gateway)
+	fmt.Fprintf(os.Stderr, "banger-network: done: %s on %s via %s\n", c.Network.Address, iface, c.Network.Gateway)
 	return 0
 }
