@@ -71,6 +71,9 @@ func newRootCmd() *cobra.Command {
 		newVMCmd(g),
 		newSSHCmd(g),
 		newMountServerCmd(g),
+		newSSHConfigCmd(g),
+		newExecCmd(g),
+		newCpCmd(g),
 	)
 	rejectUnknownSubcommands(root)
 	return root

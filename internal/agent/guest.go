@@ -68,6 +68,12 @@ func (s *Server) status(_ context.Context) *Status {
 		s.logf("make ssh host key: %v", err)
 	}
 	st.HostKey, err = readHostKey(s.path(HostKeyFile))
+	st.Streams = StreamVersion
+	for _, p := range []string{"/usr/sbin/sshd", "/usr/bin/sshd", "/sbin/sshd"} {
+		if _, err := os.Stat(s.path(p)); err == nil {
+			st.SSHD = true
+		}
+	}
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		s.logf("read host key: %v", err)
 	}

@@ -105,7 +105,7 @@ func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
 
 // CloseWrite half-closes the stream (yamux streams close only their
 // sending half on Close).
-func (b *bufferedConn) CloseWrite() error { return b.Conn.Close() }
+func (b *bufferedConn) CloseWrite() error { return b.Close() }
 
 func withBuffered(c net.Conn, fr *frameReader) net.Conn {
 	rest := fr.takeBuffered()

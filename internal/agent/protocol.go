@@ -249,6 +249,12 @@ type Status struct {
 	// Main is banger's PID 1's record of the image's main process; nil
 	// when the guest runs the image's own init. Untrusted guest data.
 	Main *guestabi.MainState `json:"main,omitempty"`
+	// Streams is the agent's StreamVersion: it serves exec, cp and ssh
+	// over the agent channel (zero from an older agent).
+	Streams int `json:"streams,omitempty"`
+	// SSHD reports that the image has an sshd binary, so ssh over the
+	// network is expected to come up.
+	SSHD bool `json:"sshd,omitempty"`
 }
 
 // InterfaceAddr is an IPv4 address on a guest interface.

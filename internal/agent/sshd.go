@@ -156,16 +156,15 @@ func (s *Server) serveSSH(ctx context.Context, c net.Conn) error {
 }
 
 type sshSession struct {
-	s     *Server
-	user  string
-	ch    ssh.Channel
-	env   []string
-	tty   bool
-	term  string
-	size  Winsize
-	mu    sync.Mutex
-	proc  *process
-	start sync.Once
+	s    *Server
+	user string
+	ch   ssh.Channel
+	env  []string
+	tty  bool
+	term string
+	size Winsize
+	mu   sync.Mutex
+	proc *process
 }
 
 func (s *Server) sshSession(ctx context.Context, user string, nc ssh.NewChannel) {
@@ -374,7 +373,9 @@ func (ss *sshSession) sftp(finish func()) {
 		return
 	}
 	if u.cred == nil {
-		srv, err := sftp.NewServer(ss.ch, sftp.WithServerWorkingDirectory(u.home))
+		// The server closes its stream when done; the channel must stay
+		// open for the exit status.
+		srv, err := sftp.NewServer(keepOpen{ss.ch}, sftp.WithServerWorkingDirectory(u.home))
 		if err != nil {
 			ss.fail(1, err.Error())
 			return
@@ -439,3 +440,8 @@ func (s *Server) sshDirect(ctx context.Context, nc ssh.NewChannel) {
 	<-done
 	<-done
 }
+
+// keepOpen hides Close from a user of the channel that should not end it.
+type keepOpen struct{ ssh.Channel }
+
+func (keepOpen) Close() error { return nil }

@@ -235,6 +235,7 @@ func (d *Daemon) routes() *http.ServeMux {
 	m.HandleFunc("POST "+p+"/vms/{name}/restart", d.handleVMRestart)
 	m.HandleFunc("DELETE "+p+"/vms/{name}", d.handleVMDelete)
 	m.HandleFunc("GET "+p+"/vms/{name}/logs", d.handleVMLogs)
+	d.accessRoutes(m, p)
 
 	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		d.writeError(w, r, api.Errorf(api.CodeNotFound, "no API endpoint %s %s (is the CLI newer than the daemon?)", r.Method, r.URL.Path))

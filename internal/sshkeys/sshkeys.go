@@ -204,6 +204,10 @@ type SSHOptions struct {
 	// itself, the words are joined with spaces and run by the remote
 	// user's shell.
 	Command []string
+	// Proxy, when not empty, is the argv of a ProxyCommand that carries the
+	// connection (banger ssh --stdio): IP is then not used and may be
+	// empty. Every word must be free of quotes and control characters.
+	Proxy []string
 }
 
 // Command returns the argv (argv[0] is "ssh") that connects to the VM with
@@ -213,9 +217,13 @@ func Command(o SSHOptions) ([]string, error) {
 	if !userRE.MatchString(o.User) {
 		return nil, fmt.Errorf("ssh user %q: %w", o.User, ErrInvalid)
 	}
-	ip, err := netip.ParseAddr(o.IP)
-	if err != nil || ip.Zone() != "" {
-		return nil, fmt.Errorf("ssh address %q is not an IP address: %w", o.IP, ErrInvalid)
+	dest := o.Alias
+	if len(o.Proxy) == 0 {
+		ip, err := netip.ParseAddr(o.IP)
+		if err != nil || ip.Zone() != "" {
+			return nil, fmt.Errorf("ssh address %q is not an IP address: %w", o.IP, ErrInvalid)
+		}
+		dest = ip.String()
 	}
 	if o.Port < 0 || o.Port > 65535 {
 		return nil, fmt.Errorf("ssh port %d: %w", o.Port, ErrInvalid)
@@ -251,9 +259,35 @@ func Command(o SSHOptions) ([]string, error) {
 		"-o", "LogLevel=ERROR",
 		"-p", fmt.Sprint(port),
 		"-l", o.User,
-		"--", ip.String(),
 	}
+	if len(o.Proxy) > 0 {
+		pc, err := ProxyCommandLine(o.Proxy)
+		if err != nil {
+			return nil, err
+		}
+		argv = append(argv, "-o", "ProxyCommand="+pc)
+	}
+	argv = append(argv, "--", dest)
 	return append(argv, o.Command...), nil
+}
+
+// ProxyCommandLine quotes argv for an ssh ProxyCommand (run by a shell):
+// every word in single quotes, '%' doubled since ssh expands %-tokens.
+// Words with quotes, backslashes or control characters are refused. A word
+// that is exactly "%n" stays a token (the host name as given to ssh).
+func ProxyCommandLine(argv []string) (string, error) {
+	words := make([]string, len(argv))
+	for i, w := range argv {
+		if w == "%n" {
+			words[i] = w
+			continue
+		}
+		if w == "" || strings.ContainsFunc(w, func(r rune) bool { return r < 0x20 || r == 0x7f || r == '\'' || r == '"' || r == '\\' }) {
+			return "", fmt.Errorf("proxy command word %q: %w", w, ErrInvalid)
+		}
+		words[i] = "'" + strings.ReplaceAll(w, "%", "%%") + "'"
+	}
+	return strings.Join(words, " "), nil
 }
 
 var (

@@ -78,7 +78,9 @@ func (s *Supervisor) WaitBooted(ctx context.Context, w BootWait) (*agent.Status,
 		if booted && w.AgentOnly {
 			return st, nil
 		}
-		if booted && st.HostKey != "" && sshOpen(ctx, w.IP) {
+		// An image without sshd is ready once its agent, which serves ssh
+		// itself over the agent channel, has made the host key.
+		if booted && st.HostKey != "" && (sshOpen(ctx, w.IP) || (st.Streams > 0 && !st.SSHD)) {
 			return st, nil
 		}
 		select {

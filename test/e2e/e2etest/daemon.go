@@ -153,6 +153,10 @@ func Tail(s string, n int) string {
 // StateDir is the daemon's state_dir.
 func (d *Daemon) StateDir() string { return d.Config["state_dir"].(string) }
 
+// SSHDir is the BANGER_SSH_DIR the CLI runs with (its key, pinned host
+// keys).
+func (d *Daemon) SSHDir() string { return d.sshDir }
+
 // RuntimeDir is the daemon's runtime_dir.
 func (d *Daemon) RuntimeDir() string { return d.Config["runtime_dir"].(string) }
 
