@@ -66,9 +66,6 @@ func TestBenchAnyImageBoot(t *testing.T) {
 			start := time.Now()
 			d.MustCLI(ctx, "vm", "start", "--wait", name)
 			took := time.Since(start)
-			if agent, ok := agentReady(d.Log(), name); ok {
-				t.Logf("%s: monitor started to agent healthy %s, start request to ready %s", name, agent.Round(10*time.Millisecond), took.Round(10*time.Millisecond))
-			}
 			d.MustCLI(ctx, "vm", "rm", "--force", name)
 			return took
 		}
@@ -201,27 +198,4 @@ func rawSSHBanner(t *testing.T, k model.Kernel, rootfs string) time.Duration {
 	}
 	t.Fatalf("raw QEMU: no sshd banner within 10 minutes")
 	return 0
-}
-
-// agentReady reads, from the daemon's log, the time from the VM's monitor
-// start to its agent answering.
-func agentReady(log, vm string) (time.Duration, bool) {
-	var started, healthy time.Time
-	for _, line := range strings.Split(log, "\n") {
-		if !strings.Contains(line, " vm="+vm+" ") && !strings.HasSuffix(line, " vm="+vm) {
-			continue
-		}
-		ts, _, _ := strings.Cut(strings.TrimPrefix(strings.TrimSpace(line), "time="), " ")
-		at, err := time.Parse(time.RFC3339Nano, ts)
-		if err != nil {
-			continue
-		}
-		switch {
-		case strings.Contains(line, `msg="VM monitor started"`):
-			started = at
-		case strings.Contains(line, `msg="guest agent healthy"`):
-			healthy = at
-		}
-	}
-	return healthy.Sub(started), !started.IsZero() && healthy.After(started)
 }
