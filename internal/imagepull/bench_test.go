@@ -219,10 +219,9 @@ func TestBenchPull(t *testing.T) {
 func benchImage(t *testing.T, ctx context.Context, label, ref string) {
 	syncDisks := func() { _ = exec.Command("sync").Run() }
 	type run struct {
-		name  string
-		pt    *phaseTimer
-		rss   int64
-		entry int
+		name string
+		pt   *phaseTimer
+		rss  int64
 	}
 	var runs []run
 	for _, builder := range []Builder{BuilderDirect, BuilderStaging} {
