@@ -74,6 +74,7 @@ func newRootCmd() *cobra.Command {
 		newSSHConfigCmd(g),
 		newExecCmd(g),
 		newCpCmd(g),
+		newPortCmd(g),
 	)
 	rejectUnknownSubcommands(root)
 	return root

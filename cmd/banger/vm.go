@@ -74,6 +74,7 @@ func vmPairs(v api.VM) [][2]string {
 		{"created", v.Created.Format(time.RFC3339)},
 	}
 	pairs = append(pairs, guestPairs(v)...)
+	pairs = append(pairs, portPairs(v)...)
 	// The runtime and recovery details are root's only.
 	if rt := v.Runtime; rt != nil {
 		if rt.Monitor.PID != 0 {

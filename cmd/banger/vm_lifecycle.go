@@ -78,6 +78,9 @@ func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
 				verb = "ready"
 			}
 			fmt.Fprintf(g.out, "VM %s %s in %s (ip %s, %s, disk %s)\n", vm.Name, verb, time.Since(start).Round(100*time.Millisecond), orDash(vm.IP), vm.VMM, vm.DiskDriver)
+			for _, p := range vm.Ports {
+				fmt.Fprintf(g.out, "published %s\n", portString(p))
+			}
 			if run {
 				fmt.Fprintf(g.out, "connect with: banger ssh %s\n", vm.Name)
 			}
@@ -93,6 +96,7 @@ func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
 	f.StringVar(&req.KernelRef, "kernel-ref", "", "kernel (default: the image's)")
 	f.StringVar(&req.VMM, "vmm", "", "VM monitor: auto, firecracker or qemu (default: the daemon's setting)")
 	gf.add(f)
+	addPortFlags(f, &req)
 	return cmd
 }
 

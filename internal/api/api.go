@@ -125,6 +125,8 @@ type CreateVMRequest struct {
 	Cmd []string `json:"cmd,omitempty"`
 	// Env holds KEY=value pairs added to, or replacing, the image's Env.
 	Env []string `json:"env,omitempty"`
+	// Ports are -p values, [HOSTIP:][HOSTPORT:]GUESTPORT[/tcp|/udp].
+	Ports []string `json:"ports,omitempty"`
 }
 
 // StartVMRequest is the body of POST /v1/vms/{name}/start.

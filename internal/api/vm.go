@@ -67,6 +67,8 @@ type VM struct {
 	Env     []string            `json:"env,omitempty"`
 	InitRan guestabi.Init       `json:"init_ran,omitempty"`
 	Main    *guestabi.MainState `json:"main,omitempty"`
+	// Ports are the published ports with their host ports.
+	Ports []Port `json:"ports,omitempty"`
 
 	// Runtime is what the running VM holds on the host; root only.
 	Runtime *model.Runtime `json:"runtime,omitempty"`
@@ -83,9 +85,21 @@ func ViewOf(vm model.VM, root bool) VM {
 		StoppedAt: vm.StoppedAt, FirstBoot: vm.FirstBoot, FirstBootLog: vm.FirstBootLog, HostKey: vm.HostKey,
 		SSHKey: vm.SSHKey, KernelCmdline: vm.KernelCmdline,
 		Init: vm.Init, Cmd: vm.Cmd, Env: vm.Env, InitRan: vm.InitRan, Main: vm.Main}
+	for _, p := range vm.Ports {
+		v.Ports = append(v.Ports, Port{HostIP: p.HostIP.String(), HostPort: p.HostPort, GuestPort: p.GuestPort, Proto: string(p.Proto)})
+	}
 	if root {
 		rt, rec := vm.Runtime, vm.Recovery
 		v.Runtime, v.Recovery = &rt, &rec
 	}
 	return v
+}
+
+// Port is one published port: the host address HostIP:HostPort forwards to
+// the guest's GuestPort over Proto ("tcp" or "udp").
+type Port struct {
+	HostIP    string `json:"host_ip"`
+	HostPort  uint16 `json:"host_port"`
+	GuestPort uint16 `json:"guest_port"`
+	Proto     string `json:"proto"`
 }

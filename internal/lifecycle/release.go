@@ -93,6 +93,7 @@ type Mark struct {
 func (s *Service) ReleaseAndMark(ctx context.Context, vm model.VM, sup *supervisor.Supervisor, m Mark) (model.VM, error) {
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer cancel()
+	s.unpublish(vm.ID)
 	removed, rerr := s.release(cctx, vm, sup, false)
 	removed = append(m.Also, removed...)
 	if m.Failpoint != "" && rerr == nil {

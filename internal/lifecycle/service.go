@@ -66,6 +66,7 @@ type Service struct {
 	locks   map[string]*sync.Mutex
 
 	sups  supervisor.Set
+	pub   published  // open published ports (ports.go)
 	netMu sync.Mutex // the bridge and the NAT table
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/bangerdev/banger/internal/blockdev"
 	"github.com/bangerdev/banger/internal/guestabi"
 	"github.com/bangerdev/banger/internal/netctl"
+	"github.com/bangerdev/banger/internal/portfwd"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -136,6 +137,9 @@ type VM struct {
 	// banger's PID 1's last report of the main process (from the agent).
 	InitRan guestabi.Init       `json:"init_ran,omitempty"`
 	Main    *guestabi.MainState `json:"main,omitempty"`
+	// Ports are the published ports (vm create -p), each with the host
+	// port chosen at create; opened whenever the VM runs.
+	Ports []portfwd.Spec `json:"ports,omitempty"`
 }
 
 // Runtime is what a started VM holds on the host, composed of its parts as

@@ -1,0 +1,120 @@
+package ports
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/bangerdev/banger/internal/testutil"
+	"github.com/bangerdev/banger/test/e2e/e2etest"
+)
+
+func TestMain(m *testing.M) { e2etest.Main(m) }
+
+// webMain is the busybox image's main process: httpd on the guest's
+// loopback only.
+const webMain = `mkdir -p /www && echo "hello through a published port" > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www`
+
+// busyboxLayout is an OCI layout of the busybox test rootfs whose Cmd runs
+// webMain.
+func busyboxLayout(t *testing.T) string {
+	t.Helper()
+	layer, err := tarball.LayerFromFile(testutil.BusyboxRootfsTar(t), tarball.WithMediaType(types.OCILayer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := mutate.AppendLayers(empty.Image, layer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.Architecture, cf.OS = "amd64", "linux"
+	cf.Config = v1.Config{Cmd: []string{"sh", "-c", webMain}, Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}}
+	if img, err = mutate.ConfigFile(img, cf); err != nil {
+		t.Fatal(err)
+	}
+	img = mutate.ConfigMediaType(mutate.MediaType(img, types.OCIManifestSchema1), types.OCIConfigJSON)
+	dir := filepath.Join(t.TempDir(), "layout")
+	if err := e2etest.WriteLayout(dir, img); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// TestE2EPublishedPortThroughDaemon: vm run -p 0:8080 on a busybox image
+// whose httpd binds only the guest's loopback; the body through the
+// published port; again after a daemon SIGKILL and restart; a second VM
+// asking for the same host port is refused and leaves no record; vm rm
+// closes the port.
+func TestE2EPublishedPortThroughDaemon(t *testing.T) {
+	layout := busyboxLayout(t)
+	e := e2etest.SetupWith(t, nil, "web", func(ns *e2etest.NetNS, reg *e2etest.Registry) string {
+		return reg.Push(t, ns, layout, "banger/web")
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	d := e.D
+	httpget := filepath.Join(t.TempDir(), "httpget")
+	goBuild(ctx, t, httpget, "./testdata/httpget")
+	out := d.MustCLI(ctx, "vm", "run", "--image", "web", "--name", "web", "-p", "0:8080")
+	if !strings.Contains(out, "published 8080/tcp -> 127.0.0.1:") {
+		t.Errorf("vm run output does not name the published port:\n%s", out)
+	}
+	addr := strings.TrimSpace(d.MustCLI(ctx, "port", "web", "8080"))
+	if !strings.HasPrefix(addr, "127.0.0.1:") || strings.HasSuffix(addr, ":0") {
+		t.Fatalf("banger port web 8080 = %q, want 127.0.0.1:<chosen port>", addr)
+	}
+	get := func(what string) {
+		t.Helper()
+		var body, last string
+		deadline := time.Now().Add(60 * time.Second)
+		for time.Now().Before(deadline) {
+			out, err := e2etest.CombinedOutput(e.NS.Cmd(httpget, "http://"+addr+"/index.html"))
+			if err == nil {
+				body = string(out)
+				break
+			}
+			last = fmt.Sprintf("%v: %s", err, out)
+			time.Sleep(time.Second)
+		}
+		if body != "hello through a published port\n" {
+			t.Fatalf("%s: GET http://%s/ = %q (last error %s); want the guest's page", what, addr, body, last)
+		}
+	}
+	get("after vm run")
+	if insp := d.MustCLI(ctx, "vm", "inspect", "web"); !strings.Contains(insp, "8080/tcp -> "+addr) {
+		t.Errorf("vm inspect does not show the port:\n%s", insp)
+	}
+
+	d.Kill()
+	d.Start()
+	e2etest.WaitSettled(ctx, t, d, 2*time.Minute)
+	get("after a daemon SIGKILL and restart")
+
+	port := addr[strings.LastIndex(addr, ":")+1:]
+	res := d.CLI(ctx, "vm", "create", "--image", "web", "--name", "dup", "-p", port+":8080")
+	if res.Code == 0 || !strings.Contains(res.Stderr, "already in use") {
+		t.Errorf("vm create -p %s:8080 with the port taken: exit %d, stderr %q; want a refusal saying it is in use", port, res.Code, res.Stderr)
+	}
+	if ls := d.MustCLI(ctx, "vm", "ls"); strings.Contains(ls, "dup") {
+		t.Errorf("a refused create left a VM record:\n%s", ls)
+	}
+
+	d.MustCLI(ctx, "vm", "rm", "--force", "web")
+	if out, err := e2etest.CombinedOutput(e.NS.Cmd(httpget, "http://"+addr+"/")); err == nil {
+		t.Errorf("the published port still answers after vm rm: %q", out)
+	}
+}
