@@ -71,7 +71,9 @@ func bootGuest(t *testing.T, ctx context.Context) *guest {
 		_ = f.Close()
 	}
 	deb := testutil.DebianKernelDeb(t)
-	work, err := os.MkdirTemp("", "banger-ports-e2e-")
+	// Not under the harness's TMPDIR (0700): uid 65534 runs the mount
+	// server from here and must reach the shared folders.
+	work, err := os.MkdirTemp("/tmp", "banger-ports-e2e-")
 	if err != nil {
 		t.Fatal(err)
 	}
