@@ -75,6 +75,7 @@ func newRootCmd() *cobra.Command {
 		newExecCmd(g),
 		newCpCmd(g),
 		newPortCmd(g),
+		newSnapshotCmd(g), // snapshot.go
 	)
 	rejectUnknownSubcommands(root)
 	return root

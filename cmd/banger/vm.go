@@ -60,6 +60,8 @@ func newVMCmd(g *globals) *cobra.Command {
 		newVMRestartCmd(g),
 		newVMRmCmd(g),
 		newVMLogsCmd(g),
+		newVMSnapshotCmd(g), // snapshot.go
+		newVMCloneCmd(g),
 	)
 	return cmd
 }

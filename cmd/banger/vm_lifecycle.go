@@ -118,6 +118,7 @@ func vmAction(g *globals, c *cobra.Command, name, action string, body any) error
 
 func newVMStartCmd(g *globals) *cobra.Command {
 	var wait bool
+	var fromSnapshot string
 	cmd := &cobra.Command{
 		Use:   "start NAME",
 		Short: "Start a VM",
@@ -127,10 +128,11 @@ func newVMStartCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return vmAction(g, c, args[0], "start", api.StartVMRequest{SSHKey: kp.AuthorizedKey, Wait: wait})
+			return vmAction(g, c, args[0], "start", api.StartVMRequest{SSHKey: kp.AuthorizedKey, Wait: wait, FromSnapshot: fromSnapshot})
 		},
 	}
 	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the VM is ready for banger ssh")
+	cmd.Flags().StringVar(&fromSnapshot, "from-snapshot", "", "restore the VM from this snapshot of it instead of booting")
 	return cmd
 }
 

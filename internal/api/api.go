@@ -133,6 +133,8 @@ type CreateVMRequest struct {
 type StartVMRequest struct {
 	SSHKey string `json:"ssh_key,omitempty"` // replaces the authorized key when set
 	Wait   bool   `json:"wait,omitempty"`    // wait until the VM is ready for ssh
+	// FromSnapshot restores the VM from this snapshot instead of booting.
+	FromSnapshot string `json:"from_snapshot,omitempty"`
 }
 
 // KernelPullRequest is the body of POST /v1/kernels/pull.

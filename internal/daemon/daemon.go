@@ -21,10 +21,12 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/failpoint"
 	"github.com/bangerdev/banger/internal/images"
 	"github.com/bangerdev/banger/internal/lifecycle"
 	"github.com/bangerdev/banger/internal/lockfile"
 	"github.com/bangerdev/banger/internal/reconciler"
+	"github.com/bangerdev/banger/internal/snapshot"
 	"github.com/bangerdev/banger/internal/store"
 	"golang.org/x/sys/unix"
 )
@@ -93,7 +95,9 @@ func New(ctx context.Context, opts Options) (*Daemon, error) {
 	d := &Daemon{cfg: cfg, log: log, lock: lock, store: st}
 	d.bgCtx, d.bgCancel = context.WithCancel(context.Background())
 	d.img = images.New(cfg, st, log)
-	d.life = lifecycle.New(lifecycle.Options{Config: cfg, Store: st, Logger: log, Kernels: d.img, Background: d.bgCtx})
+	snaps := snapshot.NewStore(filepath.Join(cfg.StateDir, "snapshots"))
+	snaps.Failpoint = failpoint.Reach
+	d.life = lifecycle.New(lifecycle.Options{Config: cfg, Store: st, Logger: log, Kernels: d.img, Background: d.bgCtx, Snapshots: snaps})
 	d.rec = &reconciler.Reconciler{Config: cfg, Store: st, Life: d.life, Log: log}
 	d.mux = d.routes()
 	if err := d.recover(ctx); err != nil {
@@ -236,6 +240,12 @@ func (d *Daemon) routes() *http.ServeMux {
 	m.HandleFunc("DELETE "+p+"/vms/{name}", d.handleVMDelete)
 	m.HandleFunc("GET "+p+"/vms/{name}/logs", d.handleVMLogs)
 	d.accessRoutes(m, p)
+	m.HandleFunc("POST "+p+"/vms/{name}/snapshot", d.handleVMSnapshot)
+
+	m.HandleFunc("GET "+p+"/snapshots", d.handleSnapshotList)
+	m.HandleFunc("GET "+p+"/snapshots/{name}", d.handleSnapshotGet)
+	m.HandleFunc("DELETE "+p+"/snapshots/{name}", d.handleSnapshotDelete)
+	m.HandleFunc("POST "+p+"/snapshots/{name}/clone", d.handleSnapshotClone)
 
 	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		d.writeError(w, r, api.Errorf(api.CodeNotFound, "no API endpoint %s %s (is the CLI newer than the daemon?)", r.Method, r.URL.Path))

@@ -15,6 +15,7 @@ func (d *Daemon) recovery() []recoveryStep {
 		{"pull leftovers", d.img.RecoverPullLeftovers},
 		{"kernel import leftovers", d.img.RecoverKernelLeftovers},
 		{"VM reconcile", d.rec.VMs},
+		{"snapshot leftovers", d.recoverSnapshots},
 		{"orphan scan", d.rec.Orphans},
 	}
 }

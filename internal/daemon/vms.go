@@ -126,6 +126,10 @@ func (d *Daemon) handleVMStart(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	if req.FromSnapshot != "" {
+		d.startFromSnapshot(w, r, vm, req) // snapshots.go
+		return
+	}
 	d.stream(w, r, func(ctx context.Context, report progress.Func) (any, error) {
 		return vmOp(r, func() (model.VM, error) { return d.life.Start(ctx, vm.ID, req.SSHKey, req.Wait, report) })
 	})

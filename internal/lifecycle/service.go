@@ -30,6 +30,7 @@ import (
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/netctl"
 	"github.com/bangerdev/banger/internal/progress"
+	"github.com/bangerdev/banger/internal/snapshot"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/supervisor"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -52,6 +53,8 @@ type Options struct {
 	// Background is the context of background work (supervisors); it
 	// ends when the daemon shuts down.
 	Background context.Context
+	// Snapshots is the snapshot store (snapshot.go).
+	Snapshots *snapshot.Store
 }
 
 // Service runs the VM lifecycle.
@@ -68,6 +71,7 @@ type Service struct {
 	sups  supervisor.Set
 	pub   published  // open published ports (ports.go)
 	netMu sync.Mutex // the bridge and the NAT table
+	snaps *snapshot.Store
 }
 
 // New returns a Service.
@@ -78,7 +82,7 @@ func New(o Options) *Service {
 	if o.Background == nil {
 		o.Background = context.Background()
 	}
-	return &Service{cfg: o.Config, store: o.Store, log: o.Logger, kernels: o.Kernels, bg: o.Background, locks: map[string]*sync.Mutex{}}
+	return &Service{cfg: o.Config, store: o.Store, log: o.Logger, kernels: o.Kernels, bg: o.Background, locks: map[string]*sync.Mutex{}, snaps: o.Snapshots}
 }
 
 // Lock returns the mutex serializing operations on the VM with id.

@@ -223,16 +223,8 @@ func (s *Service) attachNetwork(ctx context.Context, run *startRun, report progr
 func (s *Service) launchMonitor(ctx context.Context, run *startRun, report progress.Func) error {
 	vm := run.vm
 	report.Report(progress.Event{Phase: "vmm", Item: vm.VMM})
-	rtDir := s.RuntimeDir(vm.ID)
-	cmdline := s.cmdline(vm, run.nc, run.initrd)
-	spec := vmm.Spec{
-		VMID: vm.ID, Name: vm.Name, CPUs: vm.CPUs, MemoryMiB: vm.MemoryMiB,
-		Kernel: run.kernel, Initrd: run.initrd, Cmdline: cmdline,
-		Disk: run.disk.Path, Tap: vm.Runtime.Tap.Name, MAC: vm.MAC, RuntimeDir: rtDir,
-		ConsoleLog: s.ConsoleLog(vm.ID), AgentSocket: filepath.Join(rtDir, "agent.sock"),
-		VsockCID: vsockCID(vm.IP),
-	}
-	if err := s.contain(&spec, vm.VMM); err != nil {
+	spec, err := s.monitorSpec(run)
+	if err != nil {
 		return err
 	}
 	h, err := run.mon.Start(ctx, spec)
@@ -252,6 +244,24 @@ func (s *Service) launchMonitor(ctx context.Context, run *startRun, report progr
 		"start_overhead", time.Since(run.began).Round(time.Millisecond))
 	report.Report(progress.Event{Phase: "vmm", Item: vm.VMM, Done: true, Message: fmt.Sprintf("pid %d", h.PID)})
 	return nil
+}
+
+// monitorSpec is the VM monitor's spec for the VM of run.
+// It is contained (console log cap, the unprivileged QEMU user).
+func (s *Service) monitorSpec(run *startRun) (vmm.Spec, error) {
+	vm := run.vm
+	rtDir := s.RuntimeDir(vm.ID)
+	spec := vmm.Spec{
+		VMID: vm.ID, Name: vm.Name, CPUs: vm.CPUs, MemoryMiB: vm.MemoryMiB,
+		Kernel: run.kernel, Initrd: run.initrd, Cmdline: s.cmdline(vm, run.nc, run.initrd),
+		Disk: run.disk.Path, Tap: vm.Runtime.Tap.Name, MAC: vm.MAC, RuntimeDir: rtDir,
+		ConsoleLog: s.ConsoleLog(vm.ID), AgentSocket: filepath.Join(rtDir, "agent.sock"),
+		VsockCID: vsockCID(vm.IP),
+	}
+	if err := s.contain(&spec, vm.VMM); err != nil {
+		return spec, err
+	}
+	return spec, nil
 }
 
 // confirmMonitor records a started monitor on the VM: its handle in

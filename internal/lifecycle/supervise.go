@@ -25,7 +25,10 @@ func (s *Service) Supervise(vm model.VM) *supervisor.Supervisor {
 		panic(fmt.Sprintf("VM %s runs under unknown monitor %q: %v", vm.ID, vm.VMM, err))
 	}
 	hooks := supervisor.Hooks{Exited: s.monitorExited}
-	if vm.State == model.VMStarting {
+	switch {
+	case vm.State == model.VMStarting && vm.Runtime.Phase == PhaseIdentity:
+		hooks.Boot = s.identityWait // restored from a snapshot (snapshot.go)
+	case vm.State == model.VMStarting:
 		hooks.Boot = s.bootWait
 	}
 	sup := supervisor.Start(s.bg, vm, mon, vm.Runtime.Monitor, agentDial(vm.Runtime.Monitor), hooks)

@@ -140,6 +140,8 @@ type VM struct {
 	// Ports are the published ports (vm create -p), each with the host
 	// port chosen at create; opened whenever the VM runs.
 	Ports []portfwd.Spec `json:"ports,omitempty"`
+	// RestoredFrom is the id of the snapshot the VM was last started from.
+	RestoredFrom string `json:"restored_from,omitempty"`
 }
 
 // Runtime is what a started VM holds on the host, composed of its parts as

@@ -90,7 +90,8 @@ type Machine struct {
 	// CPUFeatures is a digest of the host CPU's feature flags, recorded
 	// under KVM, where the guest saw the host CPU; empty under TCG.
 	CPUFeatures string   `json:"cpu_features,omitempty"`
-	Kernel      string   `json:"kernel"`
+	Kernel      string   `json:"kernel"` // the kernel file
+	KernelName  string   `json:"kernel_name,omitempty"`
 	Initrd      string   `json:"initrd,omitempty"`
 	Cmdline     string   `json:"cmdline"`
 	Image       string   `json:"image"`
