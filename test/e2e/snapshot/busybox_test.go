@@ -1,0 +1,87 @@
+package snapshot
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/model"
+	"github.com/bangerdev/banger/internal/testutil"
+	"github.com/bangerdev/banger/test/e2e/e2etest"
+)
+
+// TestE2ESnapshotBusybox is the timing of the issue on an image without
+// systemd (busybox on banger's PID 1): cold vm run to ready, vm clone to
+// ready and vm start --from-snapshot to ready, in the same run.
+func TestE2ESnapshotBusybox(t *testing.T) {
+	layout := busyboxLayout(t)
+	e := e2etest.SetupWith(t, nil, "busybox", func(ns *e2etest.NetNS, reg *e2etest.Registry) string {
+		return reg.Push(t, ns, layout, "banger/busybox")
+	})
+	d := e.D
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	begin := time.Now()
+	d.MustCLI(ctx, "vm", "run", "--image", "busybox", "--name", "bb", "--memory", "256M")
+	cold := time.Since(begin)
+	var res api.SnapshotVMResult
+	d.JSON(ctx, &res, "vm", "snapshot", "bb", "bbsnap")
+	begin = time.Now()
+	d.MustCLI(ctx, "vm", "clone", "bbsnap", "--name", "bb2")
+	clone := time.Since(begin)
+	if vm := e2etest.Inspect(ctx, t, d, "bb2"); vm.State != model.VMRunning || vm.HostKey == "" {
+		t.Errorf("clone bb2: %s, host key %q; want running with its own host key", vm.State, vm.HostKey)
+	}
+	d.MustCLI(ctx, "vm", "stop", "bb")
+	begin = time.Now()
+	d.MustCLI(ctx, "vm", "start", "bb", "--from-snapshot", "bbsnap", "--wait")
+	restore := time.Since(begin)
+	if vm := e2etest.Inspect(ctx, t, d, "bb"); vm.State != model.VMRunning {
+		t.Errorf("bb restored is %s", vm.State)
+	}
+	t.Logf("BENCH busybox image (banger PID 1), 256 MiB, QEMU TCG: cold vm run to ready %v; vm clone to ready %v (%.1fx faster); vm start --from-snapshot to ready %v (%.1fx faster); pause %v; snapshot %s on disk",
+		cold.Round(100*time.Millisecond), clone.Round(100*time.Millisecond), float64(cold)/float64(clone),
+		restore.Round(100*time.Millisecond), float64(cold)/float64(restore), res.Snapshot.Pause.Round(time.Millisecond), mib(res.Snapshot.SizeOnDisk))
+	d.MustCLI(ctx, "vm", "rm", "--force", "bb", "bb2")
+	d.MustCLI(ctx, "snapshot", "rm", "bbsnap")
+	e2etest.AssertNoVMResources(t, e, true)
+}
+
+// busyboxLayout is an OCI layout of the busybox test root whose main
+// process counts in memory for ever.
+func busyboxLayout(t *testing.T) string {
+	t.Helper()
+	layer, err := tarball.LayerFromFile(testutil.BusyboxRootfsTar(t), tarball.WithMediaType(types.OCILayer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := mutate.AppendLayers(empty.Image, layer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.Architecture, cf.OS = "amd64", "linux"
+	cf.Config = v1.Config{Cmd: []string{"sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done"},
+		Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}}
+	if img, err = mutate.ConfigFile(img, cf); err != nil {
+		t.Fatal(err)
+	}
+	img = mutate.ConfigMediaType(mutate.MediaType(img, types.OCIManifestSchema1), types.OCIConfigJSON)
+	dir := filepath.Join(t.TempDir(), "layout")
+	if err := e2etest.WriteLayout(dir, img); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
