@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -140,9 +141,16 @@ func (s *Store) Verify(ctx context.Context, snap Snapshot) error {
 			return fmt.Errorf("snapshot %q: %s is %d bytes, %d were saved (banger snapshot rm it and take it again): %w",
 				snap.Name, f.Name, fi.Size(), f.Size, ErrCorrupt)
 		}
+		stamp, stamped := stampOf(fi)
+		if stamped && s.verifiedAs(p, stamp, f.SHA256) {
+			continue
+		}
 		sum, err := fileSHA256(ctx, p)
 		if err != nil {
 			return fmt.Errorf("snapshot %q: %w", snap.Name, err)
+		}
+		if sum == f.SHA256 && stamped {
+			s.markVerified(p, stamp, sum)
 		}
 		if sum != f.SHA256 {
 			return fmt.Errorf("snapshot %q: %s has SHA-256 %s, %s was saved: the file changed or is damaged (banger snapshot rm it and take it again): %w",
@@ -150,6 +158,48 @@ func (s *Store) Verify(ctx context.Context, snap Snapshot) error {
 		}
 	}
 	return nil
+}
+
+// fileStamp identifies one version of a file: any write through the
+// filesystem changes its ctime, a replacement its inode.
+type fileStamp struct {
+	dev, ino     uint64
+	size         int64
+	mtime, ctime int64
+}
+
+func stampOf(fi os.FileInfo) (fileStamp, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fileStamp{}, false
+	}
+	return fileStamp{dev: st.Dev, ino: st.Ino, size: st.Size,
+		mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}, true
+}
+
+// verifiedAs reports whether path was verified, unchanged since, with sum.
+// Verify hashes a file again whenever it changed; each daemon start
+// hashes every file once (the cache is in memory), which also catches
+// damage that bypassed the filesystem.
+func (s *Store) verifiedAs(path string, st fileStamp, sum string) bool {
+	s.vmu.Lock()
+	defer s.vmu.Unlock()
+	v, ok := s.verified[path]
+	return ok && v.stamp == st && v.sum == sum
+}
+
+func (s *Store) markVerified(path string, st fileStamp, sum string) {
+	s.vmu.Lock()
+	defer s.vmu.Unlock()
+	if s.verified == nil {
+		s.verified = map[string]verifiedFile{}
+	}
+	s.verified[path] = verifiedFile{stamp: st, sum: sum}
+}
+
+type verifiedFile struct {
+	stamp fileStamp
+	sum   string
 }
 
 // HostCPUFeatures is a digest of this host's CPU feature flags (the first

@@ -180,6 +180,20 @@ func TestTakeListRestoreRemove(t *testing.T) {
 		t.Errorf("restored console = %q, want %q", b, fake.RestoredLine)
 	}
 
+	// A file changed after a successful restore is hashed again (Verify
+	// remembers only files unchanged since they verified) and refused.
+	f, err := os.OpenFile(disk, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("X"), 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := st.Verify(context.Background(), snap); !errors.Is(err, snapshot.ErrCorrupt) {
+		t.Errorf("Verify after the disk copy changed = %v, want ErrCorrupt", err)
+	}
+
 	// rm refuses while a VM depends on the files, unless forced.
 	inUse := func(snapshot.Snapshot) []string { return []string{"clone-1"} }
 	if _, err := st.Remove("first", false, inUse); !errors.Is(err, snapshot.ErrInUse) || !strings.Contains(err.Error(), "clone-1") {

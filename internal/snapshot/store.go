@@ -25,6 +25,9 @@ type Store struct {
 	Failpoint func(name string)
 
 	mu sync.Mutex // serializes name checks and phase changes
+
+	vmu      sync.Mutex
+	verified map[string]verifiedFile // files Verify has hashed, unchanged since
 }
 
 // The failpoints, in the order Take and Restore reach them.
