@@ -43,6 +43,7 @@ func userSSHDir() (string, error) {
 func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
 	var req api.CreateVMRequest
 	var gf guestFlags
+	var mountFlags []string
 	cmd := &cobra.Command{
 		Use:   use + " --image IMAGE [--name NAME]",
 		Short: short,
@@ -56,6 +57,11 @@ func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
 			if err := gf.apply(&req, c.Flags().Changed("cmd")); err != nil {
 				return err
 			}
+			m, err := absMounts(mountFlags)
+			if err != nil {
+				return err
+			}
+			req.Mounts = m
 			kp, err := userKey()
 			if err != nil {
 				return err
@@ -97,6 +103,7 @@ func newVMCreateCmd(g *globals, use, short string, run bool) *cobra.Command {
 	f.StringVar(&req.VMM, "vmm", "", "VM monitor: auto, firecracker or qemu (default: the daemon's setting)")
 	gf.add(f)
 	addPortFlags(f, &req)
+	addMountFlags(f, &mountFlags)
 	return cmd
 }
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -19,6 +20,29 @@ func addPortFlags(f *pflag.FlagSet, req *api.CreateVMRequest) {
 		"publish a guest port on the host, [HOSTIP:][HOSTPORT:]GUESTPORT[/tcp|/udp] (HOSTIP defaults to 127.0.0.1, HOSTPORT 0 or absent picks a free port; repeatable)")
 }
 
+// addMountFlags adds vm create's --mount.
+func addMountFlags(f *pflag.FlagSet, mounts *[]string) {
+	f.StringArrayVar(mounts, "mount", nil, "mount a host folder in the guest, HOSTDIR:GUESTDIR[:ro] (checked as you; files the guest makes are yours; repeatable)")
+}
+
+// absMounts makes each --mount's HOSTDIR absolute against the working
+// directory (the daemon takes only absolute paths).
+func absMounts(values []string) ([]string, error) {
+	out := make([]string, 0, len(values))
+	for _, v := range values {
+		host, rest, ok := strings.Cut(v, ":")
+		if !ok || host == "" {
+			return nil, api.Errorf(api.CodeInvalid, "--mount %q: want HOSTDIR:GUESTDIR[:ro]", v)
+		}
+		abs, err := filepath.Abs(host)
+		if err != nil {
+			return nil, api.Errorf(api.CodeInvalid, "--mount %q: %v", v, err)
+		}
+		out = append(out, abs+":"+rest)
+	}
+	return out, nil
+}
+
 // portString is "8080/tcp -> 127.0.0.1:41234", as docker port prints it.
 func portString(p api.Port) string {
 	return fmt.Sprintf("%d/%s -> %s", p.GuestPort, p.Proto, net.JoinHostPort(p.HostIP, strconv.Itoa(int(p.HostPort))))
@@ -29,6 +53,9 @@ func portPairs(v api.VM) [][2]string {
 	var pairs [][2]string
 	for _, p := range v.Ports {
 		pairs = append(pairs, [2]string{"port", portString(p)})
+	}
+	for _, m := range v.Mounts {
+		pairs = append(pairs, [2]string{"mount", m})
 	}
 	return pairs
 }

@@ -127,6 +127,8 @@ type CreateVMRequest struct {
 	Env []string `json:"env,omitempty"`
 	// Ports are -p values, [HOSTIP:][HOSTPORT:]GUESTPORT[/tcp|/udp].
 	Ports []string `json:"ports,omitempty"`
+	// Mounts are --mount values, HOSTDIR:GUESTDIR[:ro] (HOSTDIR absolute).
+	Mounts []string `json:"mounts,omitempty"`
 }
 
 // StartVMRequest is the body of POST /v1/vms/{name}/start.

@@ -69,6 +69,8 @@ type VM struct {
 	Main    *guestabi.MainState `json:"main,omitempty"`
 	// Ports are the published ports with their host ports.
 	Ports []Port `json:"ports,omitempty"`
+	// Mounts are the host folders, HOSTDIR:GUESTDIR[:ro].
+	Mounts []string `json:"mounts,omitempty"`
 
 	// Runtime is what the running VM holds on the host; root only.
 	Runtime *model.Runtime `json:"runtime,omitempty"`
@@ -85,6 +87,9 @@ func ViewOf(vm model.VM, root bool) VM {
 		StoppedAt: vm.StoppedAt, FirstBoot: vm.FirstBoot, FirstBootLog: vm.FirstBootLog, HostKey: vm.HostKey,
 		SSHKey: vm.SSHKey, KernelCmdline: vm.KernelCmdline,
 		Init: vm.Init, Cmd: vm.Cmd, Env: vm.Env, InitRan: vm.InitRan, Main: vm.Main}
+	for _, m := range vm.Mounts {
+		v.Mounts = append(v.Mounts, m.String())
+	}
 	for _, p := range vm.Ports {
 		v.Ports = append(v.Ports, Port{HostIP: p.HostIP.String(), HostPort: p.HostPort, GuestPort: p.GuestPort, Proto: string(p.Proto)})
 	}

@@ -46,6 +46,10 @@ func (s *Service) Create(ctx context.Context, req api.CreateVMRequest, uid uint3
 	if err != nil {
 		return vm, err
 	}
+	folders, err := mountSpecs(ctx, req.Mounts, uid)
+	if err != nil {
+		return vm, err
+	}
 	nc, err := s.NetConfig()
 	if err != nil {
 		return vm, err
@@ -55,7 +59,7 @@ func (s *Service) Create(ctx context.Context, req api.CreateVMRequest, uid uint3
 		ID: id, Name: spec.name, OwnerUID: uid, Image: spec.img.Name, ImageID: spec.img.ID, Kernel: spec.kernel,
 		CPUs: spec.cpus, MemoryMiB: int(spec.mem >> 20), DiskBytes: max(spec.disk, spec.img.Size), VMM: spec.vmm, DiskDriver: spec.driver,
 		MAC: netctl.MACFor(id).String(), State: model.VMCreated, Created: time.Now().UTC(), SSHKey: req.SSHKey,
-		Init: spec.init, Cmd: spec.cmd, Env: spec.env, Ports: ports,
+		Init: spec.init, Cmd: spec.cmd, Env: spec.env, Ports: ports, Mounts: folders,
 		// Until the disk is made, the record says so: a daemon that dies
 		// meanwhile removes the half-made VM at its next start-up.
 		Runtime: model.Runtime{Phase: PhaseCreating},

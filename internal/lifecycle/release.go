@@ -94,6 +94,7 @@ func (s *Service) ReleaseAndMark(ctx context.Context, vm model.VM, sup *supervis
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer cancel()
 	s.unpublish(vm.ID)
+	s.detachMounts(vm.ID)
 	removed, rerr := s.release(cctx, vm, sup, false)
 	removed = append(m.Also, removed...)
 	if m.Failpoint != "" && rerr == nil {

@@ -70,6 +70,7 @@ type Service struct {
 
 	sups  supervisor.Set
 	pub   published  // open published ports (ports.go)
+	mnt   attached   // mounted host folders (mounts.go)
 	netMu sync.Mutex // the bridge and the NAT table
 	snaps *snapshot.Store
 }

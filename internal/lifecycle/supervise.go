@@ -34,6 +34,7 @@ func (s *Service) Supervise(vm model.VM) *supervisor.Supervisor {
 	sup := supervisor.Start(s.bg, vm, mon, vm.Runtime.Monitor, agentDial(vm.Runtime.Monitor), hooks)
 	s.sups.Put(vm.ID, sup)
 	s.publish(vm, sup)
+	s.attachMounts(vm, sup)
 	return sup
 }
 

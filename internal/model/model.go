@@ -16,6 +16,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/blockdev"
 	"github.com/bangerdev/banger/internal/guestabi"
+	"github.com/bangerdev/banger/internal/mounts"
 	"github.com/bangerdev/banger/internal/netctl"
 	"github.com/bangerdev/banger/internal/portfwd"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -142,6 +143,9 @@ type VM struct {
 	Ports []portfwd.Spec `json:"ports,omitempty"`
 	// RestoredFrom is the id of the snapshot the VM was last started from.
 	RestoredFrom string `json:"restored_from,omitempty"`
+	// Mounts are the host folders (vm create --mount), mounted in the
+	// guest whenever the VM runs.
+	Mounts []mounts.Spec `json:"mounts,omitempty"`
 }
 
 // Runtime is what a started VM holds on the host, composed of its parts as

@@ -74,7 +74,7 @@ var allowed = map[string][]string{
 	"internal/kvm":        {},
 	"internal/lockfile":   {},
 	"internal/guestabi":   {},
-	"internal/model":      {"internal/blockdev", "internal/guestabi", "internal/netctl", "internal/portfwd", "internal/vmm"},
+	"internal/model":      {"internal/blockdev", "internal/guestabi", "internal/mounts", "internal/netctl", "internal/portfwd", "internal/vmm"},
 	"internal/privdir":    {},
 	"internal/progress":   {},
 	"internal/units":      {},

@@ -3,6 +3,7 @@ package ports
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -69,7 +70,14 @@ func TestE2EPublishedPortThroughDaemon(t *testing.T) {
 	d := e.D
 	httpget := filepath.Join(t.TempDir(), "httpget")
 	goBuild(ctx, t, httpget, "./testdata/httpget")
-	out := d.MustCLI(ctx, "vm", "run", "--image", "web", "--name", "web", "-p", "0:8080")
+	share := filepath.Join(t.TempDir(), "share")
+	if err := os.Mkdir(share, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(share, "hello.txt"), []byte("from the host\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := d.MustCLI(ctx, "vm", "run", "--image", "web", "--name", "web", "-p", "0:8080", "--mount", share+":/mnt/src")
 	if !strings.Contains(out, "published 8080/tcp -> 127.0.0.1:") {
 		t.Errorf("vm run output does not name the published port:\n%s", out)
 	}
@@ -99,6 +107,25 @@ func TestE2EPublishedPortThroughDaemon(t *testing.T) {
 		t.Errorf("vm inspect does not show the port:\n%s", insp)
 	}
 
+	// The host folder, mounted once the guest is ready.
+	var got string
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(time.Second) {
+		r := d.CLI(ctx, "exec", "web", "--", "sh", "-c", "cat /mnt/src/hello.txt && echo from the guest > /mnt/src/guest.txt")
+		if got = r.Stdout; r.Code == 0 {
+			break
+		}
+	}
+	if got != "from the host\n" {
+		t.Errorf("guest reads the --mount folder: %q", got)
+	}
+	if b, err := os.ReadFile(filepath.Join(share, "guest.txt")); err != nil || string(b) != "from the guest\n" {
+		t.Errorf("host reads the guest's file in the --mount folder: %q, %v", b, err)
+	}
+	res0 := d.CLI(ctx, "vm", "create", "--image", "web", "--name", "nomount", "--mount", "/nonexistent-banger:/mnt/x")
+	if res0.Code == 0 {
+		t.Errorf("vm create --mount of a missing folder succeeded")
+	}
+
 	d.Kill()
 	d.Start()
 	e2etest.WaitSettled(ctx, t, d, 2*time.Minute)
@@ -109,7 +136,7 @@ func TestE2EPublishedPortThroughDaemon(t *testing.T) {
 	if res.Code == 0 || !strings.Contains(res.Stderr, "already in use") {
 		t.Errorf("vm create -p %s:8080 with the port taken: exit %d, stderr %q; want a refusal saying it is in use", port, res.Code, res.Stderr)
 	}
-	if ls := d.MustCLI(ctx, "vm", "ls"); strings.Contains(ls, "dup") {
+	if ls := d.MustCLI(ctx, "vm", "ls"); strings.Contains(ls, "dup") || strings.Contains(ls, "nomount") {
 		t.Errorf("a refused create left a VM record:\n%s", ls)
 	}
 
