@@ -367,6 +367,14 @@ func testSSHConfig(ctx context.Context, t *testing.T, g *guest) {
 	if out := run("ssh", "-F", cfg, host, "echo", "via-agent-$((6*7))"); !strings.Contains(out, "via-agent-42") {
 		t.Errorf("ssh %s: %q", host, out)
 	}
+	// banger ssh picks the agent by itself: the image has no sshd and the
+	// VM no network.
+	if out := d.MustCLI(ctx, "ssh", g.name, "--", "echo", "auto-$((1+1))"); strings.TrimSpace(out) != "auto-2" {
+		t.Errorf("banger ssh (auto) = %q, want auto-2", out)
+	}
+	if out := d.MustCLI(ctx, "ssh", "--via", "agent", g.name, "--", "tty", "-s", "||", "echo", "no-tty"); strings.TrimSpace(out) != "no-tty" {
+		t.Errorf("banger ssh --via agent = %q", out)
+	}
 	payload := filepath.Join(dir, "payload")
 	if err := os.WriteFile(payload, bytes.Repeat([]byte("scp!"), 1<<18), 0o640); err != nil {
 		t.Fatal(err)
