@@ -21,7 +21,7 @@ const (
 	DefaultRequestTimeout = 10 * time.Second
 	// DefaultHelloRetry is how often a serial client repeats its hello
 	// while waiting for the agent's echo.
-	DefaultHelloRetry = time.Second
+	DefaultHelloRetry = 200 * time.Millisecond
 )
 
 // ClientOptions tune NewClient.

@@ -42,7 +42,7 @@ func (s *Supervisor) WaitBooted(ctx context.Context, w BootWait) (*agent.Status,
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("the agent never answered (last error: %w)", err)
-		case <-time.After(500 * time.Millisecond):
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
 	if _, err := c.Health(ctx); err != nil {
