@@ -23,48 +23,17 @@ import (
 	"github.com/bangerdev/banger/internal/testutil"
 	"github.com/bangerdev/banger/test/e2e/e2etest"
 	"github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
 func TestMain(m *testing.M) { e2etest.Main(m) }
 
-func layoutOf(t *testing.T, tarPath string, cfg v1.Config) string {
-	t.Helper()
-	layer, err := tarball.LayerFromFile(tarPath, tarball.WithMediaType(types.OCILayer))
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := mutate.AppendLayers(empty.Image, layer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	cf.Architecture, cf.OS, cf.Config = "amd64", "linux", cfg
-	if img, err = mutate.ConfigFile(img, cf); err != nil {
-		t.Fatal(err)
-	}
-	img = mutate.ConfigMediaType(mutate.MediaType(img, types.OCIManifestSchema1), types.OCIConfigJSON)
-	dir := filepath.Join(t.TempDir(), "layout")
-	if err := e2etest.WriteLayout(dir, img); err != nil {
-		t.Fatal(err)
-	}
-	return dir
-}
-
 func TestE2EAccessImages(t *testing.T) {
 	testutil.RequiresVM(t)
 	testutil.RequiresTool(t, "ssh", "scp", "sftp")
-	busybox := layoutOf(t, testutil.BusyboxRootfsTar(t), v1.Config{
+	busybox := e2etest.LayoutOf(t, testutil.BusyboxRootfsTar(t), v1.Config{
 		Cmd: []string{"sh", "-c", "sleep 100000"}, Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"},
 	})
-	scratch := layoutOf(t, testutil.ScratchRootfsTar(t), v1.Config{Entrypoint: []string{"/app"}, Cmd: []string{"x"}})
+	scratch := e2etest.LayoutOf(t, testutil.ScratchRootfsTar(t), v1.Config{Entrypoint: []string{"/app"}, Cmd: []string{"x"}})
 	e := e2etest.SetupWith(t, nil, "busybox", func(ns *e2etest.NetNS, reg *e2etest.Registry) string {
 		return reg.Push(t, ns, busybox, "banger/busybox")
 	})

@@ -8,16 +8,11 @@ package anyimage
 import (
 	"context"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/bangerdev/banger/internal/guestabi"
 	"github.com/bangerdev/banger/internal/model"
@@ -26,35 +21,6 @@ import (
 )
 
 func TestMain(m *testing.M) { e2etest.Main(m) }
-
-// layoutOf writes an OCI layout holding tarPath as its one layer with the
-// run config cfg, tagged "test".
-func layoutOf(t *testing.T, tarPath string, cfg v1.Config) string {
-	t.Helper()
-	layer, err := tarball.LayerFromFile(tarPath, tarball.WithMediaType(types.OCILayer))
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := mutate.AppendLayers(empty.Image, layer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	cf.Architecture, cf.OS, cf.Config = "amd64", "linux", cfg
-	if img, err = mutate.ConfigFile(img, cf); err != nil {
-		t.Fatal(err)
-	}
-	img = mutate.ConfigMediaType(mutate.MediaType(img, types.OCIManifestSchema1), types.OCIConfigJSON)
-	dir := filepath.Join(t.TempDir(), "layout")
-	if err := e2etest.WriteLayout(dir, img); err != nil {
-		t.Fatal(err)
-	}
-	return dir
-}
 
 // busyboxMain is the busybox image's Cmd: who and where it runs, an orphan
 // left for PID 1 to reap, a ping of the gateway (read from the kernel
@@ -73,14 +39,14 @@ exit 3`
 // image as "debian". It returns the Env and what pulling scratch printed.
 func images(t *testing.T, ctx context.Context) (*e2etest.Env, string) {
 	t.Helper()
-	busybox := layoutOf(t, testutil.BusyboxRootfsTar(t), v1.Config{
+	busybox := e2etest.LayoutOf(t, testutil.BusyboxRootfsTar(t), v1.Config{
 		Cmd: []string{"sh", "-c", busyboxMain}, Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=from the image"}, WorkingDir: "/tmp",
 	})
-	scratch := layoutOf(t, testutil.ScratchRootfsTar(t), v1.Config{
+	scratch := e2etest.LayoutOf(t, testutil.ScratchRootfsTar(t), v1.Config{
 		Entrypoint: []string{"/app"}, Cmd: []string{"x"}, Env: []string{"GREETING=hi", "EXIT=5"}, User: "1234:5678", WorkingDir: "/work",
 		ExposedPorts: map[string]struct{}{"8080/tcp": {}},
 	})
-	minbase := layoutOf(t, testutil.DebianMinbaseTar(t), v1.Config{
+	minbase := e2etest.LayoutOf(t, testutil.DebianMinbaseTar(t), v1.Config{
 		Cmd: []string{"sh", "-c", `echo "MAIN $(id -un) $(pwd)"; exit 7`}, User: "nobody", WorkingDir: "/var/tmp",
 	})
 	systemd := e2etest.DebianLayout(t, "", nil)

@@ -99,8 +99,25 @@ func MiniLayout(t testing.TB) string {
 }
 
 // writeLayout writes an OCI layout at dir with one image, tagged "test",
-// whose single layer is the tarball at tarPath.
+// whose single layer is the tarball at tarPath and whose run config is
+// ImageConfig's (Cmd /sbin/init).
 func writeLayout(dir, tarPath string) error {
+	return writeLayoutWithConfig(dir, tarPath, v1.Config{Cmd: []string{"/sbin/init"}})
+}
+
+// LayoutOf writes, under t.TempDir(), an OCI layout holding the tarball at
+// tarPath as its one layer with the run config cfg, tagged "test", and
+// returns its dir.
+func LayoutOf(t *testing.T, tarPath string, cfg v1.Config) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "layout")
+	if err := writeLayoutWithConfig(dir, tarPath, cfg); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+func writeLayoutWithConfig(dir, tarPath string, cfg v1.Config) error {
 	layer, err := tarball.LayerFromFile(tarPath, tarball.WithMediaType(types.OCILayer))
 	if err != nil {
 		return err
@@ -109,10 +126,12 @@ func writeLayout(dir, tarPath string) error {
 	if err != nil {
 		return err
 	}
-	cf, err := ImageConfig(img)
+	cf, err := img.ConfigFile()
 	if err != nil {
 		return err
 	}
+	cf = cf.DeepCopy()
+	cf.Architecture, cf.OS, cf.Config = "amd64", "linux", cfg
 	if img, err = mutate.ConfigFile(img, cf); err != nil {
 		return err
 	}
