@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"os/exec"
 	"sort"
 	"strconv"
@@ -210,9 +211,15 @@ func TestNATTable(t *testing.T) {
 func TestIPForwardPerNamespace(t *testing.T) {
 	hostBefore := hostIPForward(t)
 	testutil.InNetNS(t)
+	// A new namespace copies ip_forward from the host's (the kernel's
+	// default net.core.devconf_inherit_init_net=0), so turn it off here
+	// first: the test must not depend on what the host has set.
+	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("0\n"), 0o644); err != nil {
+		t.Fatalf("turn ip_forward off in the test namespace: %v", err)
+	}
 	on, err := netctl.IPForwardEnabled()
 	if err != nil || on {
-		t.Fatalf("IPForwardEnabled in a new namespace = %v, %v; want false", on, err)
+		t.Fatalf("IPForwardEnabled after turning it off in the test namespace = %v, %v; want false", on, err)
 	}
 	if err := netctl.EnableIPForward(); err != nil {
 		t.Fatal(err)
