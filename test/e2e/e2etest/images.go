@@ -1,9 +1,12 @@
 package e2etest
 
 import (
+	"archive/tar"
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -102,7 +105,7 @@ func MiniLayout(t testing.TB) string {
 // whose single layer is the tarball at tarPath and whose run config is
 // ImageConfig's (Cmd /sbin/init).
 func writeLayout(dir, tarPath string) error {
-	return writeLayoutWithConfig(dir, tarPath, v1.Config{Cmd: []string{"/sbin/init"}})
+	return writeLayoutWithConfig(dir, v1.Config{Cmd: []string{"/sbin/init"}}, tarPath)
 }
 
 // LayoutOf writes, under t.TempDir(), an OCI layout holding the tarball at
@@ -111,18 +114,103 @@ func writeLayout(dir, tarPath string) error {
 func LayoutOf(t *testing.T, tarPath string, cfg v1.Config) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "layout")
-	if err := writeLayoutWithConfig(dir, tarPath, cfg); err != nil {
+	if err := writeLayoutWithConfig(dir, cfg, tarPath); err != nil {
 		t.Fatal(err)
 	}
 	return dir
 }
 
-func writeLayoutWithConfig(dir, tarPath string, cfg v1.Config) error {
-	layer, err := tarball.LayerFromFile(tarPath, tarball.WithMediaType(types.OCILayer))
+// BusyboxLayout writes, under t.TempDir(), an OCI layout of the busybox
+// test root (testutil.BusyboxRootfsTar) whose main process is
+// `sh -c script`, and returns its dir. files adds a second layer holding,
+// for each guest path (relative, e.g. "bin/udpecho"), the host file named
+// (mode 0755): test programs the script runs.
+func BusyboxLayout(t *testing.T, script string, files map[string]string) string {
+	t.Helper()
+	tars := []string{testutil.BusyboxRootfsTar(t)}
+	if len(files) > 0 {
+		extra := filepath.Join(t.TempDir(), "extra.tar")
+		if err := writeFilesTar(extra, files); err != nil {
+			t.Fatal(err)
+		}
+		tars = append(tars, extra)
+	}
+	dir := filepath.Join(t.TempDir(), "layout")
+	cfg := v1.Config{Cmd: []string{"sh", "-c", script}, Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}}
+	if err := writeLayoutWithConfig(dir, cfg, tars...); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// SetupBusybox is SetupWith for a busybox image (BusyboxLayout of script
+// and files) pulled as imageName.
+func SetupBusybox(t *testing.T, daemonCfg map[string]any, imageName, script string, files map[string]string) *Env {
+	t.Helper()
+	testutil.RequiresVM(t)
+	layoutDir := BusyboxLayout(t, script, files)
+	return SetupWith(t, daemonCfg, imageName, func(ns *NetNS, reg *Registry) string {
+		return reg.Push(t, ns, layoutDir, "banger/"+imageName)
+	})
+}
+
+// writeFilesTar writes a tarball at out holding each host file of files
+// at its guest path, mode 0755, owned by root, with its parent dirs.
+func writeFilesTar(out string, files map[string]string) error {
+	f, err := os.Create(out)
 	if err != nil {
 		return err
 	}
-	img, err := mutate.AppendLayers(empty.Image, layer)
+	defer f.Close()
+	tw := tar.NewWriter(f)
+	dirs := map[string]bool{}
+	names := make([]string, 0, len(files))
+	for name := range files {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		clean := filepath.Clean(name)
+		if filepath.IsAbs(clean) || clean == "." || strings.HasPrefix(clean, "..") {
+			return fmt.Errorf("layer file %q: want a relative path inside the image", name)
+		}
+		b, err := os.ReadFile(files[name])
+		if err != nil {
+			return err
+		}
+		var parents []string // shortest first
+		for d := filepath.Dir(clean); d != "." && !dirs[d]; d = filepath.Dir(d) {
+			dirs[d] = true
+			parents = append([]string{d}, parents...)
+		}
+		for _, d := range parents {
+			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755}); err != nil {
+				return err
+			}
+		}
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: clean, Mode: 0o755, Size: int64(len(b))}); err != nil {
+			return err
+		}
+		if _, err := tw.Write(b); err != nil {
+			return err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+func writeLayoutWithConfig(dir string, cfg v1.Config, tarPaths ...string) error {
+	var layers []v1.Layer
+	for _, p := range tarPaths {
+		layer, err := tarball.LayerFromFile(p, tarball.WithMediaType(types.OCILayer))
+		if err != nil {
+			return err
+		}
+		layers = append(layers, layer)
+	}
+	img, err := mutate.AppendLayers(empty.Image, layers...)
 	if err != nil {
 		return err
 	}

@@ -9,13 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
-
-	"github.com/bangerdev/banger/internal/testutil"
 	"github.com/bangerdev/banger/test/e2e/e2etest"
 )
 
@@ -25,46 +18,13 @@ func TestMain(m *testing.M) { e2etest.Main(m) }
 // loopback only.
 const webMain = `mkdir -p /www && echo "hello through a published port" > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www`
 
-// busyboxLayout is an OCI layout of the busybox test rootfs whose Cmd runs
-// webMain.
-func busyboxLayout(t *testing.T) string {
-	t.Helper()
-	layer, err := tarball.LayerFromFile(testutil.BusyboxRootfsTar(t), tarball.WithMediaType(types.OCILayer))
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := mutate.AppendLayers(empty.Image, layer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	cf.Architecture, cf.OS = "amd64", "linux"
-	cf.Config = v1.Config{Cmd: []string{"sh", "-c", webMain}, Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}}
-	if img, err = mutate.ConfigFile(img, cf); err != nil {
-		t.Fatal(err)
-	}
-	img = mutate.ConfigMediaType(mutate.MediaType(img, types.OCIManifestSchema1), types.OCIConfigJSON)
-	dir := filepath.Join(t.TempDir(), "layout")
-	if err := e2etest.WriteLayout(dir, img); err != nil {
-		t.Fatal(err)
-	}
-	return dir
-}
-
 // TestE2EPublishedPortThroughDaemon: vm run -p 0:8080 on a busybox image
 // whose httpd binds only the guest's loopback; the body through the
 // published port; again after a daemon SIGKILL and restart; a second VM
 // asking for the same host port is refused and leaves no record; vm rm
 // closes the port.
 func TestE2EPublishedPortThroughDaemon(t *testing.T) {
-	layout := busyboxLayout(t)
-	e := e2etest.SetupWith(t, nil, "web", func(ns *e2etest.NetNS, reg *e2etest.Registry) string {
-		return reg.Push(t, ns, layout, "banger/web")
-	})
+	e := e2etest.SetupBusybox(t, nil, "web", webMain, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	d := e.D

@@ -5,20 +5,12 @@ package snapshotbusybox
 
 import (
 	"context"
-	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
 
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
-
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/model"
-	"github.com/bangerdev/banger/internal/testutil"
 	"github.com/bangerdev/banger/test/e2e/e2etest"
 )
 
@@ -30,10 +22,8 @@ func mib(n int64) string { return strconv.FormatInt(n>>20, 10) + " MiB" }
 // systemd (busybox on banger's PID 1): cold vm run to ready, vm clone to
 // ready and vm start --from-snapshot to ready, in the same run.
 func TestE2ESnapshotBusybox(t *testing.T) {
-	layout := busyboxLayout(t)
-	e := e2etest.SetupWith(t, nil, "busybox", func(ns *e2etest.NetNS, reg *e2etest.Registry) string {
-		return reg.Push(t, ns, layout, "banger/busybox")
-	})
+	// The main process counts in memory for ever.
+	e := e2etest.SetupBusybox(t, nil, "busybox", "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done", nil)
 	d := e.D
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
@@ -61,35 +51,4 @@ func TestE2ESnapshotBusybox(t *testing.T) {
 	d.MustCLI(ctx, "vm", "rm", "--force", "bb", "bb2")
 	d.MustCLI(ctx, "snapshot", "rm", "bbsnap")
 	e2etest.AssertNoVMResources(t, e, true)
-}
-
-// busyboxLayout is an OCI layout of the busybox test root whose main
-// process counts in memory for ever.
-func busyboxLayout(t *testing.T) string {
-	t.Helper()
-	layer, err := tarball.LayerFromFile(testutil.BusyboxRootfsTar(t), tarball.WithMediaType(types.OCILayer))
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := mutate.AppendLayers(empty.Image, layer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	cf.Architecture, cf.OS = "amd64", "linux"
-	cf.Config = v1.Config{Cmd: []string{"sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done"},
-		Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}}
-	if img, err = mutate.ConfigFile(img, cf); err != nil {
-		t.Fatal(err)
-	}
-	img = mutate.ConfigMediaType(mutate.MediaType(img, types.OCIManifestSchema1), types.OCIConfigJSON)
-	dir := filepath.Join(t.TempDir(), "layout")
-	if err := e2etest.WriteLayout(dir, img); err != nil {
-		t.Fatal(err)
-	}
-	return dir
 }
