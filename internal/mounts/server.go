@@ -6,15 +6,17 @@ import (
 	"io/fs"
 	"os"
 	"path"
+	"sync"
 	"syscall"
 
 	"github.com/pkg/sftp"
+	"golang.org/x/sys/unix"
 )
 
 // Serve answers SFTP requests on rwc for root until the peer closes it.
 // Every request is carried out by root, beneath the folder. It closes rwc.
 func Serve(rwc io.ReadWriteCloser, root *Root) error {
-	h := &handlers{root: root}
+	h := &handlers{root: root, open: map[string]map[*openFile]struct{}{}}
 	srv := sftp.NewRequestServer(rwc, sftp.Handlers{FileGet: h, FilePut: h, FileCmd: h, FileList: h}, sftp.WithRSMaxTxPacket(maxPacket))
 	defer srv.Close()
 	err := srv.Serve()
@@ -25,22 +27,117 @@ func Serve(rwc io.ReadWriteCloser, root *Root) error {
 }
 
 // handlers maps pkg/sftp's request handlers onto a Root.
-type handlers struct{ root *Root }
+type handlers struct {
+	root *Root
+
+	// open is every file a guest handle has open, by the SFTP path it was
+	// opened as (the path the request server gives a handle's Fsetstat),
+	// so an fsync reaches the very descriptors the guest wrote through.
+	mu   sync.Mutex
+	open map[string]map[*openFile]struct{}
+}
+
+// FsyncExtension is the extended attribute a guest's fsync sends as an
+// SFTP fsetstat on its handle: pkg/sftp's request server does not serve
+// fsync@openssh.com, but hands a handle's fsetstat, extended attributes
+// included, to the Setstat handler with the handle's path. Its data is
+// "data" for fdatasync, anything else for fsync.
+const FsyncExtension = "fsync@banger.dev"
+
+// openFile is a host file a guest handle has open.
+type openFile struct {
+	*os.File
+	h    *handlers
+	path string
+}
+
+// Close forgets f and closes it (the request server closes a handle's
+// file when the guest closes the handle).
+func (f *openFile) Close() error {
+	f.h.mu.Lock()
+	if set := f.h.open[f.path]; set != nil {
+		delete(set, f)
+		if len(set) == 0 {
+			delete(f.h.open, f.path)
+		}
+	}
+	f.h.mu.Unlock()
+	return f.File.Close()
+}
+
+func (h *handlers) openFile(p string, flags int, perm uint32) (*openFile, error) {
+	f, err := h.root.OpenFile(p, flags, perm)
+	if err != nil {
+		return nil, err
+	}
+	of := &openFile{File: f, h: h, path: p}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.open[p] == nil {
+		h.open[p] = map[*openFile]struct{}{}
+	}
+	h.open[p][of] = struct{}{}
+	return of, nil
+}
+
+// fsync forces to the host's disk what was written to p: through the
+// descriptors guest handles have open under that path (one is enough for
+// an inode's data, but a handle's file may have been renamed or replaced
+// since, so each distinct inode is synced), or through a new descriptor
+// when none is open.
+func (h *handlers) fsync(p string, dataOnly bool) error {
+	sync := func(f *os.File) error {
+		if dataOnly {
+			return unix.Fdatasync(int(f.Fd()))
+		}
+		return f.Sync()
+	}
+	h.mu.Lock()
+	files := make([]*os.File, 0, len(h.open[p]))
+	for of := range h.open[p] {
+		files = append(files, of.File)
+	}
+	h.mu.Unlock()
+	if len(files) == 0 {
+		f, err := h.root.OpenFile(p, os.O_RDONLY, 0)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		files = append(files, f)
+	}
+	seen := map[uint64]bool{}
+	for _, f := range files {
+		var st unix.Stat_t
+		if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+			// Closed meanwhile by its handle: the others still count.
+			continue
+		}
+		if seen[st.Ino] {
+			continue
+		}
+		seen[st.Ino] = true
+		if err := sync(f); err != nil {
+			return h.root.fail("fsync", p, err)
+		}
+	}
+	return nil
+}
 
 // newFileMode is the mode a file the guest creates gets before the guest
 // side applies the mode it asked for (SFTP's open carries none).
 const newFileMode = 0o644
 
 func (h *handlers) Fileread(r *sftp.Request) (io.ReaderAt, error) {
-	return h.root.OpenFile(r.Filepath, os.O_RDONLY, 0)
+	return h.openFile(r.Filepath, os.O_RDONLY, 0)
 }
 
 func (h *handlers) Filewrite(r *sftp.Request) (io.WriterAt, error) {
-	return h.root.OpenFile(r.Filepath, openFlags(r.Pflags()), newFileMode)
+	return h.openFile(r.Filepath, openFlags(r.Pflags()), newFileMode)
 }
 
 func (h *handlers) OpenFile(r *sftp.Request) (sftp.WriterAtReaderAt, error) {
-	return h.root.OpenFile(r.Filepath, openFlags(r.Pflags()), newFileMode)
+	return h.openFile(r.Filepath, openFlags(r.Pflags()), newFileMode)
 }
 
 // openFlags converts SFTP open flags to os.O_* flags. Append is left out on
@@ -71,6 +168,11 @@ func openFlags(f sftp.FileOpenFlags) int {
 func (h *handlers) Filecmd(r *sftp.Request) error {
 	switch r.Method {
 	case "Setstat":
+		for _, e := range r.Attributes().Extended {
+			if e.ExtType == FsyncExtension {
+				return h.fsync(r.Filepath, e.ExtData == "data")
+			}
+		}
 		return h.root.SetAttr(r.Filepath, attrsOf(r))
 	case "Rename":
 		return h.root.Rename(r.Filepath, r.Target, false)
