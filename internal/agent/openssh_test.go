@@ -20,6 +20,9 @@ import (
 const proxyEnv = "BANGER_AGENT_TEST_PROXY"
 
 func TestMain(m *testing.M) {
+	if len(os.Args) == 2 && os.Args[1] == sftpServerArg {
+		os.Exit(RunSFTPServer())
+	}
 	if sock := os.Getenv(proxyEnv); sock != "" {
 		c, err := net.Dial("unix", sock)
 		if err != nil {

@@ -55,6 +55,11 @@ type Server struct {
 	// Services are further stream services by operation name (port
 	// forwarding, host folders: services.go); the guest program sets them.
 	Services map[string]StreamService
+	// SFTPServer is the argv of a program serving SFTP on its stdin and
+	// stdout (the guest program's sftp-server mode), which the SSH server
+	// runs as the login user for the sftp subsystem of anyone but the
+	// agent's own user. Nil: the image's sftp-server.
+	SFTPServer []string
 	// SerialEOFBackoff is how long to wait after a serial port reports that
 	// no host is connected before reading again.
 	SerialEOFBackoff time.Duration

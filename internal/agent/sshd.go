@@ -22,8 +22,8 @@ import (
 	"golang.org/x/crypto/ssh"
 )
 
-// sftpServers are where images keep OpenSSH's sftp-server, which serves a
-// user other than root (the in-process server runs as the agent).
+// sftpServers are where images keep OpenSSH's sftp-server, used for a user
+// other than root when the Server has no SFTPServer of its own.
 var sftpServers = []string{"/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/lib/ssh/sftp-server", "/usr/libexec/sftp-server"}
 
 // hostKeyPrivate is the private half of HostKeyFile.
@@ -363,8 +363,12 @@ func (ss *sshSession) exit(st ExitStatus) {
 	_ = ss.ch.Close()
 }
 
-// sftp serves the sftp subsystem: in-process for root, through the
-// image's sftp-server for another user.
+// sftp serves the sftp subsystem as the login user. For the agent's own
+// user (root) it runs in process; for anyone else it runs banger's own
+// SFTP server (Server.SFTPServer: the guest program in its sftp-server
+// mode) as a child with the user's uid, gid and groups, so every file is
+// opened, created and owned as that user, as OpenSSH's sftp-server would.
+// Without one it falls back to the image's sftp-server.
 func (ss *sshSession) sftp(finish func()) {
 	defer finish()
 	u, err := lookupUser(ss.user)
@@ -372,32 +376,71 @@ func (ss *sshSession) sftp(finish func()) {
 		ss.fail(exitCannotRun, err.Error())
 		return
 	}
+	dir := u.home
+	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+		dir = "/"
+	}
 	if u.cred == nil {
 		// The server closes its stream when done; the channel must stay
 		// open for the exit status.
-		srv, err := sftp.NewServer(keepOpen{ss.ch}, sftp.WithServerWorkingDirectory(u.home))
-		if err != nil {
-			ss.fail(1, err.Error())
-			return
-		}
-		err = srv.Serve()
-		_ = srv.Close()
 		code := 0
-		if err != nil && !errors.Is(err, io.EOF) {
+		if err := ServeSFTP(keepOpen{ss.ch}, dir); err != nil {
 			code = 1
 		}
 		ss.exit(ExitStatus{Code: code})
 		return
 	}
+	if argv := ss.s.SFTPServer; len(argv) > 0 {
+		ss.start1(&procSpec{path: argv[0], argv: argv, env: baseEnv(u, false, ""), dir: dir, cred: u.cred, stdin: true})
+		return
+	}
 	for _, bin := range sftpServers {
 		if _, err := os.Stat(bin); err == nil {
-			spec := &procSpec{path: bin, argv: []string{bin}, env: baseEnv(u, false, ""), dir: u.home, cred: u.cred, stdin: true}
-			ss.start1(spec)
+			ss.start1(&procSpec{path: bin, argv: []string{bin}, env: baseEnv(u, false, ""), dir: dir, cred: u.cred, stdin: true})
 			return
 		}
 	}
 	ss.fail(exitCannotRun, "sftp as "+ss.user+" needs an sftp-server in the image; log in as root for banger's own")
 }
+
+// ServeSFTP serves the SFTP protocol on rw until the client ends it,
+// relative paths resolved from dir, with the calling process's rights. The
+// guest program's sftp-server mode runs it on stdin and stdout as the
+// login user.
+func ServeSFTP(rw io.ReadWriteCloser, dir string) error {
+	srv, err := sftp.NewServer(rw, sftp.WithServerWorkingDirectory(dir))
+	if err != nil {
+		return err
+	}
+	err = srv.Serve()
+	_ = srv.Close()
+	if err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	return nil
+}
+
+// RunSFTPServer is the guest program's sftp-server mode: SFTP on stdin and
+// stdout from the working directory, as whoever started it (the agent
+// starts it as the SSH login user). It returns the exit status.
+func RunSFTPServer() int {
+	dir, err := os.Getwd()
+	if err != nil {
+		dir = "/"
+	}
+	if err := ServeSFTP(stdio{}, dir); err != nil {
+		fmt.Fprintf(os.Stderr, "banger sftp-server: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// stdio is stdin and stdout as one stream.
+type stdio struct{}
+
+func (stdio) Read(p []byte) (int, error)  { return os.Stdin.Read(p) }
+func (stdio) Write(p []byte) (int, error) { return os.Stdout.Write(p) }
+func (stdio) Close() error                { return os.Stdout.Close() }
 
 // sshDirect forwards a direct-tcpip channel to an address inside the guest.
 func (s *Server) sshDirect(ctx context.Context, nc ssh.NewChannel) {

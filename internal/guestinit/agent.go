@@ -50,6 +50,11 @@ func RunAgent(version string, args []string) int {
 	srv := agent.NewServer(*root, version)
 	srv.Log = logger
 	srv.PowerOff = agentPowerOff
+	if exe, err := os.Executable(); err == nil {
+		srv.SFTPServer = []string{exe, SFTPServerMode}
+	} else {
+		logger.Printf("find the guest program for sftp as other users: %v (falling back to the image's sftp-server)", err)
+	}
 	srv.Services = map[string]agent.StreamService{
 		portfwd.ServiceName: (&portfwd.Guest{}).ServeStream,
 		mounts.ServiceName:  (&mounts.Guest{}).ServeStream,

@@ -11,7 +11,9 @@
 //   - any other process: the guest agent (package agent), as
 //     banger-vsock-agent.service or banger's PID 1 start it, or with the
 //     argument "network" the network setup banger-network.service runs in
-//     systemd images (RunNetwork).
+//     systemd images (RunNetwork), or with the argument "sftp-server" an
+//     SFTP server on stdin and stdout, which the agent's SSH server starts
+//     as the login user for the sftp subsystem (agent.RunSFTPServer).
 //
 // Every failure of the init prints one line on the console,
 //
@@ -25,8 +27,13 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/guestinit/initramfs"
 )
+
+// SFTPServerMode is the argument that starts the guest program as an SFTP
+// server on stdin and stdout.
+const SFTPServerMode = "sftp-server"
 
 // Main runs the mode the process was started in (see the package doc) and
 // exits. version is the build's version string.
@@ -45,6 +52,9 @@ func Main(version string) {
 	}
 	if len(os.Args) > 1 && os.Args[1] == "network" {
 		os.Exit(RunNetwork(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == SFTPServerMode {
+		os.Exit(agent.RunSFTPServer())
 	}
 	os.Exit(RunAgent(version, os.Args[1:]))
 }
