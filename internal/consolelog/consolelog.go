@@ -143,7 +143,7 @@ func Follow(ctx context.Context, conn net.Conn, w *Writer) error {
 
 var (
 	followMu  sync.Mutex
-	following = map[string]bool{}
+	following = map[string]chan struct{}{} // closed when the follower ends
 )
 
 // FollowSocket follows the console socket at sock into the log at path, in
@@ -153,7 +153,7 @@ var (
 func FollowSocket(sock, path string, max int64) error {
 	followMu.Lock()
 	defer followMu.Unlock()
-	if following[sock] {
+	if following[sock] != nil {
 		return nil
 	}
 	conn, err := net.Dial("unix", sock)
@@ -178,12 +178,151 @@ func followConn(sock string, conn net.Conn, path string, max int64) error {
 		_ = conn.Close()
 		return err
 	}
-	following[sock] = true
+	done := make(chan struct{})
+	following[sock] = done
 	go func() {
 		_ = Follow(context.Background(), conn, w)
 		followMu.Lock()
 		delete(following, sock)
 		followMu.Unlock()
+		close(done)
 	}()
 	return nil
+}
+
+// A FIFO console, for monitors whose serial console is their standard
+// output (Firecracker): the daemon makes a named pipe in the VM's runtime
+// dir, gives the monitor its write end as stdout and stderr, and follows
+// the read end into the capped log. The pipe outlives a daemon restart
+// because the monitor holds its write end: while no daemon reads it, the
+// monitor's writes fail with EPIPE and the output is dropped (Firecracker,
+// like every Rust program, ignores SIGPIPE), and the next daemon opens the
+// read end again when it re-adopts the VM (FollowFIFO).
+
+// MakeFIFO creates the named pipe at path (mode 0600), replacing a stale
+// named pipe left by a crashed run. Anything else at path is refused.
+func MakeFIFO(path string) error {
+	if err := RemoveFIFO(path); err != nil {
+		return err
+	}
+	if err := unix.Mkfifo(path, 0o600); err != nil {
+		return fmt.Errorf("make console pipe %s: %w", path, err)
+	}
+	return nil
+}
+
+// RemoveFIFO removes the named pipe at path; a missing file is fine, and
+// anything but a named pipe is refused.
+func RemoveFIFO(path string) error {
+	if path == "" {
+		return nil
+	}
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remove console pipe: %w", err)
+	}
+	if fi.Mode().Type() != os.ModeNamedPipe {
+		return fmt.Errorf("remove console pipe %s: not a named pipe (%v)", path, fi.Mode().Type())
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove console pipe: %w", err)
+	}
+	return nil
+}
+
+// OpenFIFO opens the console pipe at path for the monitor's use: it starts
+// following the read end into the log at logPath (capped at max) first,
+// so not a byte is lost, and returns the write end, which the caller gives
+// the monitor as stdout and stderr and then closes. The follower ends when
+// the last write end is closed (the monitor exited).
+func OpenFIFO(path, logPath string, max int64) (*os.File, error) {
+	followMu.Lock()
+	defer followMu.Unlock()
+	r, err := openFIFORead(path)
+	if err != nil {
+		return nil, err
+	}
+	w, err := os.OpenFile(path, os.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		_ = r.Close()
+		return nil, fmt.Errorf("open console pipe: %w", err)
+	}
+	if err := followFile(path, r, logPath, max); err != nil {
+		_ = w.Close()
+		return nil, err
+	}
+	return w, nil
+}
+
+// FollowFIFO follows the console pipe at path into the log again, for a
+// daemon that re-adopts a running VM, unless this process follows it
+// already. It never blocks: the read end is opened non-blocking.
+func FollowFIFO(path, logPath string, max int64) error {
+	followMu.Lock()
+	defer followMu.Unlock()
+	if following[path] != nil {
+		return nil
+	}
+	r, err := openFIFORead(path)
+	if err != nil {
+		return err
+	}
+	return followFile(path, r, logPath, max)
+}
+
+// openFIFORead opens the read end of the named pipe at path without
+// blocking (no writer is needed), without following a symlink, and checks
+// that it is a named pipe.
+func openFIFORead(path string) (*os.File, error) {
+	r, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open console pipe: %w", err)
+	}
+	if fi, err := r.Stat(); err != nil || fi.Mode().Type() != os.ModeNamedPipe {
+		_ = r.Close()
+		return nil, fmt.Errorf("open console pipe %s: not a named pipe", path)
+	}
+	return r, nil
+}
+
+func followFile(key string, r *os.File, logPath string, max int64) error {
+	w, err := Open(logPath, max)
+	if err != nil {
+		_ = r.Close()
+		return err
+	}
+	done := make(chan struct{})
+	following[key] = done
+	go func() {
+		_, _ = io.Copy(w, r)
+		_ = r.Close()
+		_ = w.Close()
+		followMu.Lock()
+		delete(following, key)
+		followMu.Unlock()
+		close(done)
+	}()
+	return nil
+}
+
+// Drain waits up to timeout for this process's follower of key (a console
+// socket or pipe path) to end, which it does once the monitor has exited
+// and everything it wrote is in the log. It reports whether no follower
+// is left.
+func Drain(key string, timeout time.Duration) bool {
+	followMu.Lock()
+	done := following[key]
+	followMu.Unlock()
+	if done == nil {
+		return true
+	}
+	select {
+	case <-done:
+		return true
+	case <-time.After(timeout):
+		return false
+	}
 }

@@ -253,7 +253,7 @@ func (s *Service) OwnRuntime(id string, rt model.Runtime) (model.Runtime, []stri
 		refused = append(refused, "runtime dir "+rt.RuntimeDir)
 		rt.RuntimeDir = ""
 	}
-	for _, p := range []*string{&mon.APISocket, &mon.AgentSocket, &mon.ConsoleSocket} {
+	for _, p := range []*string{&mon.APISocket, &mon.AgentSocket, &mon.ConsoleSocket, &mon.ConsoleFIFO} {
 		if *p != "" && !subpath.Inside(rtDir, *p) {
 			refused = append(refused, "socket "+*p)
 			*p = ""

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/consolelog"
 )
 
 // Process is a monitor process this daemon started. Its Done channel closes
@@ -88,9 +90,16 @@ func StartDetached(cmd *exec.Cmd, consoleLog string) (*Process, error) {
 		return nil, fmt.Errorf("open console log: %w", err)
 	}
 	defer logf.Close()
+	return StartDetachedOutput(cmd, logf)
+}
+
+// StartDetachedOutput is StartDetached with stdout and stderr going to out
+// (for example the write end of a console pipe; see consolelog.OpenFIFO).
+// The caller keeps out and closes it after.
+func StartDetachedOutput(cmd *exec.Cmd, out *os.File) (*Process, error) {
 	cmd.Stdin = nil // /dev/null
-	cmd.Stdout = logf
-	cmd.Stderr = logf
+	cmd.Stdout = out
+	cmd.Stderr = out
 	if cmd.SysProcAttr == nil {
 		cmd.SysProcAttr = &syscall.SysProcAttr{}
 	}
@@ -339,6 +348,9 @@ func StopVerified(h Handle, backend string, stop func() (StopMethod, error)) (St
 		if err := RemoveSocket(s); err != nil {
 			return how, err
 		}
+	}
+	if err := consolelog.RemoveFIFO(h.ConsoleFIFO); err != nil {
+		return how, err
 	}
 	return how, nil
 }

@@ -140,6 +140,10 @@ type Handle struct {
 	// follows into ConsoleLog (capped at ConsoleLogMax per file); empty
 	// when the monitor writes the log itself.
 	ConsoleSocket string `json:"console_socket,omitempty"`
+	// ConsoleFIFO is the named pipe whose write end is the monitor's
+	// stdout and stderr (Firecracker's serial console), which the daemon
+	// follows into ConsoleLog (capped at ConsoleLogMax per file).
+	ConsoleFIFO   string `json:"console_fifo,omitempty"`
 	ConsoleLog    string `json:"console_log,omitempty"`
 	ConsoleLogMax int64  `json:"console_log_max,omitempty"`
 }

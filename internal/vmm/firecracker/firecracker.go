@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/bangerdev/banger/internal/consolelog"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -25,6 +26,11 @@ const Name = "firecracker"
 
 // APISocketName is the API socket's file name inside Spec.RuntimeDir.
 const APISocketName = "fc.sock"
+
+// ConsoleFIFOName is the console pipe's file name inside Spec.RuntimeDir:
+// Firecracker's stdout and stderr, followed by the daemon into the capped
+// console log.
+const ConsoleFIFOName = "console.fifo"
 
 func init() {
 	vmm.Register(Name, func() vmm.Monitor { return New() })
@@ -98,11 +104,26 @@ func (m *Monitor) launch(ctx context.Context, spec vmm.Spec, verb string, setup 
 		}
 	}
 
+	// The serial console is Firecracker's stdout: a named pipe the daemon
+	// follows into the capped log (consolelog), never a file the guest
+	// can grow without bound.
+	fifo := filepath.Join(spec.RuntimeDir, ConsoleFIFOName)
+	if err := consolelog.MakeFIFO(fifo); err != nil {
+		return vmm.Handle{}, fail("%w", err)
+	}
+	out, err := consolelog.OpenFIFO(fifo, spec.ConsoleLog, spec.ConsoleLogMax)
+	if err != nil {
+		_ = consolelog.RemoveFIFO(fifo)
+		return vmm.Handle{}, fail("%w", err)
+	}
+
 	args := append(append([]string{}, m.Args...), "--api-sock", apiSock)
 	cmd := exec.Command(bin, args...) //nolint:gosec // binary is configuration, args are validated paths
 	cmd.Dir = spec.RuntimeDir
-	proc, err := vmm.StartDetached(cmd, spec.ConsoleLog)
+	proc, err := vmm.StartDetachedOutput(cmd, out)
+	_ = out.Close() // Firecracker has its own copy; the follower ends when it exits
 	if err != nil {
+		_ = consolelog.RemoveFIFO(fifo)
 		return vmm.Handle{}, fail("%w", err)
 	}
 	h = proc.Handle
@@ -110,12 +131,15 @@ func (m *Monitor) launch(ctx context.Context, spec vmm.Spec, verb string, setup 
 	h.AgentSocket = spec.AgentSocket
 	h.AgentTransport = vmm.TransportVsockUDS
 	h.AgentCID = spec.VsockCID
+	h.ConsoleFIFO, h.ConsoleLog, h.ConsoleLogMax = fifo, spec.ConsoleLog, spec.ConsoleLogMax
 	defer func() {
 		if err != nil {
 			// Release what was made: the process, its sockets, the link.
 			proc.Kill()
 			_ = vmm.RemoveSocket(apiSock)
 			_ = vmm.RemoveSocket(spec.AgentSocket)
+			_ = consolelog.RemoveFIFO(fifo)
+			consolelog.Drain(fifo, 2*time.Second)
 			if spec.Disk != "" {
 				_ = os.Remove(link)
 			}
@@ -167,7 +191,13 @@ const ifaceID = "eth0"
 // Stop implements vmm.Monitor: SendCtrlAltDel (the guest reboots, and
 // Firecracker exits on the CPU reset), then SIGTERM, then SIGKILL.
 func (m *Monitor) Stop(ctx context.Context, h vmm.Handle, graceful time.Duration) (vmm.StopMethod, error) {
-	return vmm.StopVerified(h, "firecracker", func() (vmm.StopMethod, error) { return m.stop(ctx, h, graceful) })
+	how, err := vmm.StopVerified(h, "firecracker", func() (vmm.StopMethod, error) { return m.stop(ctx, h, graceful) })
+	if err == nil && how != vmm.StoppedAlready && h.ConsoleFIFO != "" {
+		// The monitor is gone: its last console output is in the log once
+		// the follower has read the pipe to its end.
+		consolelog.Drain(h.ConsoleFIFO, 2*time.Second)
+	}
+	return how, err
 }
 
 func (m *Monitor) stop(ctx context.Context, h vmm.Handle, graceful time.Duration) (vmm.StopMethod, error) {
@@ -201,6 +231,12 @@ func (m *Monitor) Reattach(ctx context.Context, h vmm.Handle) error {
 	}
 	if info.State != "Running" && info.State != "Paused" {
 		return fmt.Errorf("reattach firecracker pid %d: instance state is %q: %w", h.PID, info.State, errNotBooted)
+	}
+	if h.ConsoleFIFO != "" {
+		// The console went unread while no daemon ran; follow it again.
+		if err := consolelog.FollowFIFO(h.ConsoleFIFO, h.ConsoleLog, h.ConsoleLogMax); err != nil {
+			return fmt.Errorf("reattach firecracker pid %d: %w", h.PID, err)
+		}
 	}
 	return nil
 }

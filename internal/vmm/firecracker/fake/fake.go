@@ -64,6 +64,11 @@ type Options struct {
 	AgentPort uint32
 	// ShutdownDelay is how long after SendCtrlAltDel the process exits.
 	ShutdownDelay time.Duration
+	// ConsoleFlood makes the booted guest write to its console without end
+	// (a numbered line after another, as fast as the console takes them),
+	// for the console cap's tests. Write errors (EPIPE while no daemon
+	// reads the console) are ignored, as the guest's serial port would.
+	ConsoleFlood bool
 }
 
 // Server is one fake Firecracker instance.
@@ -436,7 +441,30 @@ func (s *Server) bootGuest() {
 		go s.acceptVsock(s.vsockLn)
 	}
 	fmt.Fprintln(s.opts.Console, "banger fake guest: booted")
+	if s.opts.ConsoleFlood {
+		go s.flood()
+	}
 }
+
+// flood writes console lines until the guest shuts down.
+func (s *Server) flood() {
+	line := make([]byte, 0, 128)
+	for n := 0; ; n++ {
+		select {
+		case <-s.exit:
+			return
+		default:
+		}
+		line = fmt.Appendf(line[:0], "%s%012d %s\n", FloodLinePrefix, n, strings.Repeat("x", 80))
+		if _, err := s.opts.Console.Write(line); err != nil {
+			time.Sleep(time.Millisecond)
+		}
+	}
+}
+
+// FloodLinePrefix starts every line Options.ConsoleFlood writes, followed
+// by the line's number (12 digits).
+const FloodLinePrefix = "flood "
 
 // acceptVsock implements the host-initiated half of Firecracker's hybrid
 // vsock: read "CONNECT <port>\n", answer "OK <hostport>\n", then hand over.

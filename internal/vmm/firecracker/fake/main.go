@@ -22,6 +22,9 @@ import (
 //	--api-sock PATH   the API socket (required, as for firecracker)
 //	--version         print the version, as firecracker --version
 //	--id ID           accepted and ignored, as firecracker's --id
+//	--start-time-us N, --start-time-cpu-us N
+//	                  accepted and ignored (the jailer passes them)
+//	--console-flood   the booted guest writes to its console without end
 //	--check-tap       PUT /network-interfaces requires /sys/class/net/<tap>
 //	--agent-root DIR  guest vsock port 1024 runs banger's real guest agent
 //	                  (internal/agent) over the guest root DIR
@@ -33,6 +36,9 @@ func Main(args []string) int {
 	fs := flag.NewFlagSet("banger-fake-firecracker", flag.ContinueOnError)
 	apiSock := fs.String("api-sock", "", "path of the API Unix socket")
 	_ = fs.String("id", "", "instance id (ignored)")
+	_ = fs.Uint64("start-time-us", 0, "the jailer's start time (ignored)")
+	_ = fs.Uint64("start-time-cpu-us", 0, "the jailer's CPU start time (ignored)")
+	flood := fs.Bool("console-flood", false, "the booted guest writes to its console without end")
 	checkTap := fs.Bool("check-tap", false, "require the tap named in PUT /network-interfaces to exist")
 	agentRoot := fs.String("agent-root", "", "serve banger's guest agent on vsock port 1024 over this guest root")
 	echo := fs.Bool("agent-echo", false, "guest vsock ports echo their input")
@@ -49,7 +55,10 @@ func Main(args []string) int {
 		fmt.Fprintln(os.Stderr, "banger-fake-firecracker: --api-sock is required")
 		return 2
 	}
-	opts := Options{APISock: *apiSock, Console: os.Stdout, CheckTap: *checkTap}
+	// Firecracker is a Rust program, and Rust ignores SIGPIPE: a write to
+	// a console pipe nobody reads fails with EPIPE instead of killing it.
+	signal.Ignore(syscall.SIGPIPE)
+	opts := Options{APISock: *apiSock, Console: os.Stdout, CheckTap: *checkTap, ConsoleFlood: *flood}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	switch {
