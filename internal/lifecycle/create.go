@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/bangerdev/banger/internal/agent"
@@ -15,6 +16,7 @@ import (
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/netctl"
 	"github.com/bangerdev/banger/internal/progress"
+	"github.com/bangerdev/banger/internal/snapshot"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/subpath"
 	"github.com/bangerdev/banger/internal/units"
@@ -35,12 +37,40 @@ const (
 	defaultMemoryMiB = 1024
 )
 
+// CreateOption changes how Create makes a VM.
+type CreateOption func(*createOptions)
+
+type createOptions struct {
+	diskFrom string // a disk file to copy instead of the image's root filesystem
+}
+
+// WithDiskFrom makes the new VM's disk a copy of the disk file path (a
+// reflink where the filesystem shares extents, else a sparse copy), instead
+// of a copy of its image's root filesystem: a clone's disk comes straight
+// from its snapshot's, with no image disk built only to be replaced. The
+// VM's disk driver is then the copy's (reflink or copy), its size the
+// file's.
+func WithDiskFrom(path string) CreateOption {
+	return func(o *createOptions) { o.diskFrom = path }
+}
+
 // Create records a new VM owned by uid with its IP lease and prepares its
 // disk. A failure removes everything it made.
-func (s *Service) Create(ctx context.Context, req api.CreateVMRequest, uid uint32, report progress.Func) (vm model.VM, retErr error) {
+func (s *Service) Create(ctx context.Context, req api.CreateVMRequest, uid uint32, report progress.Func, opts ...CreateOption) (vm model.VM, retErr error) {
+	var o createOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	spec, err := s.createSpec(ctx, req, report)
 	if err != nil {
 		return vm, err
+	}
+	if o.diskFrom != "" {
+		fi, err := os.Stat(o.diskFrom)
+		if err != nil {
+			return vm, fmt.Errorf("disk to copy: %w", err)
+		}
+		spec.disk = max(spec.disk, fi.Size())
 	}
 	ports, err := portSpecs(req.Ports, uid)
 	if err != nil {
@@ -97,6 +127,9 @@ func (s *Service) Create(ctx context.Context, req api.CreateVMRequest, uid uint3
 			_ = s.store.DeleteVM(id)
 		}
 	}()
+	if o.diskFrom != "" {
+		return s.copyDisk(ctx, vm, o.diskFrom, report)
+	}
 	return s.makeDisk(ctx, vm, spec.img, report)
 }
 
@@ -217,6 +250,56 @@ func (s *Service) makeDisk(ctx context.Context, vm model.VM, img model.Image, re
 	})
 	report.Report(progress.Event{Phase: "disk", Item: vm.Name, Done: true})
 	return vm, err
+}
+
+// copyDisk makes the new VM's disk a copy of the disk file src (see
+// WithDiskFrom), recorded first: the copy is written beside it and renamed
+// into place when whole and synced, so a disk file that exists is whole.
+func (s *Service) copyDisk(ctx context.Context, vm model.VM, src string, report progress.Func) (model.VM, error) {
+	report.Report(progress.Event{Phase: "disk", Item: vm.Name, Message: "copying " + filepath.Base(filepath.Dir(src)) + "'s disk"})
+	dir := s.VMDir(vm.ID)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return vm, err
+	}
+	dst := filepath.Join(dir, blockdev.DiskFileName)
+	dk := blockdev.Disk{Driver: blockdev.DriverCopy, Path: dst, COWPath: dst}
+	if _, err := s.store.UpdateVM(vm.ID, func(v *model.VM) error { v.Runtime.Phase, v.Runtime.Disk = "disk:creating", dk; return nil }); err != nil {
+		return vm, err
+	}
+	tmp := dst + ".partial" // removed with the VM dir if the daemon dies here
+	how, err := snapshot.CopyDisk(ctx, src, tmp)
+	if err == nil {
+		err = os.Rename(tmp, dst)
+	}
+	if err == nil {
+		err = syncDir(dir)
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+		return vm, fmt.Errorf("copy the disk of VM %q: %w", vm.Name, err)
+	}
+	failpoint.Reach("clone:disk")
+	driver := blockdev.DriverCopy
+	if how == snapshot.CopiedByReflink {
+		driver = blockdev.DriverReflink
+	}
+	vm, err = s.store.UpdateVM(vm.ID, func(v *model.VM) error {
+		v.DiskDriver = driver
+		v.Runtime = model.Runtime{}
+		return nil
+	})
+	report.Report(progress.Event{Phase: "disk", Item: vm.Name, Done: true, Message: how})
+	return vm, err
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	f, err := os.Open(dir) //nolint:gosec // the VM's dir under the state dir
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
 }
 
 // Delete removes a VM: its devices, disk, runtime dir, console log, record

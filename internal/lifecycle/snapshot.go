@@ -149,7 +149,8 @@ func (s *Service) StartFromSnapshot(ctx context.Context, id string, snap snapsho
 	if err := s.checkSnapshot(ctx, snap, sn, report); err != nil {
 		return vm, err
 	}
-	return s.restoreStart(ctx, vm, snap, sn, wait, report)
+	restore := &restoreRun{snap: snap, sn: sn}
+	return s.restoreStart(ctx, vm, restore, restore.disk(s), wait, report)
 }
 
 // checkSnapshot refuses a snapshot this host cannot restore or whose files
@@ -165,8 +166,10 @@ func (s *Service) checkSnapshot(ctx context.Context, snap snapshot.Snapshot, sn 
 	return nil
 }
 
-// restoreStart is the start of vm from a checked snapshot.
-func (s *Service) restoreStart(ctx context.Context, vm model.VM, snap snapshot.Snapshot, sn vmm.Snapshotter, wait bool, report progress.Func) (model.VM, error) {
+// restoreStart is the start of vm from a checked snapshot. disk is the
+// step that gives it its disk: a copy of the snapshot's for a restore into
+// the same VM, the disk made at create for a clone (prepareDisk).
+func (s *Service) restoreStart(ctx context.Context, vm model.VM, restore *restoreRun, disk startStep, wait bool, report progress.Func) (model.VM, error) {
 	mu := s.Lock(vm.ID)
 	mu.Lock()
 	run, err := s.beginStart(ctx, vm.ID, "")
@@ -174,9 +177,8 @@ func (s *Service) restoreStart(ctx context.Context, vm model.VM, snap snapshot.S
 		mu.Unlock()
 		return run.vm, err
 	}
-	run.kernel, run.initrd = snap.Machine.Kernel, snap.Machine.Initrd
-	restore := &restoreRun{snap: snap, sn: sn}
-	sup, err := s.runStart(ctx, run, report, restore.disk(s), s.attachNetwork, restore.monitor(s))
+	run.kernel, run.initrd = restore.snap.Machine.Kernel, restore.snap.Machine.Initrd
+	sup, err := s.runStart(ctx, run, report, disk, s.attachNetwork, restore.monitor(s))
 	mu.Unlock()
 	if err != nil || !wait {
 		return run.vm, err
@@ -203,6 +205,7 @@ func (r *restoreRun) disk(s *Service) startStep {
 		}
 		tmp := dst + ".partial" // start-up recovery removes a leftover
 		_ = os.Remove(tmp)
+		began := time.Now()
 		how, err := snapshot.CopyDisk(ctx, filepath.Join(s.snaps.Path(r.snap), snapshot.DiskFileName), tmp)
 		if err == nil {
 			err = os.Rename(tmp, dst)
@@ -215,6 +218,7 @@ func (r *restoreRun) disk(s *Service) startStep {
 			return err
 		}
 		run.disk = disk
+		run.log.Debug("disk copied from snapshot", "snapshot", r.snap.Name, "how", how, "took", time.Since(began).Round(time.Millisecond))
 		report.Report(progress.Event{Phase: "disk", Item: vm.Name, Done: true, Message: how})
 		failpoint.Reach("restore:disk")
 		return nil
@@ -231,7 +235,9 @@ func (r *restoreRun) monitor(s *Service) startStep {
 		if err != nil {
 			return err
 		}
+		began := time.Now()
 		h, err := r.sn.Restore(ctx, spec, s.snaps.Path(r.snap))
+		loaded := time.Since(began)
 		if err != nil {
 			return fmt.Errorf("restore %s from snapshot %q: %w", vm.VMM, r.snap.Name, err)
 		}
@@ -251,7 +257,7 @@ func (r *restoreRun) monitor(s *Service) startStep {
 		if err := s.WriteHandles(run.vm); err != nil {
 			return err
 		}
-		run.log.Info("VM restored from snapshot", "snapshot", r.snap.Name, "pid", h.PID, "overhead", time.Since(run.began).Round(time.Millisecond))
+		run.log.Info("VM restored from snapshot", "snapshot", r.snap.Name, "pid", h.PID, "load", loaded.Round(time.Millisecond), "overhead", time.Since(run.began).Round(time.Millisecond))
 		report.Report(progress.Event{Phase: "vmm", Item: vm.VMM, Done: true, Message: fmt.Sprintf("pid %d, restored", h.PID)})
 		return nil
 	}
@@ -310,11 +316,19 @@ func (s *Service) applyIdentity(ctx context.Context, vm model.VM, sup *superviso
 		}
 	}
 	var res *agent.IdentityResult
-	for attempt := 0; ; attempt++ {
+	began := time.Now()
+	var session, applied time.Duration // the last attempt's
+	attempt := 0
+	for ; ; attempt++ {
+		t0 := time.Now()
 		c, err := sup.Session(ctx)
+		session = time.Since(t0)
 		if err == nil {
 			id.HostTime = time.Now().UnixNano()
-			if res, err = c.SetIdentity(ctx, id); err == nil {
+			t1 := time.Now()
+			res, err = c.SetIdentity(ctx, id)
+			applied = time.Since(t1)
+			if err == nil {
 				break
 			}
 			sup.DropSession(c)
@@ -343,7 +357,8 @@ func (s *Service) applyIdentity(ctx context.Context, vm model.VM, sup *superviso
 		return nil
 	})
 	if err == nil {
-		s.log.Info("restored VM ready", "vm", vm.Name, "snapshot", snap.Name, "clone", clone, "applied", res.Applied, "clock_step", res.ClockStep)
+		s.log.Info("restored VM ready", "vm", vm.Name, "snapshot", snap.Name, "clone", clone, "applied", res.Applied, "clock_step", res.ClockStep,
+			"attempts", attempt+1, "session", session.Round(time.Millisecond), "identity", applied.Round(time.Millisecond), "took", time.Since(began).Round(time.Millisecond))
 	}
 	return err
 }
@@ -358,9 +373,11 @@ func (s *Service) snapshotOf(vm model.VM) (snapshot.Snapshot, error) {
 }
 
 // Clone creates the VM name owned by owner from a snapshot: a new record
-// with its own IP and MAC and the snapshot's machine, started from the
-// snapshot. The snapshot is checked before the VM is created, and a clone
-// that fails to start is removed again: a failed clone leaves nothing.
+// with its own IP and MAC and the snapshot's machine, its disk a copy of
+// the snapshot's made at create (no image disk is built), started from
+// the snapshot. The snapshot is checked before the VM is created, and a
+// clone that fails to start is removed again: a failed clone leaves
+// nothing.
 func (s *Service) Clone(ctx context.Context, snap snapshot.Snapshot, name string, owner uint32, wait bool, report progress.Func) (model.VM, error) {
 	mon, err := s.Monitor(snap.Machine.Monitor)
 	if err != nil {
@@ -370,17 +387,20 @@ func (s *Service) Clone(ctx context.Context, snap snapshot.Snapshot, name string
 	if !ok {
 		return model.VM{}, api.Errorf(api.CodeInvalid, "VM monitor %s cannot restore snapshots: %v", snap.Machine.Monitor, vmm.ErrNotSupported)
 	}
+	began := time.Now()
 	if err := s.checkSnapshot(ctx, snap, sn, report); err != nil {
 		return model.VM{}, err
 	}
+	checked := time.Since(began)
 	vm, err := s.Create(ctx, api.CreateVMRequest{
 		Name: name, Image: snap.Machine.Image, KernelRef: snap.Machine.KernelName, CPUs: snap.Machine.CPUs,
 		Memory: fmt.Sprintf("%dM", snap.Machine.MemoryMiB), VMM: snap.Machine.Monitor,
-	}, owner, report)
+	}, owner, report, WithDiskFrom(filepath.Join(s.snaps.Path(snap), snapshot.DiskFileName)))
 	if err != nil {
 		return vm, err
 	}
-	out, err := s.restoreStart(ctx, vm, snap, sn, wait, report)
+	s.log.Debug("clone created", "vm", vm.Name, "snapshot", snap.Name, "check", checked.Round(time.Millisecond), "took", time.Since(began).Round(time.Millisecond))
+	out, err := s.restoreStart(ctx, vm, &restoreRun{snap: snap, sn: sn}, s.prepareDisk, wait, report)
 	if err != nil && (out.State == model.VMError || out.State == model.VMCreated) {
 		if _, derr := s.Delete(context.WithoutCancel(ctx), vm.ID, true); derr != nil {
 			err = fmt.Errorf("%w; and removing the failed clone: %w", err, derr)

@@ -19,9 +19,12 @@ import (
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
+// CopiedByReflink is what CopyDisk answers when it made a reflink.
+const CopiedByReflink = "reflink"
+
 // CopyDisk copies the disk file src to dst, which must not exist: a
 // reflink (FICLONE) where the filesystem shares extents, else a sparse
-// copy (holes stay holes). It says which. dst is synced; on error it is
+// copy (holes stay holes). It says which (CopiedByReflink or why not). dst is synced; on error it is
 // removed. dm-snapshot is not used: it needs device-mapper, which a host
 // may lack, and a snapshot's disk must outlive the VM's devices.
 func CopyDisk(ctx context.Context, src, dst string) (how string, err error) {
@@ -45,7 +48,7 @@ func CopyDisk(ctx context.Context, src, dst string) (how string, err error) {
 			_ = os.Remove(dst)
 		}
 	}()
-	how = "reflink"
+	how = CopiedByReflink
 	if rerr := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); rerr != nil {
 		how = "sparse copy (no reflink: " + rerr.Error() + ")"
 		if err := blockdev.SparseCopy(ctx, out, in); err != nil {

@@ -30,6 +30,9 @@ func TestE2ESnapshotCrashInjection(t *testing.T) {
 	d.MustCLI(ctx, "vm", "create", "--image", e.Image, "--name", "src", "--memory", "256M", "--cpus", "1")
 	d.MustCLI(ctx, "vm", "start", "src", "--wait")
 	d.MustCLI(ctx, "vm", "snapshot", "src", "base")
+	// tgt, of src's shape, is restored into (vm start --from-snapshot);
+	// clones get their disk at create and never reach restore:disk.
+	d.MustCLI(ctx, "vm", "create", "--image", e.Image, "--name", "tgt", "--memory", "256M", "--cpus", "1")
 
 	snapDirs := func() []string {
 		ents, _ := os.ReadDir(filepath.Join(d.StateDir(), "snapshots"))
@@ -47,7 +50,8 @@ func TestE2ESnapshotCrashInjection(t *testing.T) {
 		{"snapshot:intent", func() []string { return []string{"vm", "snapshot", "src", "crash"} }},
 		{"snapshot:paused", func() []string { return []string{"vm", "snapshot", "src", "crash"} }},
 		{"snapshot:copied", func() []string { return []string{"vm", "snapshot", "src", "crash"} }},
-		{"restore:disk", func() []string { n++; return []string{"vm", "clone", "base", "--name", fmt.Sprintf("k%d", n)} }},
+		{"clone:disk", func() []string { n++; return []string{"vm", "clone", "base", "--name", fmt.Sprintf("k%d", n)} }},
+		{"restore:disk", func() []string { return []string{"vm", "start", "tgt", "--from-snapshot", "base", "--wait"} }},
 		{"restore:vmm", func() []string { n++; return []string{"vm", "clone", "base", "--name", fmt.Sprintf("k%d", n)} }},
 		{"snapshot:rm-intent", func() []string { return []string{"snapshot", "rm", "--force", "base"} }},
 	} {
