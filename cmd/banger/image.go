@@ -63,6 +63,7 @@ func newImageCmd(g *globals) *cobra.Command {
 		},
 		rmCmd(g, "image", "/images/"),
 		newImagePullCmd(g),
+		newImageRefreshAgentCmd(g),
 		newImageCacheCmd(g),
 		newImageCatalogCmd(g),
 	)

@@ -40,7 +40,7 @@ const (
 var (
 	// ErrAgentTooOld: the agent predates the stream services (exec, cp,
 	// ssh over the agent channel).
-	ErrAgentTooOld = errors.New("agent too old: it has no exec, cp or ssh service; re-pull the image (banger image pull) to install this banger's agent")
+	ErrAgentTooOld = errors.New("agent too old: it has no exec, cp or ssh service; re-pull the image or `banger image refresh-agent IMAGE`, then make the VM again from it")
 	// ErrSessionLost: the multiplexed session to the agent ended (the
 	// agent died, the guest stopped, or the host end closed it).
 	ErrSessionLost = errors.New("the connection to the guest agent was lost")

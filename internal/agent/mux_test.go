@@ -316,8 +316,8 @@ func TestOldAgent(t *testing.T) {
 	}
 	defer c.Close()
 	_, err = c.OpenStream(ctxTimeout(t, 5*time.Second), Request{Op: OpExec, Exec: &ExecRequest{Argv: []string{"true"}}})
-	if !errors.Is(err, ErrAgentTooOld) || !strings.Contains(err.Error(), "re-pull the image") {
-		t.Errorf("OpenStream on an old agent = %v; want ErrAgentTooOld saying to re-pull the image", err)
+	if !errors.Is(err, ErrAgentTooOld) || !strings.Contains(err.Error(), "banger image refresh-agent") {
+		t.Errorf("OpenStream on an old agent = %v; want ErrAgentTooOld naming banger image refresh-agent", err)
 	}
 	if _, err := c.Health(ctxTimeout(t, 5*time.Second)); err != nil {
 		t.Errorf("Health after a refused upgrade: %v", err)

@@ -20,19 +20,26 @@ import (
 type Client struct {
 	Socket string
 	http   *http.Client
+	dial   func(ctx context.Context) (net.Conn, error)
 }
 
 // NewClient returns a client for the daemon listening on socket.
 func NewClient(socket string) *Client {
+	return NewClientDialer(socket, func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
+	})
+}
+
+// NewClientDialer returns a client that connects to the daemon with dial
+// (tests use it to connect as another uid); socket names it in errors.
+func NewClientDialer(socket string, dial func(ctx context.Context) (net.Conn, error)) *Client {
 	tr := &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		},
+		DialContext:        func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
 		MaxIdleConns:       4,
 		DisableCompression: true,
 	}
-	return &Client{Socket: socket, http: &http.Client{Transport: tr}}
+	return &Client{Socket: socket, http: &http.Client{Transport: tr}, dial: dial}
 }
 
 // unavailable turns a dial failure into an error that says how to start the

@@ -45,8 +45,7 @@ func (c *Client) Upgrade(ctx context.Context, path string, in any) (net.Conn, er
 	if err != nil {
 		return nil, fmt.Errorf("encode request: %w", err)
 	}
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", c.Socket)
+	conn, err := c.dial(ctx)
 	if err != nil {
 		return nil, c.unavailable(err)
 	}

@@ -165,7 +165,7 @@ func (d *Daemon) openAgentStream(ctx context.Context, vm model.VM, req agent.Req
 		release(err)
 		switch {
 		case errors.Is(err, agent.ErrAgentTooOld):
-			return nil, api.Errorf(api.CodeConflict, "VM %q: %v", vm.Name, err)
+			return nil, api.Errorf(api.CodeConflict, "VM %q: %v (its image: %s, so: banger image refresh-agent %s, and a new VM from it)", vm.Name, err, vm.Image, vm.Image)
 		case errors.Is(err, agent.ErrInvalidArgument):
 			return nil, api.Errorf(api.CodeInvalid, "%v", err)
 		}

@@ -227,6 +227,7 @@ func (d *Daemon) routes() *http.ServeMux {
 	m.HandleFunc("POST "+p+"/images/pull", d.handleImagePull)
 	m.HandleFunc("POST "+p+"/images/cache/prune", d.handleCachePrune)
 	m.HandleFunc("GET "+p+"/images/catalog", d.handleImageCatalog)
+	m.HandleFunc("POST "+p+"/images/{name}/refresh-agent", d.handleImageRefreshAgent)
 
 	m.HandleFunc("POST "+p+"/kernels/import", d.handleKernelImport)
 	m.HandleFunc("POST "+p+"/kernels/pull", d.handleKernelPull)

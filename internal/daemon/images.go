@@ -59,6 +59,14 @@ func (d *Daemon) handleImagePull(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
+func (d *Daemon) handleImageRefreshAgent(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	caller := CallerFrom(r.Context())
+	d.stream(w, r, func(ctx context.Context, report progress.Func) (any, error) {
+		return d.img.RefreshAgent(ctx, name, caller.UID, report)
+	})
+}
+
 func (d *Daemon) handleImageCatalog(w http.ResponseWriter, r *http.Request) {
 	list, err := d.img.Catalog(r.Context())
 	if err != nil {

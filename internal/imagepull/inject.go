@@ -8,9 +8,11 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"os/exec"
 	"path"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/bangerdev/banger/internal/guestabi"
 )
@@ -68,25 +70,35 @@ type injectFile struct {
 	data  string // literal content when asset and host are empty
 }
 
-// guestFiles lists what InjectGuestAgents writes.
+// guestFiles lists what InjectGuestAgents writes: the program files, then
+// the first-boot state and the run config.
 func guestFiles(a GuestAssets) []injectFile {
-	files := []injectFile{
-		{guest: GuestAgentPath, mode: 0o100755, host: a.AgentBinary},
-		{guest: GuestFirstBootScript, mode: 0o100755, asset: "first-boot.sh"},
-		{guest: GuestModulesLoadFile, mode: 0o100644, asset: "banger-vsock.conf"},
-	}
+	files := programFiles(a.AgentBinary)
 	if a.SSHDReady {
 		files = append(files, injectFile{guest: GuestFirstBootStatus, mode: 0o100644, data: string(guestabi.FirstBootDone) + "\n"})
 	} else {
 		files = append(files, injectFile{guest: GuestFirstBootPending, mode: 0o100644},
 			injectFile{guest: GuestFirstBootStatus, mode: 0o100644, data: string(guestabi.FirstBootPending) + "\n"})
 	}
-	for _, u := range GuestUnits {
-		files = append(files, injectFile{guest: GuestUnitDir + "/" + u, mode: 0o100644, asset: u})
-	}
 	if a.Config != nil {
 		b, _ := json.MarshalIndent(a.Config, "", "  ") // plain strings: cannot fail
 		files = append(files, injectFile{guest: guestabi.ImageConfigFile, mode: 0o100644, data: string(b) + "\n"})
+	}
+	return files
+}
+
+// programFiles are banger's guest program and what starts it: the agent
+// binary, the first-boot script, the vsock modules-load file and the
+// systemd units. They hold no state of the image, so RefreshGuestAgent
+// rewrites exactly these (and guestLinks).
+func programFiles(agentBinary string) []injectFile {
+	files := []injectFile{
+		{guest: GuestAgentPath, mode: 0o100755, host: agentBinary},
+		{guest: GuestFirstBootScript, mode: 0o100755, asset: "first-boot.sh"},
+		{guest: GuestModulesLoadFile, mode: 0o100644, asset: "banger-vsock.conf"},
+	}
+	for _, u := range GuestUnits {
+		files = append(files, injectFile{guest: GuestUnitDir + "/" + u, mode: 0o100644, asset: u})
 	}
 	return files
 }
@@ -115,27 +127,62 @@ func guestLinks() map[string]string {
 // It is idempotent: files and links that exist are replaced. It fails with
 // ErrGuestLayout rather than write through a symlink or over a directory.
 func InjectGuestAgents(ctx context.Context, ext4Path string, a GuestAssets) error {
-	abs, err := filepath.Abs(ext4Path)
+	abs, agent, err := injectPaths(ext4Path, a.AgentBinary)
 	if err != nil {
-		return fmt.Errorf("inject guest agents into %q: %w", ext4Path, err)
-	}
-	if a.AgentBinary == "" {
-		return fmt.Errorf("inject guest agents into %q: no agent binary given", abs)
-	}
-	agent, err := filepath.Abs(a.AgentBinary)
-	if err != nil {
-		return fmt.Errorf("inject guest agents: agent binary %q: %w", a.AgentBinary, err)
-	}
-	if st, err := os.Stat(agent); err != nil {
-		return fmt.Errorf("inject guest agents: agent binary: %w", err)
-	} else if !st.Mode().IsRegular() {
-		return fmt.Errorf("inject guest agents: agent binary %q is not a regular file", agent)
+		return fmt.Errorf("inject guest agents: %w", err)
 	}
 	a.AgentBinary = agent
+	if err := inject(ctx, abs, guestFiles(a), guestLinks()); err != nil {
+		return fmt.Errorf("inject guest agents into %q: %w", abs, err)
+	}
+	return nil
+}
 
-	files := guestFiles(a)
-	links := guestLinks()
+// RefreshGuestAgent replaces banger's guest program in the ext4 image at
+// ext4Path with agentBinary, and its systemd units, first-boot script,
+// modules-load file, unit links and the PID 1 link with this banger's,
+// as InjectGuestAgents writes them. It leaves the image's state alone:
+// the first-boot marker and status, the run config, the SSH host keys
+// and authorized keys, everything else. Same refusals as
+// InjectGuestAgents (ErrGuestLayout).
+func RefreshGuestAgent(ctx context.Context, ext4Path, agentBinary string) error {
+	abs, agent, err := injectPaths(ext4Path, agentBinary)
+	if err != nil {
+		return fmt.Errorf("refresh the guest agent: %w", err)
+	}
+	if err := inject(ctx, abs, programFiles(agent), guestLinks()); err != nil {
+		return fmt.Errorf("refresh the guest agent in %q: %w", abs, err)
+	}
+	return nil
+}
 
+// injectPaths makes the image and agent paths absolute and checks that the
+// agent binary is a regular file.
+func injectPaths(ext4Path, agentBinary string) (string, string, error) {
+	abs, err := filepath.Abs(ext4Path)
+	if err != nil {
+		return "", "", fmt.Errorf("%q: %w", ext4Path, err)
+	}
+	if agentBinary == "" {
+		return "", "", fmt.Errorf("into %q: no agent binary given", abs)
+	}
+	agent, err := filepath.Abs(agentBinary)
+	if err != nil {
+		return "", "", fmt.Errorf("agent binary %q: %w", agentBinary, err)
+	}
+	if st, err := os.Stat(agent); err != nil {
+		return "", "", fmt.Errorf("agent binary: %w", err)
+	} else if !st.Mode().IsRegular() {
+		return "", "", fmt.Errorf("agent binary %q is not a regular file", agent)
+	}
+	return abs, agent, nil
+}
+
+// inject writes files and links into the ext4 image abs with one debugfs
+// script, root-owned, making missing parent directories (root, 0755) and
+// replacing what exists; it refuses to write through a symlink or over a
+// directory (ErrGuestLayout).
+func inject(ctx context.Context, abs string, files []injectFile, links map[string]string) error {
 	// Every ancestor directory, parents first, then the files and links.
 	var dirs []string
 	seen := map[string]bool{}
@@ -159,12 +206,12 @@ func InjectGuestAgents(ctx context.Context, ext4Path string, a GuestAssets) erro
 	}
 	kinds, err := probe(ctx, abs, append(append([]string{}, dirs...), targets...))
 	if err != nil {
-		return fmt.Errorf("inject guest agents into %q: %w", abs, err)
+		return err
 	}
 
 	tmp, err := os.MkdirTemp("", "banger-inject-")
 	if err != nil {
-		return fmt.Errorf("inject guest agents into %q: %w", abs, err)
+		return err
 	}
 	defer func() { _ = os.RemoveAll(tmp) }()
 
@@ -176,14 +223,14 @@ func InjectGuestAgents(ctx context.Context, ext4Path string, a GuestAssets) erro
 			s.add("mkdir", qpath(d))
 			setRoot(&s, d, 0o040755)
 		default:
-			return fmt.Errorf("inject guest agents into %q: %q is a %s, not a directory: %w", abs, d, kinds[d], ErrGuestLayout)
+			return fmt.Errorf("%q is a %s, not a directory: %w", d, kinds[d], ErrGuestLayout)
 		}
 	}
 	for _, t := range targets {
 		switch kinds[t] {
 		case kindMissing:
 		case kindDir:
-			return fmt.Errorf("inject guest agents into %q: %q is a directory: %w", abs, t, ErrGuestLayout)
+			return fmt.Errorf("%q is a directory: %w", t, ErrGuestLayout)
 		default:
 			s.add("rm", qpath(t))
 		}
@@ -194,12 +241,12 @@ func InjectGuestAgents(ctx context.Context, ext4Path string, a GuestAssets) erro
 			content := []byte(f.data)
 			if f.asset != "" {
 				if content, err = assetFS.ReadFile("assets/" + f.asset); err != nil {
-					return fmt.Errorf("inject guest agents: asset %s: %w", f.asset, err)
+					return fmt.Errorf("asset %s: %w", f.asset, err)
 				}
 			}
 			src = filepath.Join(tmp, fmt.Sprintf("%d-%s", i, path.Base(f.guest)))
 			if err := os.WriteFile(src, content, 0o600); err != nil {
-				return fmt.Errorf("inject guest agents: stage %s: %w", f.guest, err)
+				return fmt.Errorf("stage %s: %w", f.guest, err)
 			}
 		}
 		// write takes a name in the current directory, not a path.
@@ -215,7 +262,7 @@ func InjectGuestAgents(ctx context.Context, ext4Path string, a GuestAssets) erro
 		s.add("set_inode_field", qpath(l), lit("gid"), lit("0"))
 	}
 	if _, err := runDebugfs(ctx, abs, &s, true); err != nil {
-		return fmt.Errorf("inject guest agents: %w", err)
+		return err
 	}
 	return nil
 }
@@ -225,4 +272,28 @@ func setRoot(s *script, p string, mode uint32) {
 	s.add("set_inode_field", qpath(p), lit("uid"), lit("0"))
 	s.add("set_inode_field", qpath(p), lit("gid"), lit("0"))
 	s.add("set_inode_field", qpath(p), lit("mode"), lit(fmt.Sprintf("0%o", mode)))
+}
+
+// CheckExt4 runs e2fsck -fn on the ext4 image at ext4Path (read-only: it
+// changes nothing) and fails unless the file system is clean.
+func CheckExt4(ctx context.Context, ext4Path string) error {
+	cmd := exec.CommandContext(ctx, "e2fsck", "-fn", ext4Path) // #nosec G204 -- a fixed program; the argument is a path
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return fmt.Errorf("e2fsck -fn %s: %w: %s", ext4Path, err, strings.TrimSpace(lastLines(string(out), 8)))
+	}
+	return nil
+}
+
+// lastLines keeps the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"path"
 	"path/filepath"
 	"testing"
 
@@ -163,5 +164,77 @@ func TestInjectSSHDReady(t *testing.T) {
 	}
 	if got := statPaths(t, img, GuestFirstBootPending)[GuestFirstBootPending]; got.Type != "" {
 		t.Errorf("first-boot marker %+v written for an image whose sshd is ready", got)
+	}
+}
+
+// TestRefreshGuestAgent: RefreshGuestAgent puts this banger's guest program,
+// units, first-boot script and links back over an image whose agent is
+// old and whose units and init link are gone, and leaves the image's state
+// alone (first-boot marker and status, run config, other files); the
+// result is clean by e2fsck -fn.
+func TestRefreshGuestAgent(t *testing.T) {
+	requireE2fsprogs(t)
+	ctx := context.Background()
+	img := mkfsStaging(t, stageFiles(t, map[string]string{"etc/os-release": "ID=debian\n"}))
+	cfg := &guestabi.ImageConfig{Entrypoint: []string{"/app"}, Env: []string{"A=1"}}
+	if err := InjectGuestAgents(ctx, img, GuestAssets{AgentBinary: fakeAgent(t, "\x7fELF an old agent, before streams"), Config: cfg}); err != nil {
+		t.Fatal(err)
+	}
+	// The image's life since: first boot failed once, a unit and the PID 1
+	// link were removed.
+	var s script
+	s.add("rm", qpath(GuestFirstBootStatus))
+	s.add("rm", qpath(GuestUnitDir+"/banger-vsock-agent.service"))
+	s.add("rm", qpath(guestabi.InitPath))
+	status := filepath.Join(t.TempDir(), "status")
+	if err := os.WriteFile(status, []byte("failed\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.add("cd", qpath(path.Dir(GuestFirstBootStatus)))
+	s.add("write", qpath(status), qbase(path.Base(GuestFirstBootStatus)))
+	if _, err := runDebugfs(ctx, img, &s, true); err != nil {
+		t.Fatal(err)
+	}
+	configBefore := dumpFile(t, img, guestabi.ImageConfigFile)
+
+	if err := RefreshGuestAgent(ctx, img, fakeAgent(t, "\x7fELF this banger's agent")); err != nil {
+		t.Fatalf("RefreshGuestAgent: %v", err)
+	}
+	if got := dumpFile(t, img, GuestAgentPath); string(got) != "\x7fELF this banger's agent" {
+		t.Errorf("agent after refresh: %q", got)
+	}
+	want, _ := assetFS.ReadFile("assets/banger-vsock-agent.service")
+	if got := dumpFile(t, img, GuestUnitDir+"/banger-vsock-agent.service"); !bytes.Equal(got, want) {
+		t.Errorf("agent unit after refresh: %q", got)
+	}
+	checkInodes(t, img, map[string]inodeInfo{
+		guestabi.InitPath:     {Type: "symlink", Mode: 0o777, Target: GuestAgentPath},
+		GuestAgentPath:        {Type: "regular", Mode: 0o755},
+		GuestFirstBootPending: {Type: "regular", Mode: 0o644},
+	})
+	if got := dumpFile(t, img, GuestFirstBootStatus); string(got) != "failed\n" {
+		t.Errorf("first-boot status after refresh: %q, want the image's own (failed)", got)
+	}
+	if got := dumpFile(t, img, guestabi.ImageConfigFile); !bytes.Equal(got, configBefore) {
+		t.Errorf("run config changed by refresh: %q, was %q", got, configBefore)
+	}
+	if got := dumpFile(t, img, "/etc/os-release"); string(got) != "ID=debian\n" {
+		t.Errorf("an image file changed by refresh: %q", got)
+	}
+	if err := CheckExt4(ctx, img); err != nil {
+		t.Errorf("CheckExt4 after refresh: %v", err)
+	}
+	// CheckExt4 fails on a damaged file system.
+	bad := mkfsStaging(t, stageFiles(t, map[string]string{"f": "x"}))
+	var d script
+	d.add("clri", qpath("/f"))
+	if _, err := runDebugfs(ctx, bad, &d, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := CheckExt4(ctx, bad); err == nil {
+		t.Error("CheckExt4 passed a file system with a cleared inode still linked")
+	}
+	if err := RefreshGuestAgent(ctx, img, ""); err == nil {
+		t.Error("RefreshGuestAgent without an agent binary succeeded")
 	}
 }

@@ -219,7 +219,7 @@ func (st *staging) end(failure error) {
 		}
 	}
 	if failure != nil {
-		st.log.Info("image pull failed; nothing was published", "err", failure)
+		st.log.Info("image pull or refresh failed; nothing was published", "err", failure)
 	}
 }
 

@@ -22,6 +22,7 @@ type Service struct {
 	log   *slog.Logger
 
 	pulls     pulls
+	refreshMu sync.Mutex // one refresh-agent at a time
 	cacheOnce sync.Once
 	cache     *imagepull.Cache
 }
