@@ -75,7 +75,8 @@ func newRootCmd() *cobra.Command {
 		newExecCmd(g),
 		newCpCmd(g),
 		newPortCmd(g),
-		newSnapshotCmd(g), // snapshot.go
+		newPortForwardCmd(g), // port_forward.go
+		newSnapshotCmd(g),    // snapshot.go
 	)
 	rejectUnknownSubcommands(root)
 	return root

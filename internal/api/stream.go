@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -91,3 +92,12 @@ type upgradedConn struct {
 }
 
 func (u *upgradedConn) Read(p []byte) (int, error) { return u.r.Read(p) }
+
+// CloseWrite half-closes the connection (the daemon then ends the sending
+// half of the guest side), for relays that carry TCP's half-close.
+func (u *upgradedConn) CloseWrite() error {
+	if cw, ok := u.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("this connection cannot half-close")
+}

@@ -71,6 +71,15 @@ func (d *Daemon) handleVMSSH(w http.ResponseWriter, r *http.Request) {
 // relay authorizes the caller for the VM, opens the agent stream for req,
 // answers 101 and copies bytes both ways until either side ends.
 func (d *Daemon) relay(w http.ResponseWriter, r *http.Request, req agent.Request) {
+	d.relayWith(w, r, req.Op, func(ctx context.Context, vm model.VM) (net.Conn, error) {
+		return d.openAgentStream(ctx, vm, req)
+	}, pipe)
+}
+
+// relayWith is relay with the VM's side opened by open (once the caller is
+// authorized and the VM is running) and the bytes copied by copyFn; op
+// names the stream in the log.
+func (d *Daemon) relayWith(w http.ResponseWriter, r *http.Request, op string, open func(ctx context.Context, vm model.VM) (net.Conn, error), copyFn func(client net.Conn, clientR io.Reader, stream net.Conn)) {
 	if !strings.EqualFold(r.Header.Get("Upgrade"), api.StreamProtocol) {
 		d.writeError(w, r, invalid("this endpoint needs Upgrade: %s (use the banger CLI)", api.StreamProtocol))
 		return
@@ -85,7 +94,7 @@ func (d *Daemon) relay(w http.ResponseWriter, r *http.Request, req agent.Request
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 20*time.Second)
-	stream, err := d.openAgentStream(ctx, vm, req)
+	stream, err := open(ctx, vm)
 	cancel()
 	if err != nil {
 		d.writeError(w, r, err)
@@ -108,14 +117,14 @@ func (d *Daemon) relay(w http.ResponseWriter, r *http.Request, req agent.Request
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Time{})
 	c := CallerFrom(r.Context())
-	d.log.Info("agent stream opened", "vm", vm.Name, "op", req.Op, "uid", c.UID)
+	d.log.Info("agent stream opened", "vm", vm.Name, "op", op, "uid", c.UID)
 	start := time.Now()
 	var client io.Reader = conn
 	if n := brw.Reader.Buffered(); n > 0 {
 		client = io.MultiReader(io.LimitReader(brw.Reader, int64(n)), conn)
 	}
-	pipe(conn, client, stream)
-	d.log.Info("agent stream closed", "vm", vm.Name, "op", req.Op, "uid", c.UID, "duration", time.Since(start).Round(time.Millisecond))
+	copyFn(conn, client, stream)
+	d.log.Info("agent stream closed", "vm", vm.Name, "op", op, "uid", c.UID, "duration", time.Since(start).Round(time.Millisecond))
 }
 
 // pipe copies between the client and the agent stream until one direction

@@ -241,6 +241,7 @@ func (d *Daemon) routes() *http.ServeMux {
 	m.HandleFunc("DELETE "+p+"/vms/{name}", d.handleVMDelete)
 	m.HandleFunc("GET "+p+"/vms/{name}/logs", d.handleVMLogs)
 	d.accessRoutes(m, p)
+	m.HandleFunc("POST "+p+"/vms/{name}/port-forward", d.handleVMPortForward) // portforward.go
 	m.HandleFunc("POST "+p+"/vms/{name}/snapshot", d.handleVMSnapshot)
 
 	m.HandleFunc("GET "+p+"/snapshots", d.handleSnapshotList)

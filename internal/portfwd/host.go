@@ -110,10 +110,29 @@ func bindError(spec Spec, err error) error {
 // Spec is the listener's spec with the bound host port.
 func (l *Listener) Spec() Spec { return l.spec }
 
+// DialFunc opens the guest side of one forwarded connection (TCP) or UDP
+// peer: a conn that carries its bytes (or framed datagrams), as Dial
+// returns. An error resets the host connection.
+type DialFunc func(ctx context.Context, proto Proto, port uint16) (net.Conn, error)
+
+// StreamDialer is the DialFunc of a Streamer: Dial on one of its streams.
+func StreamDialer(s Streamer) DialFunc {
+	return func(ctx context.Context, proto Proto, port uint16) (net.Conn, error) {
+		return Dial(ctx, s, proto, port)
+	}
+}
+
 // Serve forwards every connection (TCP) or peer (UDP) through s until ctx is
 // done or the listener is closed, then closes everything it opened. It
 // returns nil after Close or ctx's end.
 func (l *Listener) Serve(ctx context.Context, s Streamer) error {
+	return l.ServeDial(ctx, StreamDialer(s))
+}
+
+// ServeDial is Serve with each guest side opened by dial: banger
+// port-forward's CLI opens them through the daemon's API instead of an
+// agent session of its own.
+func (l *Listener) ServeDial(ctx context.Context, s DialFunc) error {
 	l.served.Add(1)
 	defer l.served.Done()
 	ctx, cancel := context.WithCancel(ctx)
@@ -180,7 +199,7 @@ func (l *Listener) untrack(c net.Conn) {
 	l.mu.Unlock()
 }
 
-func (l *Listener) serveTCP(ctx context.Context, s Streamer) error {
+func (l *Listener) serveTCP(ctx context.Context, s DialFunc) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -206,8 +225,8 @@ func (l *Listener) serveTCP(ctx context.Context, s Streamer) error {
 
 // forwardTCP relays one accepted connection. A guest port that refuses, or
 // a guest that cannot be reached, resets the host connection at once.
-func (l *Listener) forwardTCP(ctx context.Context, s Streamer, c *net.TCPConn) {
-	st, err := Dial(ctx, s, TCP, l.spec.GuestPort)
+func (l *Listener) forwardTCP(ctx context.Context, s DialFunc, c *net.TCPConn) {
+	st, err := s(ctx, TCP, l.spec.GuestPort)
 	if err != nil {
 		l.opts.Log.Debug("port-forward refused", "spec", l.spec.String(), "peer", c.RemoteAddr().String(), "err", err)
 		reset(c)
@@ -231,7 +250,7 @@ type udpSession struct {
 
 func (u *udpSession) touch() { u.last.Store(time.Now().UnixNano()) }
 
-func (l *Listener) serveUDP(ctx context.Context, s Streamer) error {
+func (l *Listener) serveUDP(ctx context.Context, s DialFunc) error {
 	var (
 		mu       sync.Mutex
 		sessions = map[netip.AddrPort]*udpSession{}
@@ -312,8 +331,8 @@ func (l *Listener) serveUDP(ctx context.Context, s Streamer) error {
 
 // runUDPSession opens the peer's stream and carries datagrams both ways
 // until ctx ends (idle timeout, listener closed) or the stream fails.
-func (l *Listener) runUDPSession(ctx context.Context, s Streamer, u *udpSession) {
-	st, err := Dial(ctx, s, UDP, l.spec.GuestPort)
+func (l *Listener) runUDPSession(ctx context.Context, s DialFunc, u *udpSession) {
+	st, err := s(ctx, UDP, l.spec.GuestPort)
 	if err != nil {
 		l.opts.Log.Debug("udp port-forward failed", "spec", l.spec.String(), "peer", u.peer.String(), "err", err)
 		return
