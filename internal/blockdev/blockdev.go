@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"time"
 
 	"github.com/bangerdev/banger/internal/subpath"
 )
@@ -75,6 +76,14 @@ type PrepareOptions struct {
 	// it will be once that resource exists, so that the caller can
 	// persist it first. An error aborts Prepare. Nil means no hook.
 	Intent func(Disk) error
+	// DeferSync (copy and reflink drivers, with a Manager.Syncs) leaves a
+	// new copy as <disk>.unsynced, unflushed, for FlushInBackground: the
+	// caller records the disk first. Without it the copy is flushed and
+	// in place before Prepare returns.
+	DeferSync bool
+	// Waiting is called about every second while Prepare waits for a
+	// background flush of this disk (nil: not told).
+	Waiting func(elapsed time.Duration)
 }
 
 // Manager prepares and tears down disks under one state directory.
@@ -84,6 +93,10 @@ type Manager struct {
 	StateDir string
 	// Runner runs dmsetup, e2fsck and resize2fs. Nil means ExecRunner.
 	Runner Runner
+	// Syncs runs the background flushes of disks prepared with DeferSync
+	// and makes Prepare wait for one of the same disk. Nil means every
+	// copy is flushed before Prepare returns.
+	Syncs *Syncer
 
 	loops loopBackend // nil means the kernel; tests substitute a recorder
 }
@@ -186,6 +199,12 @@ func (m *Manager) Deactivate(ctx context.Context, d Disk) error {
 // Files outside the state dir are refused with ErrNotOurs.
 func (m *Manager) Teardown(ctx context.Context, d Disk) error {
 	errs := []error{m.Deactivate(ctx, d)}
+	if d.COWPath != "" && (d.Driver == DriverCopy || d.Driver == DriverReflink) {
+		if m.Syncs != nil {
+			m.Syncs.Cancel(d.COWPath)
+		}
+		errs = append(errs, m.removeFile(d.COWPath+UnsyncedSuffix))
+	}
 	baseLink := d.BaseLink
 	if baseLink == "" && d.COWPath != "" {
 		for _, l := range d.Loops {

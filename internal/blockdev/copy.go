@@ -14,16 +14,28 @@ import (
 
 // prepareCopy gives the VM its own copy of the image (reflink or sparse
 // copy), grown to opts.SizeBytes. The copy is written under a temporary
-// name and renamed into place when complete, so an existing disk file is
-// always whole and is reused as is.
+// name and renamed into place when complete and flushed, so an existing
+// disk file is always whole and is reused as is. With opts.DeferSync (and a
+// Syncer) the complete copy is renamed to <disk>.unsynced instead, for the
+// caller to flush with FlushInBackground.
 func (m *Manager) prepareCopy(ctx context.Context, opts PrepareOptions, driver string) (Disk, error) {
 	dst := filepath.Join(opts.VMDir, DiskFileName)
 	d := Disk{Driver: driver, Path: dst, COWPath: dst}
+	if m.Syncs != nil {
+		if err := m.Syncs.Wait(ctx, dst, opts.Waiting); err != nil {
+			return Disk{}, fmt.Errorf("prepare disk %s: %w", dst, err)
+		}
+	}
 	if _, err := os.Stat(dst); err == nil {
 		if err := m.grow(ctx, dst, opts.SizeBytes); err != nil {
 			return Disk{}, err
 		}
 		return d, nil
+	}
+	// An unsynced copy that no flush is promoting is not trusted: after a
+	// host crash it holds whatever reached the disk. Copy again.
+	if err := os.Remove(dst + UnsyncedSuffix); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return Disk{}, fmt.Errorf("prepare disk %s: remove an unflushed copy: %w", dst, err)
 	}
 	if err := opts.Intent(d); err != nil {
 		return Disk{}, fmt.Errorf("prepare disk %s: record intent: %w", dst, err)
@@ -34,6 +46,11 @@ func (m *Manager) prepareCopy(ctx context.Context, opts PrepareOptions, driver s
 		return Disk{}, err
 	}
 	err := m.grow(ctx, tmp, opts.SizeBytes)
+	if err == nil && opts.DeferSync && m.Syncs != nil {
+		if err = os.Rename(tmp, dst+UnsyncedSuffix); err == nil {
+			return d, nil
+		}
+	}
 	if err == nil {
 		err = syncFile(tmp)
 	}
@@ -48,6 +65,20 @@ func (m *Manager) prepareCopy(ctx context.Context, opts PrepareOptions, driver s
 		return Disk{}, fmt.Errorf("prepare disk %s: %w", dst, err)
 	}
 	return d, nil
+}
+
+// FlushInBackground starts the flush of a disk that Prepare left unsynced
+// (PrepareOptions.DeferSync) and reports whether there was one. Prepare of
+// the same disk waits for it; Teardown cancels it.
+func (m *Manager) FlushInBackground(d Disk) bool {
+	if m.Syncs == nil || (d.Driver != DriverCopy && d.Driver != DriverReflink) || d.COWPath == "" {
+		return false
+	}
+	if _, err := os.Stat(d.COWPath + UnsyncedSuffix); err != nil {
+		return false
+	}
+	m.Syncs.Start(d.COWPath)
+	return true
 }
 
 func (m *Manager) copyTo(ctx context.Context, src, dst, driver string) error {

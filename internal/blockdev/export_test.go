@@ -7,3 +7,7 @@ func SetSyncWrites(on bool) bool {
 	syncWrites = on
 	return prev
 }
+
+// SetBeforePromote sets the hook run between a background flush's fsync and
+// its rename (nil: none).
+func SetBeforePromote(fn func(disk string)) { beforePromote = fn }

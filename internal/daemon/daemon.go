@@ -193,6 +193,11 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_ = srv.Shutdown(shutdownCtx)
+	// New VM disks still being flushed are waited for, so that a clean
+	// restart does not have their starts copy the image again.
+	if err := d.life.WaitDiskFlushes(shutdownCtx); err != nil {
+		d.log.Warn("shutdown: a new VM disk was not flushed in time; its VM's start copies the image again", "err", err)
+	}
 	_ = os.Remove(d.cfg.Socket)
 	d.close()
 	d.log.Info("banger daemon stopped")

@@ -14,6 +14,8 @@
 //
 //	create:recorded      the VM record and IP lease are stored, no disk yet
 //	create:disk          the disk is made, the record still says disk:creating
+//	create:unsynced      the record is final (created), the disk copy is still
+//	                     disk.ext4.unsynced: its background flush has not begun
 //	start:starting       the VM is marked starting, nothing made yet
 //	start:disk           the disk is active, no tap
 //	start:tap-intent     the tap is recorded, not created

@@ -120,6 +120,7 @@ func (s *Service) Create(ctx context.Context, req api.CreateVMRequest, uid uint3
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 			defer cancel()
 			cur, _ := s.store.GetVM(id)
+			s.cancelDiskFlush(id)
 			if _, err := s.Release(cctx, cur, true); err != nil {
 				log.Error("clean up failed create", "err", err)
 			}
@@ -223,24 +224,31 @@ func (s *Service) createSpec(ctx context.Context, req api.CreateVMRequest, repor
 }
 
 // makeDisk makes the new VM's disk now, so that start is fast; its devices
-// are deactivated until the VM starts.
+// are deactivated until the VM starts. A copy or reflink is not flushed
+// here: the record is made final first, then the copy (still
+// disk.ext4.unsynced) is flushed in the background and renamed into
+// place, and the VM's start waits for that. A daemon or host that dies
+// before the rename leaves only the .unsynced file, which nothing uses:
+// start-up recovery removes it and the start copies the image again.
 func (s *Service) makeDisk(ctx context.Context, vm model.VM, img model.Image, report progress.Func) (model.VM, error) {
 	report.Report(progress.Event{Phase: "disk", Item: vm.Name, Message: vm.DiskDriver})
 	if err := os.MkdirAll(s.VMDir(vm.ID), 0o700); err != nil {
 		return vm, err
 	}
-	dk, err := s.Disks().Prepare(ctx, blockdev.PrepareOptions{
+	disks := s.Disks()
+	dk, err := disks.Prepare(ctx, blockdev.PrepareOptions{
 		VMID: vm.ID, BaseImage: img.RootFS, VMDir: s.VMDir(vm.ID), SizeBytes: vm.DiskBytes, Driver: vm.DiskDriver,
 		Intent: func(dk blockdev.Disk) error {
 			_, err := s.store.UpdateVM(vm.ID, func(v *model.VM) error { v.Runtime.Phase, v.Runtime.Disk = "disk:creating", dk; return nil })
 			return err
 		},
+		DeferSync: true,
 	})
 	if err != nil {
 		return vm, fmt.Errorf("prepare disk of VM %q: %w", vm.Name, err)
 	}
 	failpoint.Reach("create:disk")
-	if err := s.Disks().Deactivate(ctx, dk); err != nil {
+	if err := disks.Deactivate(ctx, dk); err != nil {
 		return vm, fmt.Errorf("deactivate disk of VM %q: %w", vm.Name, err)
 	}
 	vm, err = s.store.UpdateVM(vm.ID, func(v *model.VM) error {
@@ -248,8 +256,16 @@ func (s *Service) makeDisk(ctx context.Context, vm model.VM, img model.Image, re
 		v.Runtime = model.Runtime{}
 		return nil
 	})
-	report.Report(progress.Event{Phase: "disk", Item: vm.Name, Done: true})
-	return vm, err
+	if err != nil {
+		return vm, err
+	}
+	failpoint.Reach("create:unsynced")
+	msg := ""
+	if disks.FlushInBackground(dk) {
+		msg = "flushing in the background"
+	}
+	report.Report(progress.Event{Phase: "disk", Item: vm.Name, Done: true, Message: msg})
+	return vm, nil
 }
 
 // copyDisk makes the new VM's disk a copy of the disk file src (see
@@ -328,6 +344,7 @@ func (s *Service) Delete(ctx context.Context, id string, force bool) (api.Delete
 	if sup := s.sups.Take(id); sup != nil {
 		sup.Close()
 	}
+	s.cancelDiskFlush(id)
 	freed := subpath.DiskUsage(s.VMDir(id))
 	// Record the intent first: a daemon that dies from here on finishes
 	// the delete at its next start-up (package reconciler).

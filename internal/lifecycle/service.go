@@ -73,6 +73,7 @@ type Service struct {
 	mnt   attached   // mounted host folders (mounts.go)
 	netMu sync.Mutex // the bridge and the NAT table
 	snaps *snapshot.Store
+	syncs *blockdev.Syncer // background flushes of new disk copies (create)
 }
 
 // New returns a Service.
@@ -83,7 +84,8 @@ func New(o Options) *Service {
 	if o.Background == nil {
 		o.Background = context.Background()
 	}
-	return &Service{cfg: o.Config, store: o.Store, log: o.Logger, kernels: o.Kernels, bg: o.Background, locks: map[string]*sync.Mutex{}, snaps: o.Snapshots}
+	return &Service{cfg: o.Config, store: o.Store, log: o.Logger, kernels: o.Kernels, bg: o.Background, locks: map[string]*sync.Mutex{}, snaps: o.Snapshots,
+		syncs: &blockdev.Syncer{Log: o.Logger}}
 }
 
 // Lock returns the mutex serializing operations on the VM with id.
@@ -126,8 +128,21 @@ func (s *Service) NetConfig() (netctl.Config, error) {
 
 // Disks is the disk manager.
 func (s *Service) Disks() *blockdev.Manager {
-	return &blockdev.Manager{StateDir: s.cfg.StateDir}
+	return &blockdev.Manager{StateDir: s.cfg.StateDir, Syncs: s.syncs}
 }
+
+// diskPath is the disk file of a VM with a copy or reflink disk.
+func (s *Service) diskPath(id string) string {
+	return filepath.Join(s.VMDir(id), blockdev.DiskFileName)
+}
+
+// cancelDiskFlush stops a background flush of the VM's new disk copy from
+// promoting it, before the disk is removed or replaced.
+func (s *Service) cancelDiskFlush(id string) { s.syncs.Cancel(s.diskPath(id)) }
+
+// WaitDiskFlushes waits for the background flushes of new disks under way
+// (daemon shutdown), until ctx ends.
+func (s *Service) WaitDiskFlushes(ctx context.Context) error { return s.syncs.WaitAll(ctx) }
 
 // Monitor returns the VM monitor backend of the given name, configured.
 func (s *Service) Monitor(name string) (vmm.Monitor, error) {

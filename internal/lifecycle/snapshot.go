@@ -203,7 +203,8 @@ func (r *restoreRun) disk(s *Service) startStep {
 		if err := run.record(s.setRuntime(vm.ID, func(rt *model.Runtime) { rt.Phase, rt.Disk = "disk:creating", disk })); err != nil {
 			return err
 		}
-		tmp := dst + ".partial" // start-up recovery removes a leftover
+		s.cancelDiskFlush(vm.ID) // a clone's fresh copy must not land over the restored disk
+		tmp := dst + ".partial"  // start-up recovery removes a leftover
 		_ = os.Remove(tmp)
 		began := time.Now()
 		how, err := snapshot.CopyDisk(ctx, filepath.Join(s.snaps.Path(r.snap), snapshot.DiskFileName), tmp)

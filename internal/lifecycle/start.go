@@ -182,6 +182,9 @@ func (s *Service) prepareDisk(ctx context.Context, run *startRun, report progres
 			_, err := s.setRuntime(vm.ID, func(rt *model.Runtime) { rt.Phase, rt.Disk = "disk:creating", dk })
 			return err
 		},
+		Waiting: func(d time.Duration) {
+			report.Report(progress.Event{Phase: "disk", Item: vm.DiskDriver, Message: fmt.Sprintf("waiting for the new disk to be flushed (%s)", d.Round(time.Second))})
+		},
 	})
 	if err != nil {
 		return fmt.Errorf("prepare disk: %w", err)

@@ -281,8 +281,10 @@ func (r *Reconciler) killStrays(ctx context.Context, procs []vmm.Handle, keep in
 //   - BANGER-* dm devices;
 //   - VM monitor processes naming an unknown VM's runtime dir;
 //   - the banger nftables table when no VM runs;
-//   - runtime dirs and VM dirs of unknown VMs, and half-copied disks
-//     (*.partial) in VM dirs.
+//   - runtime dirs and VM dirs of unknown VMs, half-copied disks
+//     (*.partial) in VM dirs, and new disk copies whose flush the dead
+//     daemon had not finished (*.unsynced: after a host crash they hold
+//     whatever reached the disk; the VM's start copies the image again).
 //
 // Image staging dirs and pull scratch dirs are the image service's job.
 func (r *Reconciler) Orphans(ctx context.Context) error {
@@ -391,7 +393,8 @@ func (r *Reconciler) orphanLoops(ctx context.Context, inUse map[string]bool) []e
 }
 
 // removeOrphanDirs removes the runtime dirs and VM dirs of unknown VMs,
-// and the half-copied disks of interrupted starts in known VMs' dirs.
+// and the half-copied disks of interrupted starts and the unflushed
+// copies of interrupted creates in known VMs' dirs.
 func (r *Reconciler) removeOrphanDirs(known map[string]model.VM) {
 	rtDirs := r.Life.RuntimeDirs()
 	if ents, err := os.ReadDir(rtDirs); err == nil {
@@ -413,6 +416,12 @@ func (r *Reconciler) removeOrphanDirs(known map[string]model.VM) {
 				for _, f := range partials {
 					if err := os.Remove(f); err == nil {
 						r.Log.Info("removed half-copied disk of an interrupted start", "file", f)
+					}
+				}
+				unsynced, _ := filepath.Glob(filepath.Join(p, "*"+blockdev.UnsyncedSuffix))
+				for _, f := range unsynced {
+					if err := os.Remove(f); err == nil {
+						r.Log.Info("removed a new disk copy whose flush had not finished; the VM's start copies the image again", "file", f)
 					}
 				}
 				continue

@@ -23,7 +23,7 @@ func TestMain(m *testing.M) { e2etest.Main(m) }
 // crashOps are the operations crash injection interrupts, each with the
 // daemon's failpoints on its way (internal/daemon/failpoint.go).
 var crashOps = map[string][]string{
-	"create": {"create:recorded", "create:disk"},
+	"create": {"create:recorded", "create:disk", "create:unsynced"},
 	"start":  {"start:starting", "start:tap-intent", "start:tap", "start:disk", "start:vmm", "start:recorded"},
 	"stop":   {"stop:stopping", "stop:released"},
 	"delete": {"delete:intent", "delete:released", "delete:dir"},

@@ -297,6 +297,10 @@ func Leaks(t testing.TB, e *Env, vms []model.VM) []string {
 	for _, p := range partials {
 		out = append(out, "half-copied disk "+p)
 	}
+	unsynced, _ := filepath.Glob(filepath.Join(d.StateDir(), "vms", "*", "*.unsynced"))
+	for _, p := range unsynced {
+		out = append(out, "unflushed disk copy "+p)
+	}
 	// Loop devices backed by the state dir: none (the copy driver uses no
 	// loops; dm-snapshot's would belong to running VMs' records).
 	var wantLoops []string
