@@ -108,18 +108,14 @@ func (d *Daemon) handleVMSnapshot(w http.ResponseWriter, r *http.Request) {
 	}
 	caller := CallerFrom(r.Context())
 	d.stream(w, r, func(ctx context.Context, report progress.Func) (any, error) {
-		// Mounted folders (--mount) are not part of a snapshot; the mount
-		// feature records them on the VM, and they are passed here.
-		snap, after, err := d.life.Snapshot(ctx, vm.ID, snapshotRequest(req, caller.UID, vm), report)
+		// The VM's --mount folders, from its record, are refused unless
+		// req.Force (lifecycle).
+		snap, after, err := d.life.Snapshot(ctx, vm.ID, lifecycle.SnapshotRequest{Name: req.Name, Owner: caller.UID, Stop: req.Stop, Force: req.Force}, report)
 		if err != nil {
 			return nil, err
 		}
 		return api.SnapshotVMResult{Snapshot: snapshotView(snap, nil), VM: api.ViewOf(after, caller.Root())}, nil
 	})
-}
-
-func snapshotRequest(req api.SnapshotVMRequest, uid uint32, _ model.VM) lifecycle.SnapshotRequest {
-	return lifecycle.SnapshotRequest{Name: req.Name, Owner: uid, Stop: req.Stop, Force: req.Force}
 }
 
 // handleSnapshotClone makes a new VM from a snapshot:

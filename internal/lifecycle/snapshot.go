@@ -45,11 +45,10 @@ func (s *Service) snapshotter(vm model.VM) (vmm.Snapshotter, error) {
 
 // SnapshotRequest is what Snapshot needs besides the VM.
 type SnapshotRequest struct {
-	Name   string
-	Owner  uint32
-	Stop   bool     // stop the VM once it is saved
-	Force  bool     // save a VM with mounted folders
-	Mounts []string // the VM's mounted host folders
+	Name  string
+	Owner uint32
+	Stop  bool // stop the VM once it is saved
+	Force bool // save a VM that has --mount folders (recorded on the VM)
 }
 
 // Snapshot saves the running VM id whole (memory, devices and disk) as the
@@ -92,6 +91,10 @@ func (s *Service) takeLocked(ctx context.Context, vm model.VM, req SnapshotReque
 	if vm.Runtime.Tap.Name != "" {
 		devices = append(devices, "net: virtio-net "+vm.MAC)
 	}
+	var folders []string
+	for _, m := range vm.Mounts {
+		folders = append(folders, m.String())
+	}
 	snap, err := s.snaps.Take(ctx, snapshot.TakeParams{
 		Name: req.Name, Owner: req.Owner,
 		Source: snapshot.Source{VMID: vm.ID, VMName: vm.Name},
@@ -100,7 +103,7 @@ func (s *Service) takeLocked(ctx context.Context, vm model.VM, req SnapshotReque
 			CPUs: vm.CPUs, MemoryMiB: vm.MemoryMiB, Devices: devices, MAC: vm.MAC, IP: vm.IP, Hostname: vm.Name,
 		},
 		Monitor: sn, Handle: vm.Runtime.Monitor, Disk: vm.Runtime.Disk.Path,
-		Mounts: req.Mounts, Force: req.Force,
+		Mounts: folders, Force: req.Force,
 		Progress: func(step string) { report.Report(progress.Event{Phase: "snapshot", Item: req.Name, Message: step}) },
 	})
 	if err != nil {
@@ -393,9 +396,12 @@ func (s *Service) Clone(ctx context.Context, snap snapshot.Snapshot, name string
 		return model.VM{}, err
 	}
 	checked := time.Since(began)
+	// The snapshot's --mount folders (saved with --force) are the clone's
+	// too, checked again as the clone's owner; they are mounted from the
+	// host once the clone is ready.
 	vm, err := s.Create(ctx, api.CreateVMRequest{
 		Name: name, Image: snap.Machine.Image, KernelRef: snap.Machine.KernelName, CPUs: snap.Machine.CPUs,
-		Memory: fmt.Sprintf("%dM", snap.Machine.MemoryMiB), VMM: snap.Machine.Monitor,
+		Memory: fmt.Sprintf("%dM", snap.Machine.MemoryMiB), VMM: snap.Machine.Monitor, Mounts: snap.Mounts,
 	}, owner, report, WithDiskFrom(filepath.Join(s.snaps.Path(snap), snapshot.DiskFileName)))
 	if err != nil {
 		return vm, err

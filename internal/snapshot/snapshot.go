@@ -71,8 +71,10 @@ type Snapshot struct {
 	Files []File `json:"files"`
 	// Pause is how long the guest was paused for the snapshot.
 	Pause time.Duration `json:"pause_ns"`
-	// Mounts are host folders the VM had mounted when it was saved
-	// (--force); a restore re-attaches them empty.
+	// Mounts are the VM's --mount folders (HOSTDIR:GUESTDIR[:ro]) when it
+	// was saved (--force). Their contents are not saved: a restore
+	// re-attaches them, and the guest sees the host folders as they are
+	// then; a clone gets them too.
 	Mounts []string `json:"mounts,omitempty"`
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -46,8 +47,9 @@ func (s *Store) Take(ctx context.Context, p TakeParams) (snap Snapshot, err erro
 		return Snapshot{}, err
 	}
 	if len(p.Mounts) > 0 && !p.Force {
-		return Snapshot{}, fmt.Errorf("snapshot %q of VM %q: it has mounted host folders %v, whose contents are not part of a snapshot; "+
-			"use --force to save it anyway (a restore re-attaches the mounts empty): %w", p.Name, p.Source.VMName, p.Mounts, ErrHasMounts)
+		return Snapshot{}, fmt.Errorf("snapshot %q of VM %q: it has --mount folders %v, whose contents are not part of a snapshot; "+
+			"use --force to save it anyway (a restore re-attaches the mounts empty of saved data: the guest sees the host folders as they are then): %w",
+			p.Name, p.Source.VMName, strings.Join(p.Mounts, ", "), ErrHasMounts)
 	}
 	progress := func(format string, a ...any) {
 		if p.Progress != nil {
