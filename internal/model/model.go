@@ -188,7 +188,7 @@ func (r Runtime) SameIdentity(o Runtime) bool {
 	return r.Phase == o.Phase && r.RuntimeDir == o.RuntimeDir && r.ConsoleLog == o.ConsoleLog &&
 		a.PID == b.PID && a.PIDStart == b.PIDStart && a.BootID == b.BootID && slices.Equal(a.Cmdline, b.Cmdline) &&
 		a.APISocket == b.APISocket && a.AgentSocket == b.AgentSocket && a.AgentTransport == b.AgentTransport && a.AgentCID == b.AgentCID &&
-		a.ConsoleSocket == b.ConsoleSocket && a.ConsoleFIFO == b.ConsoleFIFO && a.ConsoleLog == b.ConsoleLog && a.ConsoleLogMax == b.ConsoleLogMax &&
+		a.ConsoleSocket == b.ConsoleSocket && a.ConsoleFIFO == b.ConsoleFIFO && a.ConsoleLog == b.ConsoleLog && a.ConsoleLogMax == b.ConsoleLogMax && a.Jail == b.Jail &&
 		d.Driver == e.Driver && d.Path == e.Path && d.COWPath == e.COWPath && d.BaseLink == e.BaseLink &&
 		slices.Equal(d.Loops, e.Loops) && d.DMName == e.DMName && d.DMUUID == e.DMUUID &&
 		r.Tap == o.Tap

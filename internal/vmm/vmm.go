@@ -146,6 +146,10 @@ type Handle struct {
 	ConsoleFIFO   string `json:"console_fifo,omitempty"`
 	ConsoleLog    string `json:"console_log,omitempty"`
 	ConsoleLogMax int64  `json:"console_log_max,omitempty"`
+	// Jail is the jail dir of a monitor started through Firecracker's
+	// jailer (<chroot-base>/<exec-file-name>/<id>), removed once the
+	// monitor is gone; its sockets are inside it.
+	Jail string `json:"jail,omitempty"`
 }
 
 // StopMethod says how Stop ended a VM.

@@ -19,6 +19,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/consolelog"
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/firecracker/jailer"
 )
 
 // Name is the backend's registry name.
@@ -47,6 +48,10 @@ type Monitor struct {
 	StartTimeout time.Duration
 	// TermWait is how long SIGTERM gets before SIGKILL.
 	TermWait time.Duration
+	// Jailer, when set, starts Firecracker through its jailer (see
+	// jail.go): unprivileged, chrooted, in its own cgroups and pid
+	// namespace.
+	Jailer *jailer.Config
 }
 
 // New returns a Monitor with the defaults: "firecracker" from PATH, 10 s to
@@ -75,6 +80,9 @@ func (m *Monitor) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, error) 
 func (m *Monitor) launch(ctx context.Context, spec vmm.Spec, verb string, setup func(ctx context.Context, c *Client, spec vmm.Spec) error) (h vmm.Handle, err error) {
 	if err := spec.Validate(); err != nil {
 		return vmm.Handle{}, err
+	}
+	if m.Jailer != nil {
+		return m.launchJailed(ctx, spec, verb, setup)
 	}
 	fail := func(format string, a ...any) error {
 		return fmt.Errorf("%s firecracker for VM %q: %w", verb, spec.Name, fmt.Errorf(format, a...))
@@ -196,6 +204,11 @@ func (m *Monitor) Stop(ctx context.Context, h vmm.Handle, graceful time.Duration
 		// The monitor is gone: its last console output is in the log once
 		// the follower has read the pipe to its end.
 		consolelog.Drain(h.ConsoleFIFO, 2*time.Second)
+	}
+	if err == nil && h.Jail != "" {
+		if jerr := m.removeJail(h); jerr != nil {
+			return how, fmt.Errorf("stop firecracker pid %d: %w", h.PID, jerr)
+		}
 	}
 	return how, err
 }

@@ -26,6 +26,9 @@ var _ vmm.Snapshotter = (*Monitor)(nil)
 // req.WhilePaused, then PATCH /vm Resumed. Firecracker has no live
 // pre-copy, so the pause covers writing the whole memory file.
 func (m *Monitor) Snapshot(ctx context.Context, h vmm.Handle, req vmm.SnapshotRequest) (res vmm.SnapshotResult, err error) {
+	if h.Jail != "" {
+		return vmm.SnapshotResult{}, fmt.Errorf("snapshot of firecracker pid %d: snapshots of a VM under the jailer: %w", h.PID, vmm.ErrNotSupported)
+	}
 	fail := func(format string, a ...any) error {
 		return fmt.Errorf("snapshot firecracker pid %d: %w", h.PID, fmt.Errorf(format, a...))
 	}
@@ -105,6 +108,9 @@ func syncPath(p string) error {
 // /snapshot/load with the spec's tap and agent socket as overrides (the
 // disk is found through the runtime dir's DiskLinkName), resumed at once.
 func (m *Monitor) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.Handle, error) {
+	if m.Jailer != nil {
+		return vmm.Handle{}, fmt.Errorf("restore firecracker for VM %q: restores under the jailer: %w", spec.Name, vmm.ErrNotSupported)
+	}
 	state, mem := filepath.Join(dir, StateFileName), filepath.Join(dir, MemoryFileName)
 	for _, p := range []string{state, mem} {
 		if _, err := os.Stat(p); err != nil {

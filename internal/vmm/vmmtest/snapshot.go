@@ -18,6 +18,9 @@ import (
 // runtime dir, disk and console), and checks that a truncated state file
 // is refused with nothing left behind.
 func testSnapshot(t *testing.T, cfg Config) {
+	if cfg.NoSnapshot != "" {
+		testutil.Unsupported(t, cfg.NoSnapshot)
+	}
 	m := cfg.New()
 	sn, ok := m.(vmm.Snapshotter)
 	if !ok {

@@ -45,6 +45,9 @@ type Config struct {
 	// carries on from the saved one (saved and restored are their specs):
 	// for example a counter on the console that goes on.
 	Continued func(t *testing.T, saved, restored vmm.Spec)
+	// NoSnapshot, when set, says why this configuration of the backend
+	// takes no snapshots (the Snapshot case is then unsupported).
+	NoSnapshot string
 }
 
 // Run runs the suite with newMonitor and specFor and default settings.

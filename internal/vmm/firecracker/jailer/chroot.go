@@ -1,0 +1,356 @@
+package jailer
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/privdir"
+)
+
+// Paths as the jailed Firecracker sees them (inside the chroot). The
+// daemon reaches the same files at HostPath.
+const (
+	KernelPath  = "/kernel/vmlinuz"
+	InitrdPath  = "/kernel/initrd"
+	DiskName    = "rootfs.disk" // relative to Firecracker's cwd, the chroot's /, as snapshots record it
+	RunDir      = "/run"
+	APISocket   = "/run/fc.sock"
+	AgentSocket = "/run/agent.sock"
+)
+
+// MarkerName is the intent record in JailDir, written before anything
+// else is made there: it proves the jail is banger's and says how to
+// undo what Prepare changed.
+const MarkerName = "banger-jail.json"
+
+// marker is the content of MarkerName.
+type marker struct {
+	ID string `json:"id"`
+	// DiskUID and DiskGID are the disk file's owner before Prepare gave it
+	// to the jail user (the link shares the inode); Remove restores them.
+	DiskUID *uint32 `json:"disk_uid,omitempty"`
+	DiskGID *uint32 `json:"disk_gid,omitempty"`
+}
+
+// HostPath is where the daemon finds p, a path inside the chroot.
+func (inv Invocation) HostPath(p string) string { return filepath.Join(inv.ChrootDir(), p) }
+
+// Prepare builds the jail's chroot before the jailer runs: the marker
+// first, then <chroot>/kernel/ with the kernel and initrd (hard links
+// when the jail user may read them, else private copies it owns),
+// <chroot>/rootfs.disk (a hard link to a disk file, or a block device node
+// of the same device, owned by the jail user: Firecracker opens it
+// read-write), and <chroot>/run/ (the jail user's, for the sockets). Base
+// and <base>/<exec-file-name> are private dirs of the daemon. A disk file
+// must be on the chroot base's file system (a link, not a copy: the guest
+// writes to it). A jail left by an earlier run of the same VM is removed
+// first. On error Prepare removes what it made.
+func Prepare(inv Invocation, kernel, initrd, disk string) (err error) {
+	if err := inv.Validate(); err != nil {
+		return err
+	}
+	fail := func(format string, a ...any) error {
+		return fmt.Errorf("prepare jail %s: %w", inv.JailDir(), fmt.Errorf(format, a...))
+	}
+	if err := privdir.Ensure(inv.Base()); err != nil {
+		return fail("%w", err)
+	}
+	if err := privdir.Ensure(filepath.Join(inv.Base(), inv.ExecName())); err != nil {
+		return fail("%w", err)
+	}
+	if err := Remove(inv); err != nil {
+		return err
+	}
+	if err := os.Mkdir(inv.JailDir(), 0o700); err != nil {
+		return fail("%w", err)
+	}
+	m := marker{ID: inv.ID}
+	if err := writeMarker(inv, m); err != nil {
+		_ = os.Remove(inv.JailDir())
+		return fail("%w", err)
+	}
+	defer func() {
+		if err != nil {
+			_ = Remove(inv)
+		}
+	}()
+	root := inv.ChrootDir()
+	for _, d := range []string{root, filepath.Join(root, "kernel"), inv.HostPath(RunDir)} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			return fail("%w", err)
+		}
+	}
+	if err := os.Chmod(filepath.Join(root, "kernel"), 0o755); err != nil { //nolint:gosec // the jail user reads the kernel files
+		return fail("%w", err)
+	}
+	if err := os.Chown(inv.HostPath(RunDir), int(inv.UID), int(inv.GID)); err != nil {
+		return fail("%w", err)
+	}
+	if err := linkReadable(kernel, inv.HostPath(KernelPath), inv); err != nil {
+		return fail("kernel: %w", err)
+	}
+	if initrd != "" {
+		if err := linkReadable(initrd, inv.HostPath(InitrdPath), inv); err != nil {
+			return fail("initrd: %w", err)
+		}
+	}
+	if disk != "" {
+		src, err := filepath.EvalSymlinks(disk)
+		if err != nil {
+			return fail("disk: %w", err)
+		}
+		fi, err := os.Stat(src)
+		if err != nil {
+			return fail("disk: %w", err)
+		}
+		dst := inv.HostPath(DiskName)
+		st := fi.Sys().(*syscall.Stat_t)
+		switch fi.Mode().Type() {
+		case 0:
+			// Record the owner before changing it (intent first).
+			uid, gid := st.Uid, st.Gid
+			m.DiskUID, m.DiskGID = &uid, &gid
+			if err := writeMarker(inv, m); err != nil {
+				return fail("%w", err)
+			}
+			if err := os.Link(src, dst); err != nil {
+				if errors.Is(err, unix.EXDEV) {
+					return fail("disk %s is on another file system than the chroot base %s: put the jailer's chroot base on banger's state file system", src, inv.Base())
+				}
+				return fail("link disk: %w", err)
+			}
+		case fs.ModeDevice:
+			if err := unix.Mknod(dst, unix.S_IFBLK|0o600, int(st.Rdev)); err != nil {
+				return fail("disk device node: %w", err)
+			}
+		default:
+			return fail("disk %s is neither a file nor a block device", src)
+		}
+		if err := os.Lchown(dst, int(inv.UID), int(inv.GID)); err != nil {
+			return fail("%w", err)
+		}
+	}
+	return nil
+}
+
+// linkReadable puts src at dst for the jail user to read: a hard link when
+// src is a world-readable regular file on the same file system, else a copy
+// (mode 0400, owned by the jail user).
+func linkReadable(src, dst string, inv Invocation) error {
+	src, err := filepath.EvalSymlinks(src)
+	if err != nil {
+		return err
+	}
+	fi, err := os.Stat(src)
+	if err != nil {
+		return err
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", src)
+	}
+	if fi.Mode().Perm()&0o004 != 0 && os.Link(src, dst) == nil {
+		return nil
+	}
+	in, err := os.Open(src) //nolint:gosec // a kernel file the daemon chose
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o400)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		_ = out.Close()
+		return err
+	}
+	if err := out.Close(); err != nil {
+		return err
+	}
+	return os.Chown(dst, int(inv.UID), int(inv.GID))
+}
+
+func writeMarker(inv Invocation, m marker) error {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	p := filepath.Join(inv.JailDir(), MarkerName)
+	tmp := p + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, p)
+}
+
+// readMarker reads the jail's marker; it must name inv.ID.
+func readMarker(inv Invocation) (marker, error) {
+	var m marker
+	b, err := privdir.ReadFile(filepath.Join(inv.JailDir(), MarkerName), 4096)
+	if err != nil {
+		return m, err
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return m, fmt.Errorf("jail marker %s: %w", filepath.Join(inv.JailDir(), MarkerName), err)
+	}
+	if m.ID != inv.ID {
+		return m, fmt.Errorf("jail marker %s names %q, not %q", filepath.Join(inv.JailDir(), MarkerName), m.ID, inv.ID)
+	}
+	return m, nil
+}
+
+// ErrNotBangers marks a jail dir Remove refuses: no marker of banger's
+// naming the id, or not a private dir of the daemon.
+var ErrNotBangers = errors.New("not provably banger's")
+
+// Remove tears the jail of inv down, after its Firecracker is gone: the
+// disk file gets its owner back, JailDir goes (without following a link or
+// leaving the file system: the chroot's links and nodes are unlinked, the
+// VM's disk stays), and so do the VM's cgroups (<root>/<parent>/<id> under
+// every cgroup mount, then the parent when it is empty). A missing jail is
+// fine; a dir without banger's marker is refused (ErrNotBangers), touched
+// in no way.
+func Remove(inv Invocation) error {
+	dir := inv.JailDir()
+	fi, err := os.Lstat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return removeCgroups(inv)
+	}
+	if err != nil {
+		return fmt.Errorf("remove jail: %w", err)
+	}
+	if err := privdir.Check(dir); err != nil {
+		return fmt.Errorf("remove jail %s: %w (%w)", dir, ErrNotBangers, err)
+	}
+	bfi, err := os.Lstat(inv.Base())
+	if err != nil {
+		return fmt.Errorf("remove jail: %w", err)
+	}
+	if fi.Sys().(*syscall.Stat_t).Dev != bfi.Sys().(*syscall.Stat_t).Dev {
+		return fmt.Errorf("remove jail %s: on another file system than %s: %w", dir, inv.Base(), ErrNotBangers)
+	}
+	m, err := readMarker(inv)
+	if errors.Is(err, fs.ErrNotExist) {
+		// Prepare died between the dir and its marker: an empty dir is
+		// removed (rmdir removes nothing else); anything more is refused.
+		if unix.Rmdir(dir) == nil {
+			return removeCgroups(inv)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("remove jail %s: %w (%w)", dir, ErrNotBangers, err)
+	}
+	if m.DiskUID != nil && m.DiskGID != nil {
+		disk := inv.HostPath(DiskName)
+		if dfi, err := os.Lstat(disk); err == nil && dfi.Mode().IsRegular() && dfi.Sys().(*syscall.Stat_t).Nlink > 1 {
+			if err := os.Lchown(disk, int(*m.DiskUID), int(*m.DiskGID)); err != nil {
+				return fmt.Errorf("remove jail: give the disk back: %w", err)
+			}
+		}
+	}
+	// os.RemoveAll walks with openat(O_NOFOLLOW) and unlinkat: a link the
+	// jail user planted is unlinked, never followed. The jail user cannot
+	// mount, so the tree is one file system.
+	if err := os.RemoveAll(inv.ChrootDir()); err != nil {
+		return fmt.Errorf("remove jail: %w", err)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove jail: %w", err)
+	}
+	return removeCgroups(inv)
+}
+
+// CgroupMounts lists the mount points of cgroup (v1) or cgroup2 (v2) file
+// systems, from /proc/mounts.
+func CgroupMounts(version int) ([]string, error) {
+	b, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		return nil, err
+	}
+	want := "cgroup"
+	if version == 2 {
+		want = "cgroup2"
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[2] == want {
+			out = append(out, unescapeMount(f[1]))
+		}
+	}
+	return out, nil
+}
+
+func unescapeMount(s string) string {
+	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
+	return r.Replace(s)
+}
+
+// removeCgroups removes <mount>/<parent>/<id> under every cgroup mount of
+// either version, and the parent when it is empty (another VM's cgroup
+// keeps it). rmdir removes only an empty cgroup: one that still holds a
+// process is an error.
+func removeCgroups(inv Invocation) error {
+	var errs []error
+	for _, v := range []int{1, 2} {
+		mounts, err := CgroupMounts(v)
+		if err != nil {
+			return err
+		}
+		for _, mnt := range mounts {
+			parent := filepath.Join(mnt, inv.Parent())
+			if err := unix.Rmdir(filepath.Join(parent, inv.ID)); err != nil && !errors.Is(err, unix.ENOENT) {
+				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", filepath.Join(parent, inv.ID), err))
+				continue
+			}
+			if inv.Parent() == ParentCgroup {
+				_ = unix.Rmdir(parent) // ENOTEMPTY or EBUSY: other VMs
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Stale removes the jails under <base>/<execName> that keep does not
+// claim, at daemon start-up: each must be a private dir named by a valid
+// id and hold banger's marker naming that id; anything else is left alone
+// and reported in refused.
+func Stale(base, execName string, keep func(id string) bool) (removed []string, refused []error) {
+	dir := filepath.Join(base, execName)
+	if err := privdir.Check(dir); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, nil
+		}
+		return nil, []error{err}
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, []error{err}
+	}
+	for _, e := range ents {
+		id := e.Name()
+		if !ValidID(id) {
+			refused = append(refused, fmt.Errorf("jail %s: not a jailer id: %w", filepath.Join(dir, id), ErrNotBangers))
+			continue
+		}
+		if keep(id) {
+			continue
+		}
+		inv := Invocation{ID: id, ExecFile: "/" + execName, ChrootBase: base, ParentCgroup: ParentCgroup}
+		if err := Remove(inv); err != nil {
+			refused = append(refused, err)
+			continue
+		}
+		removed = append(removed, id)
+	}
+	return removed, refused
+}
