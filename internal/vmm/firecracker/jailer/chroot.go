@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -308,7 +309,7 @@ func removeCgroups(inv Invocation) error {
 		}
 		for _, mnt := range mounts {
 			parent := filepath.Join(mnt, inv.Parent())
-			if err := unix.Rmdir(filepath.Join(parent, inv.ID)); err != nil && !errors.Is(err, unix.ENOENT) {
+			if err := rmdirCgroup(filepath.Join(parent, inv.ID)); err != nil && !errors.Is(err, unix.ENOENT) {
 				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", filepath.Join(parent, inv.ID), err))
 				continue
 			}
@@ -318,6 +319,20 @@ func removeCgroups(inv Invocation) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// rmdirCgroup removes an empty cgroup. A monitor that has just died may
+// still be a zombie its reaper has not waited for, and a zombie keeps its
+// cgroup busy: EBUSY is retried for up to 3 s.
+func rmdirCgroup(dir string) error {
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		err := unix.Rmdir(dir)
+		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // Stale removes the jails under <base>/<execName> that keep does not
