@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"path"
 	"strconv"
 	"strings"
 	"time"
@@ -24,6 +25,7 @@ const (
 	KeyDebug    = "banger.debug"    // the initramfs prints each step
 	KeyInit     = "banger.init"     // auto, image or banger (Init)
 	KeyMain     = "banger.main"     // MainOverride, JSON in unpadded base64url
+	KeyMounts   = "banger.mounts"   // []BootMount, JSON in unpadded base64url
 )
 
 // Defaults the guest applies when a key is absent.
@@ -65,6 +67,38 @@ type Cmdline struct {
 	InitChoice Init
 	// Main changes the image's main process; the zero value changes nothing.
 	Main MainOverride
+	// Mounts are the host folders (vm create --mount) the guest mounts at
+	// boot, before any service or the main process starts; the host
+	// serves them once the agent is up.
+	Mounts []BootMount
+}
+
+// BootMount is a host folder's place in the guest: its guest path and
+// whether it is read-only. The host path stays on the host.
+type BootMount struct {
+	Dir      string `json:"dir"`
+	ReadOnly bool   `json:"ro,omitempty"`
+}
+
+// checkBootMounts accepts clean absolute guest paths other than "/", free
+// of control bytes, each at most once.
+func checkBootMounts(ms []BootMount) error {
+	seen := map[string]bool{}
+	for _, m := range ms {
+		if !strings.HasPrefix(m.Dir, "/") || m.Dir == "/" || path.Clean(m.Dir) != m.Dir || len(m.Dir) > 4096 {
+			return fmt.Errorf("%w: %s: guest folder %q is not a clean absolute path other than /", ErrCmdline, KeyMounts, m.Dir)
+		}
+		for i := 0; i < len(m.Dir); i++ {
+			if b := m.Dir[i]; b < 0x20 || b == 0x7f {
+				return fmt.Errorf("%w: %s: guest folder %q holds a control byte", ErrCmdline, KeyMounts, m.Dir)
+			}
+		}
+		if seen[m.Dir] {
+			return fmt.Errorf("%w: %s: guest folder %q twice", ErrCmdline, KeyMounts, m.Dir)
+		}
+		seen[m.Dir] = true
+	}
+	return nil
 }
 
 // Network is the guest's address, set up from the command line because
@@ -159,6 +193,13 @@ func (c Cmdline) Encode() (string, error) {
 			errs = append(errs, fmt.Errorf("%w: %s: %w", ErrCmdline, KeyMain, err))
 		}
 		errs = append(errs, add(KeyMain, base64.RawURLEncoding.EncodeToString(b)))
+	}
+	if len(c.Mounts) > 0 {
+		b, err := json.Marshal(c.Mounts)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%w: %s: %w", ErrCmdline, KeyMounts, err))
+		}
+		errs = append(errs, checkBootMounts(c.Mounts), add(KeyMounts, base64.RawURLEncoding.EncodeToString(b)))
 	}
 	if len(c.InitArgs) > 0 {
 		w = append(w, "--")
@@ -280,6 +321,20 @@ func Parse(s string) (Cmdline, error) {
 				continue
 			}
 			c.Main = m
+		case KeyMounts:
+			b, err := base64.RawURLEncoding.DecodeString(val)
+			var ms []BootMount
+			if err == nil {
+				err = json.Unmarshal(b, &ms)
+			}
+			if err == nil {
+				err = checkBootMounts(ms)
+			}
+			if err != nil {
+				bad(key, val, "want unpadded base64url of a JSON list of {\"dir\":...,\"ro\":...}: "+err.Error())
+				continue
+			}
+			c.Mounts = ms
 		default:
 			c.Kernel = append(c.Kernel, word)
 		}

@@ -34,6 +34,7 @@ func full() Cmdline {
 		Debug:      true,
 		InitChoice: InitBanger,
 		Main:       MainOverride{Cmd: []string{"sh", "-c", "echo \"hi there\"; exit 3"}, Env: []string{"A=b c", "EMPTY="}},
+		Mounts:     []BootMount{{Dir: "/src"}, {Dir: "/mnt/my data", ReadOnly: true}},
 		InitArgs:   []string{"single"},
 	}
 }
@@ -124,6 +125,9 @@ func TestParseRejects(t *testing.T) {
 		"init choice":        "banger.init=openrc",
 		"main not base64":    "banger.main=!!",
 		"main not json":      "banger.main=bm90IGpzb24",
+		"mounts not base64":  "banger.mounts=!!",
+		"mount escape":       "banger.mounts=W3siZGlyIjoiL2EvLi4vZXRjIn1d", // [{"dir":"/a/../etc"}]
+		"mount relative":     "banger.mounts=W3siZGlyIjoiZXRjIn1d",         // [{"dir":"etc"}]
 	} {
 		if _, err := Parse(in); !errors.Is(err, ErrCmdline) {
 			t.Errorf("%s: Parse(%q) = %v, want ErrCmdline", name, in, err)
@@ -144,6 +148,11 @@ func TestEncodeRejects(t *testing.T) {
 		"control in init arg":  {InitArgs: []string{"a\x01"}},
 		"too long":             {Main: MainOverride{Cmd: []string{strings.Repeat("x", MaxCmdline)}}},
 		"rootwait":             {RootWait: 2 * time.Hour},
+		"mount at /":           {Mounts: []BootMount{{Dir: "/"}}},
+		"relative mount":       {Mounts: []BootMount{{Dir: "src"}}},
+		"unclean mount":        {Mounts: []BootMount{{Dir: "/a/../etc"}}},
+		"control in mount":     {Mounts: []BootMount{{Dir: "/a\nb"}}},
+		"mount twice":          {Mounts: []BootMount{{Dir: "/a"}, {Dir: "/a", ReadOnly: true}}},
 	} {
 		if s, err := c.Encode(); !errors.Is(err, ErrCmdline) {
 			t.Errorf("%s: Encode() = %q, %v; want ErrCmdline", name, s, err)

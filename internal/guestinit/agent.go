@@ -6,6 +6,8 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -55,11 +57,23 @@ func RunAgent(version string, args []string) int {
 	} else {
 		logger.Printf("find the guest program for sftp as other users: %v (falling back to the image's sftp-server)", err)
 	}
+	folders := &mounts.Guest{Log: slog.New(slog.NewTextHandler(os.Stderr, nil))}
 	srv.Services = map[string]agent.StreamService{
 		portfwd.ServiceName: (&portfwd.Guest{}).ServeStream,
-		mounts.ServiceName:  (&mounts.Guest{}).ServeStream,
+		mounts.ServiceName:  folders.ServeStream,
 	}
 	logger.Printf("banger-vsock-agent %s (protocol v%d) starting", version, agent.ProtocolVersion)
+	// The host folders are mounted at boot, beside serving (the host's
+	// wait for the agent does not depend on them); systemd is told the
+	// agent is ready once they are, so the units after it find them.
+	go func() {
+		if *root == "/" {
+			mountFoldersAtBoot(folders, logger)
+		}
+		if err := notifyReady(); err != nil {
+			logger.Printf("tell systemd the agent is ready: %v", err)
+		}
+	}()
 
 	var wg sync.WaitGroup
 	run := func(name string, fn func() error) {
@@ -80,6 +94,44 @@ func RunAgent(version string, args []string) int {
 	wg.Wait()
 	logger.Printf("banger-vsock-agent stopping")
 	return 0
+}
+
+// mountFoldersAtBoot mounts the VM's host folders named on the kernel
+// command line (guestabi.KeyMounts); the host serves them once it has the
+// agent. Accesses wait until then (mounts.Guest.MountAtBoot).
+func mountFoldersAtBoot(g *mounts.Guest, logger *log.Logger) {
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		logger.Printf("host folders at boot: %v", err)
+		return
+	}
+	c, _ := guestabi.Parse(string(b)) // a bad key elsewhere leaves Mounts as parsed
+	var specs []mounts.Spec
+	for _, m := range c.Mounts {
+		specs = append(specs, mounts.Spec{GuestDir: m.Dir, ReadOnly: m.ReadOnly})
+	}
+	for _, err := range g.MountAtBoot(specs, 0) {
+		logger.Printf("host folders at boot: %v", err)
+	}
+}
+
+// notifyReady sends READY=1 to systemd when it started the agent as a
+// Type=notify service ($NOTIFY_SOCKET), and does nothing otherwise.
+func notifyReady() error {
+	addr := os.Getenv("NOTIFY_SOCKET")
+	if addr == "" {
+		return nil
+	}
+	if addr[0] == '@' {
+		addr = "\x00" + addr[1:]
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: addr, Net: "unixgram"})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_, err = c.Write([]byte("READY=1"))
+	return err
 }
 
 // agentPowerOff asks banger's PID 1 to shut the guest down when it runs the

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -172,7 +173,40 @@ func (p *pid1) boot() {
 	}
 	go p.firstBootAndSSHD()
 	go p.watchPowerButton()
+	p.waitForFolders(folderWait)
 	p.startMain()
+}
+
+// folderWait bounds how long the main process waits for the agent to
+// mount the VM's host folders.
+const folderWait = 10 * time.Second
+
+// waitForFolders returns once every host folder on the command line
+// (guestabi.KeyMounts) is a mount point, which the agent makes them as it
+// starts, so the main process finds them in place (its accesses then wait
+// until the host serves them); or after d, saying which are missing.
+func (p *pid1) waitForFolders(d time.Duration) {
+	if len(p.cmdline.Mounts) == 0 {
+		return
+	}
+	deadline := time.Now().Add(d)
+	for {
+		var missing []string
+		points := mountPoints()
+		for _, m := range p.cmdline.Mounts {
+			if !slices.Contains(points, m.Dir) {
+				missing = append(missing, m.Dir)
+			}
+		}
+		if len(missing) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			p.logf("host folders %s not mounted after %s: starting the main process without them", strings.Join(missing, ", "), d)
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // supervise keeps a service running until shutdown, restarting it one

@@ -61,8 +61,8 @@ func guestOptions(req api.CreateVMRequest) (guestabi.Init, []string, []string, e
 }
 
 // cmdline is the guest kernel command line: root disk, serial console,
-// the network settings, the hostname, the init choice and the main-process
-// overrides (guestabi.Cmdline). Without an initramfs to pick the init, the
+// the network settings, the hostname, the init choice, the main-process
+// overrides and the guest folders of the VM's mounts (guestabi.Cmdline). Without an initramfs to pick the init, the
 // kernel starts banger's init in images that have it, and banger's init
 // applies the same rule.
 func (s *Service) cmdline(vm model.VM, nc netctl.Config, initrd string) string {
@@ -72,6 +72,7 @@ func (s *Service) cmdline(vm model.VM, nc netctl.Config, initrd string) string {
 		ReadWrite: true,
 		Hostname:  hostnameFor(vm.Name),
 		Main:      guestabi.MainOverride{Cmd: vm.Cmd, Env: vm.Env},
+		Mounts:    bootMounts(vm.Mounts),
 	}
 	if vm.Init != "" && vm.Init != guestabi.InitAuto {
 		c.InitChoice = vm.Init
@@ -98,7 +99,13 @@ func (s *Service) cmdline(vm model.VM, nc netctl.Config, initrd string) string {
 		// create validated the overrides: drop them rather than not boot.
 		s.log.Warn("kernel command line: dropping the main-process overrides", "vm", vm.Name, "err", err)
 		c.Main = guestabi.MainOverride{}
-		line, _ = c.Encode()
+		if line, err = c.Encode(); err != nil {
+			// The folders are still mounted once the agent is up, only
+			// not before the guest's services start.
+			s.log.Warn("kernel command line: dropping the boot-time mounts", "vm", vm.Name, "err", err)
+			c.Mounts = nil
+			line, _ = c.Encode()
+		}
 	}
 	return line
 }

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/guestabi"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/mounts"
 	"github.com/bangerdev/banger/internal/supervisor"
@@ -65,6 +66,15 @@ func mountSpecs(ctx context.Context, values []string, uid uint32) ([]mounts.Spec
 		}
 		specs = append(specs, sp)
 	}
+	if err := mounts.CheckDistinct(specs); err != nil {
+		return nil, api.Errorf(api.CodeInvalid, "--mount: %v", err)
+	}
+	// The guest folders ride on the kernel command line so the guest
+	// mounts them at boot: refuse now what would not fit.
+	probe := guestabi.Cmdline{Mounts: bootMounts(specs)}
+	if s, err := probe.Encode(); err != nil || len(s) > maxMountsCmdline {
+		return nil, api.Errorf(api.CodeInvalid, "--mount: the guest folders are too many or too long for the kernel command line (%d bytes encoded, at most %d): use fewer or shorter guest paths", len(s), maxMountsCmdline)
+	}
 	caller, err := callerOf(uid)
 	if err != nil {
 		return nil, api.Errorf(api.CodeForbidden, "--mount: %v", err)
@@ -77,6 +87,20 @@ func mountSpecs(ctx context.Context, values []string, uid uint32) ([]mounts.Spec
 		return nil, api.Errorf(api.CodeForbidden, "--mount: %v", err)
 	}
 	return specs, nil
+}
+
+// maxMountsCmdline is the part of the kernel command line the guest
+// folders may take (banger.mounts=).
+const maxMountsCmdline = 768
+
+// bootMounts are the guest folders of specs, which the guest mounts at
+// boot (guestabi.Cmdline.Mounts) and the host serves once the agent is up.
+func bootMounts(specs []mounts.Spec) []guestabi.BootMount {
+	var out []guestabi.BootMount
+	for _, s := range specs {
+		out = append(out, guestabi.BootMount{Dir: s.GuestDir, ReadOnly: s.ReadOnly})
+	}
+	return out
 }
 
 // attachMounts mounts vm's folders in the guest once it is ready, each

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -133,6 +134,97 @@ type Guest struct {
 	Log *slog.Logger
 	// CacheTimeout is passed to MountGuest.
 	CacheTimeout time.Duration
+
+	mu   sync.Mutex
+	boot map[string]*bootMount // MountAtBoot's mounts no stream has claimed yet
+}
+
+// bootMount is a folder mounted at boot, waiting for its host stream.
+type bootMount struct {
+	pm       *pendingMount
+	readOnly bool
+	timer    *time.Timer
+}
+
+// BootAttachTimeout is how long a folder mounted at boot waits for the
+// host to serve it. Until then the guest's accesses to it wait (the kernel
+// queues them); after it they fail with EIO and the folder is unmounted.
+const BootAttachTimeout = 5 * time.Minute
+
+// MountAtBoot mounts each folder in the guest now, before any stream asks
+// for it, so a program started at boot finds the folder in place: its
+// accesses wait in the kernel until the host's stream for the folder
+// arrives (ServeStream then serves this mount) or BootAttachTimeout
+// passes. It returns one error per folder that could not be mounted; the
+// others are in place.
+func (g *Guest) MountAtBoot(specs []Spec, timeout time.Duration) []error {
+	if timeout <= 0 {
+		timeout = BootAttachTimeout
+	}
+	var errs []error
+	for _, s := range specs {
+		if err := g.mountAtBoot(s, timeout); err != nil {
+			errs = append(errs, fmt.Errorf("mount %s at boot: %w", s.GuestDir, err))
+		}
+	}
+	return errs
+}
+
+func (g *Guest) mountAtBoot(s Spec, timeout time.Duration) error {
+	if _, err := ParseSpec("/:" + s.GuestDir); err != nil || filepath.Clean(s.GuestDir) != s.GuestDir {
+		return fmt.Errorf("guest folder %.200q: not a clean absolute path other than /", s.GuestDir)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.boot[s.GuestDir] != nil {
+		return errors.New("mounted at boot already")
+	}
+	if err := EnsureFUSE(); err != nil {
+		return err
+	}
+	if err := prepareMountpoint(s.GuestDir); err != nil {
+		return err
+	}
+	pm, err := mountFUSE(s.GuestDir, GuestOptions{ReadOnly: s.ReadOnly, CacheTimeout: g.CacheTimeout, Name: "banger"})
+	if err != nil {
+		return err
+	}
+	bm := &bootMount{pm: pm, readOnly: s.ReadOnly}
+	bm.timer = time.AfterFunc(timeout, func() {
+		if g.claim(s.GuestDir) == bm {
+			g.log().Warn("host folder not served in time: unmounting it", "dir", s.GuestDir, "waited", timeout)
+			bm.fail()
+		}
+	})
+	if g.boot == nil {
+		g.boot = map[string]*bootMount{}
+	}
+	g.boot[s.GuestDir] = bm
+	g.log().Info("mounted host folder at boot, waiting for the host", "dir", s.GuestDir, "read_only", s.ReadOnly)
+	return nil
+}
+
+// claim takes the boot mount of dir, if any, out of the waiting set.
+func (g *Guest) claim(dir string) *bootMount {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	bm := g.boot[dir]
+	delete(g.boot, dir)
+	if bm != nil {
+		bm.timer.Stop()
+	}
+	return bm
+}
+
+// fail serves the waiting accesses with EIO and unmounts the folder.
+func (bm *bootMount) fail() {
+	a, b := net.Pipe()
+	_ = b.Close()
+	if _, err := bm.pm.attach(a); err == nil {
+		return // cannot happen: the stream is closed
+	}
+	// attach unmounted it; a busy one is detached.
+	_ = unix.Unmount(bm.pm.dir, unix.MNT_DETACH)
 }
 
 // ServeStream mounts the folder the stream asks for and serves it until the
@@ -156,13 +248,7 @@ func (g *Guest) ServeStream(ctx context.Context, c net.Conn) error {
 	if _, err := ParseSpec("/:" + req.GuestDir); err != nil || filepath.Clean(req.GuestDir) != req.GuestDir {
 		return refuse(fmt.Errorf("guest folder %.200q: not a clean absolute path other than /", req.GuestDir))
 	}
-	if err := EnsureFUSE(); err != nil {
-		return refuse(err)
-	}
-	if err := prepareMountpoint(req.GuestDir); err != nil {
-		return refuse(err)
-	}
-	pm, err := mountFUSE(req.GuestDir, GuestOptions{ReadOnly: req.ReadOnly, CacheTimeout: g.CacheTimeout, Name: sanitizeName(req.Name)})
+	pm, err := g.mountFor(req)
 	if err != nil {
 		return refuse(err)
 	}
@@ -180,6 +266,24 @@ func (g *Guest) ServeStream(ctx context.Context, c net.Conn) error {
 	}
 	g.log().Info("mounted host folder", "dir", req.GuestDir, "host", sanitizeName(req.Name), "read_only", req.ReadOnly)
 	return g.serve(ctx, m)
+}
+
+// mountFor is the FUSE mount to serve req: the one made at boot for the
+// folder when there is one of the same kind, else a new one.
+func (g *Guest) mountFor(req request) (*pendingMount, error) {
+	if bm := g.claim(req.GuestDir); bm != nil {
+		if bm.readOnly == req.ReadOnly {
+			return bm.pm, nil
+		}
+		bm.fail() // the VM's record changed since boot: mount as asked now
+	}
+	if err := EnsureFUSE(); err != nil {
+		return nil, err
+	}
+	if err := prepareMountpoint(req.GuestDir); err != nil {
+		return nil, err
+	}
+	return mountFUSE(req.GuestDir, GuestOptions{ReadOnly: req.ReadOnly, CacheTimeout: g.CacheTimeout, Name: sanitizeName(req.Name)})
 }
 
 func (g *Guest) log() *slog.Logger {
