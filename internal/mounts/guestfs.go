@@ -217,6 +217,9 @@ func (c *guestClient) forget(paths ...string) {
 type node struct {
 	fs.Inode
 	c *guestClient
+
+	mu     sync.Mutex
+	cached version // the file's version when last opened, kept in the page cache
 }
 
 var (
@@ -253,8 +256,58 @@ func fillAttr(fi os.FileInfo, out *fuse.Attr) {
 	if fi.IsDir() {
 		out.Nlink = 2
 	}
+	if x, ok := hostStatOf(st); ok {
+		setTime := func(ns int64, sec *uint64, nsec *uint32) {
+			*sec, *nsec = uint64(ns/1e9), uint32(ns%1e9)
+		}
+		setTime(x.mtime, &out.Mtime, &out.Mtimensec)
+		setTime(x.ctime, &out.Ctime, &out.Ctimensec)
+		setTime(x.atime, &out.Atime, &out.Atimensec)
+		out.Nlink = x.nlink
+	}
 	out.Blksize = 4096
 	out.Blocks = (st.Size + 511) / 512
+}
+
+// hostStat is what StatExtension carries.
+type hostStat struct {
+	ino                 uint64
+	nlink               uint32
+	mtime, ctime, atime int64 // ns since the epoch
+}
+
+func hostStatOf(st *sftp.FileStat) (hostStat, bool) {
+	for _, e := range st.Extended {
+		if e.ExtType != StatExtension {
+			continue
+		}
+		var x hostStat
+		if n, err := fmt.Sscanf(e.ExtData, "%d %d %d %d %d", &x.ino, &x.nlink, &x.mtime, &x.ctime, &x.atime); err != nil || n != 5 || x.mtime < 0 || x.ctime < 0 || x.atime < 0 {
+			return hostStat{}, false
+		}
+		return x, true
+	}
+	return hostStat{}, false
+}
+
+// version is what says a file's content is unchanged on the host: the
+// same inode, size, mtime and ctime (nanoseconds, from StatExtension).
+type version struct {
+	ino          uint64
+	size         uint64
+	mtime, ctime int64
+}
+
+func versionOf(fi os.FileInfo) (version, bool) {
+	st, ok := fi.Sys().(*sftp.FileStat)
+	if !ok {
+		return version{}, false
+	}
+	x, ok := hostStatOf(st)
+	if !ok {
+		return version{}, false
+	}
+	return version{ino: x.ino, size: st.Size, mtime: x.mtime, ctime: x.ctime}, true
 }
 
 func (n *node) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -380,7 +433,34 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if err != nil {
 		return nil, 0, toErrno(err)
 	}
-	return &handle{f: f, c: n.c, p: n.path()}, 0, 0
+	return &handle{f: f, c: n.c, p: n.path()}, n.keepCache(f), 0
+}
+
+// keepCache tells the guest kernel to keep what it has cached of the file
+// (FOPEN_KEEP_CACHE) when the host file is the version it was when last
+// opened: the same inode, size, mtime and ctime to the nanosecond. Else the
+// kernel drops its cached pages, as it does on every open without the
+// flag. Changes made while the file stays open show through the kernel's
+// own check (FUSE_AUTO_INVAL_DATA: a new mtime in fresh attributes drops
+// the cache). A guest write changes the version, so the next open reads
+// the host again.
+func (n *node) keepCache(f *sftp.File) uint32 {
+	fi, err := f.Stat()
+	if err != nil {
+		return 0
+	}
+	v, ok := versionOf(fi)
+	if !ok {
+		return 0
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	keep := n.cached == v
+	n.cached = v
+	if keep {
+		return fuse.FOPEN_KEEP_CACHE
+	}
+	return 0
 }
 
 func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {

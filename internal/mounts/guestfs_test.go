@@ -28,6 +28,13 @@ func requireFUSE(t *testing.T) {
 // against the host kernel, as it runs in a guest.
 func (w *world) mountGuest(t *testing.T, s Spec) string {
 	t.Helper()
+	mnt, _ := w.mountGuestProc(t, s)
+	return mnt
+}
+
+// mountGuestProc is mountGuest, also returning the mount server.
+func (w *world) mountGuestProc(t *testing.T, s Spec) (string, *Process) {
+	t.Helper()
 	requireFUSE(t)
 	mnt := filepath.Join(w.base, "mnt")
 	if err := os.Mkdir(mnt, 0o755); err != nil {
@@ -53,7 +60,7 @@ func (w *world) mountGuest(t *testing.T, s Spec) string {
 		}
 		_ = p.Stop()
 	})
-	return mnt
+	return mnt, p
 }
 
 func TestGuestFUSEReadWrite(t *testing.T) {
