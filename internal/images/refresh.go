@@ -56,8 +56,10 @@ func (s *Service) RefreshAgent(ctx context.Context, name string, uid uint32, rep
 	defer func() { st.end(retErr) }()
 
 	ext4 := filepath.Join(st.dir, "rootfs.ext4")
-	report.Report(progress.Event{Phase: "copy", Item: name, Message: "copy of the image's root filesystem", Total: old.Size})
+	report.Report(progress.Event{Phase: "copy", Item: name, Message: "the image's root filesystem"})
+	stopProgress := copyProgress(old.RootFS, ext4, name, report)
 	how, err := copyRootFS(ctx, old.RootFS, ext4)
+	stopProgress()
 	if err != nil {
 		return img, err
 	}
@@ -112,6 +114,37 @@ func (s *Service) RefreshAgent(ctx context.Context, name string, uid uint32, rep
 	report.Report(progress.Event{Phase: "publish", Item: img.Name, Done: true})
 	st.log.Info("image agent refreshed", "old_id", old.ID, "copy", how)
 	return img, nil
+}
+
+// copyProgress reports, every 250 ms until stopped, how much of src's
+// data (its allocated bytes: a sparse copy writes only those) dst holds.
+func copyProgress(src, dst, item string, report progress.Func) (stop func()) {
+	allocated := func(p string) int64 {
+		var st unix.Stat_t
+		if unix.Stat(p, &st) != nil {
+			return 0
+		}
+		return st.Blocks * 512
+	}
+	total := allocated(src)
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(250 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				if total > 0 {
+					report.Report(progress.Event{Phase: "copy", Item: item, Current: min(allocated(dst), total), Total: total})
+				}
+			}
+		}
+	}()
+	return func() { close(done); <-finished }
 }
 
 // copyRootFS copies src to dst (new): a reflink where the file system

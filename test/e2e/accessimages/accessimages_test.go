@@ -5,6 +5,7 @@
 package accessimages
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -20,6 +21,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/imagepull"
+	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/testutil"
 	"github.com/bangerdev/banger/test/e2e/e2etest"
 	"github.com/google/go-containerregistry/pkg/v1"
@@ -41,6 +44,9 @@ func TestE2EAccessImages(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	d.MustCLI(ctx, "image", "pull", e.Reg.Push(t, e.NS, scratch, "banger/scratch"), "--name", "scratch", "--kernel-ref", "deb-cloud")
+	// The busybox VM boots from an image whose agent was refreshed: the
+	// image first gets an agent that is not this banger's.
+	refreshAgent(ctx, t, d, "busybox")
 	d.MustCLI(ctx, "vm", "run", "--image", "busybox", "--name", "bb")
 	d.MustCLI(ctx, "vm", "run", "--image", "scratch", "--name", "sc")
 
@@ -83,6 +89,52 @@ func TestE2EAccessImages(t *testing.T) {
 		_ = c.Process.Signal(syscall.SIGINT)
 		if code := exitCode(c.Wait()); code != 130 {
 			t.Errorf("exec sleep after SIGINT: exit %d, want 130", code)
+		}
+	})
+	t.Run("scratch SIGINT", func(t *testing.T) {
+		// No shell in scratch: the app's first line says it runs.
+		c := cmd("exec", "-e", "SLEEP=4242", "sc", "--", "/app", "sigint")
+		stdout, err := c.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e2etest.Start(c); err != nil {
+			t.Fatal(err)
+		}
+		line, err := bufio.NewReader(stdout).ReadString('\n')
+		if err != nil || !strings.HasPrefix(line, "scratch-main") {
+			_ = c.Process.Kill()
+			_ = c.Wait()
+			t.Fatalf("exec /app in scratch: %q, %v", line, err)
+		}
+		_ = c.Process.Signal(syscall.SIGINT)
+		if code := exitCode(c.Wait()); code != 130 {
+			t.Errorf("exec /app in scratch after SIGINT: exit %d, want 130", code)
+		}
+	})
+	t.Run("busybox sftp as nobody", func(t *testing.T) {
+		cfgText := d.MustCLI(ctx, "ssh-config", "bb", "-l", "nobody")
+		cfg := filepath.Join(t.TempDir(), "ssh_config")
+		_ = os.WriteFile(cfg, []byte(cfgText+"Host *\n  BatchMode yes\n  LogLevel ERROR\n"), 0o600)
+		payload := filepath.Join(t.TempDir(), "payload")
+		_ = os.WriteFile(payload, []byte("from sftp as nobody"), 0o600)
+		batch := filepath.Join(t.TempDir(), "batch")
+		_ = os.WriteFile(batch, []byte("put "+payload+" /tmp/by-nobody\n-put "+payload+" /etc/by-nobody\n"), 0o600)
+		c := e.NS.Cmd("sftp", "-F", cfg, "-b", batch, "bb.banger")
+		c.Env = append(os.Environ(), "BANGER_SSH_DIR="+d.SSHDir())
+		out, err := e2etest.CombinedOutput(c)
+		if err != nil {
+			t.Fatalf("sftp as nobody: %v\n%s", err, out)
+		}
+		if !strings.Contains(string(out), "ermission denied") {
+			t.Errorf("sftp put as nobody into root's /etc did not say permission denied:\n%s", out)
+		}
+		r := cli("exec", "bb", "--", "stat", "-c", "%u:%g %n", "/tmp/by-nobody")
+		if r.Code != 0 || strings.TrimSpace(r.Stdout) != "65534:65534 /tmp/by-nobody" {
+			t.Errorf("file put through sftp as nobody: %q (exit %d, %s); want owned by 65534:65534", r.Stdout, r.Code, r.Stderr)
+		}
+		if r := cli("exec", "bb", "--", "test", "-e", "/etc/by-nobody"); r.Code == 0 {
+			t.Error("nobody wrote into root's /etc through sftp")
 		}
 	})
 	t.Run("busybox stdin sha256", func(t *testing.T) {
@@ -165,6 +217,57 @@ func TestE2EAccessImages(t *testing.T) {
 		}
 	})
 	d.MustCLI(ctx, "vm", "rm", "--force", "bb", "sc")
+}
+
+// refreshAgent gives the image name an agent that is not this banger's
+// (as an image pulled by an older banger has), then checks that
+// `banger image refresh-agent` is refused to a second uid (65534) and,
+// run by the image's owner (root here), puts this banger's agent back into
+// a new image of that name whose root filesystem e2fsck finds clean.
+func refreshAgent(ctx context.Context, t *testing.T, d *e2etest.Daemon, name string) {
+	t.Helper()
+	var img model.Image
+	d.JSON(ctx, &img, "image", "inspect", name)
+	old := filepath.Join(t.TempDir(), "old-agent")
+	if err := os.WriteFile(old, []byte("#!/bin/sh\necho an old agent\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := imagepull.RefreshGuestAgent(ctx, img.RootFS, old); err != nil {
+		t.Fatal(err)
+	}
+	run := e2etest.RunDir()
+	if run == "" {
+		t.Fatal("no e2e run directory")
+	}
+	for _, target := range []string{d.Socket, d.Bin} {
+		for p := filepath.Dir(target); p == run || strings.HasPrefix(p, run+"/"); p = filepath.Dir(p) {
+			if err := os.Chmod(p, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := os.Chmod(d.Socket, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	c := exec.Command(d.Bin, "--socket", d.Socket, "image", "refresh-agent", name) //nolint:gosec // test
+	c.Env = []string{"PATH=/usr/bin:/bin", "HOME=/nonexistent"}
+	c.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := e2etest.CombinedOutput(c)
+	if code := exitCode(err); code <= 0 || !strings.Contains(string(out), "only its owner or root may refresh its agent") {
+		t.Errorf("image refresh-agent as uid 65534: exit %d, %q; want refused", code, out)
+	}
+	var refreshed model.Image
+	d.JSON(ctx, &refreshed, "image", "refresh-agent", name)
+	if refreshed.ID == img.ID || refreshed.Name != name {
+		t.Fatalf("image refresh-agent -o json: %+v (was id %s)", refreshed, img.ID)
+	}
+	if out, err := exec.CommandContext(ctx, "e2fsck", "-fn", refreshed.RootFS).CombinedOutput(); err != nil { //nolint:gosec // test
+		t.Errorf("e2fsck -fn of the refreshed image: %v\n%s", err, out)
+	}
+	agent, err := exec.CommandContext(ctx, "debugfs", "-R", "cat "+imagepull.GuestAgentPath, refreshed.RootFS).Output() //nolint:gosec // test
+	if err != nil || bytes.Contains(agent, []byte("an old agent")) || !bytes.HasPrefix(agent, []byte("\x7fELF")) {
+		t.Errorf("agent in the refreshed image: %d bytes starting %q, %v; want this banger's", len(agent), agent[:min(len(agent), 16)], err)
+	}
 }
 
 func exitCode(err error) int {
