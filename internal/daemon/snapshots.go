@@ -56,7 +56,7 @@ func (d *Daemon) handleSnapshotList(w http.ResponseWriter, r *http.Request) {
 	out := []api.Snapshot{}
 	for _, s := range all {
 		if c.Root() || s.Owner == c.UID {
-			out = append(out, snapshotView(s, d.life.InUse(s)))
+			out = append(out, snapshotView(s, d.life.InUseAs(s, c.UID)))
 		}
 	}
 	writeJSON(w, http.StatusOK, out)
@@ -68,7 +68,7 @@ func (d *Daemon) handleSnapshotGet(w http.ResponseWriter, r *http.Request) {
 		d.writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, snapshotView(snap, d.life.InUse(snap)))
+	writeJSON(w, http.StatusOK, snapshotView(snap, d.life.InUseAs(snap, CallerFrom(r.Context()).UID)))
 }
 
 func (d *Daemon) handleSnapshotDelete(w http.ResponseWriter, r *http.Request) {
@@ -78,7 +78,8 @@ func (d *Daemon) handleSnapshotDelete(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	force := r.URL.Query().Get("force") == "true"
-	removed, err := d.life.Snapshots().Remove(snap.ID, force, d.life.InUse)
+	uid := CallerFrom(r.Context()).UID
+	removed, err := d.life.Snapshots().Remove(snap.ID, force, func(s snapshot.Snapshot) []string { return d.life.InUseAs(s, uid) })
 	if err != nil {
 		if errors.Is(err, snapshot.ErrInUse) {
 			err = api.Errorf(api.CodeConflict, "%v", err)

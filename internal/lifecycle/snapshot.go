@@ -419,7 +419,11 @@ func (s *Service) Clone(ctx context.Context, snap snapshot.Snapshot, name string
 // InUse names the VMs that run from snap's files: Firecracker maps the
 // snapshot's memory file for as long as a VM restored from it runs (QEMU
 // reads its state once, at restore).
-func (s *Service) InUse(snap snapshot.Snapshot) []string {
+func (s *Service) InUse(snap snapshot.Snapshot) []string { return s.InUseAs(snap, 0) }
+
+// InUseAs is InUse as seen by uid: another user's VM is not named (uid 0
+// sees every name), only counted as "a VM of another user".
+func (s *Service) InUseAs(snap snapshot.Snapshot, uid uint32) []string {
 	vms, err := s.store.ListVMs(nil)
 	if err != nil {
 		return []string{"(cannot list VMs: " + err.Error() + ")"}
@@ -427,6 +431,10 @@ func (s *Service) InUse(snap snapshot.Snapshot) []string {
 	var names []string
 	for _, vm := range vms {
 		if vm.RestoredFrom == snap.ID && vm.VMM == "firecracker" && (vm.State == model.VMRunning || vm.State == model.VMStarting) {
+			if uid != 0 && vm.OwnerUID != uid {
+				names = append(names, "a VM of another user")
+				continue
+			}
 			names = append(names, vm.Name)
 		}
 	}
