@@ -101,6 +101,11 @@ func Generate(ctx context.Context, w io.Writer, opts Options) (Info, error) {
 		if err != nil {
 			return info, fmt.Errorf("generate initramfs: %w", err)
 		}
+		if opts.Modules == nil {
+			if info.Modules, err = addOptional(opts.ModulesDir, info.Modules, OptionalModules); err != nil {
+				return info, fmt.Errorf("generate initramfs: %w", err)
+			}
+		}
 	}
 
 	h := sha256.New()

@@ -22,8 +22,10 @@ import (
 // fakeModules writes a modules tree: name -> deps, files are tiny ELFs.
 func fakeModules(t *testing.T) string {
 	t.Helper()
-	dir := filepath.Join(t.TempDir(), "9.9.9-test")
-	dep := `kernel/drivers/virtio/virtio.ko:
+	return fakeModulesWith(t, fakeDep)
+}
+
+const fakeDep = `kernel/drivers/virtio/virtio.ko:
 kernel/drivers/virtio/virtio_ring.ko: kernel/drivers/virtio/virtio.ko
 kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/drivers/virtio/virtio_pci_modern_dev.ko:
@@ -32,6 +34,11 @@ kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vso
 kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko
 kernel/net/vmw_vsock/vsock.ko:
 `
+
+// fakeModulesWith writes a modules tree with the modules.dep dep.
+func fakeModulesWith(t *testing.T, dep string) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "9.9.9-test")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -81,6 +88,40 @@ func TestResolveModules(t *testing.T) {
 	}
 	if _, err := initramfs.ResolveModules(dir, []string{"virtio_net"}); !errors.Is(err, initramfs.ErrModuleNotFound) {
 		t.Errorf("ResolveModules(virtio_net) err = %v, want ErrModuleNotFound", err)
+	}
+}
+
+// TestGenerateOptionalModules: with the default module set, virtio_rng
+// (and what it needs) is listed last when the kernel has it, and its
+// absence is no error.
+func TestGenerateOptionalModules(t *testing.T) {
+	base := fakeDep + `kernel/drivers/net/virtio_net.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+`
+	for name, tc := range map[string]struct {
+		dep  string
+		want string
+	}{
+		"with virtio_rng": {base + "kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/char/hw_random/rng-core.ko kernel/drivers/virtio/virtio.ko\nkernel/drivers/char/hw_random/rng-core.ko:\n",
+			"vmw_vsock_virtio_transport rng_core virtio_rng"},
+		"without": {base, "vmw_vsock_virtio_transport"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var buf bytes.Buffer
+			info, err := initramfs.Generate(context.Background(), &buf, initramfs.Options{
+				ModulesDir: fakeModulesWith(t, tc.dep), InitBinary: "/bin/true", Compression: initramfs.None,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, m := range info.Modules {
+				got = append(got, m.Name)
+			}
+			if s := strings.Join(got, " "); !strings.HasSuffix(s, " "+tc.want) {
+				t.Errorf("modules %s, want them to end in %s", s, tc.want)
+			}
+		})
 	}
 }
 

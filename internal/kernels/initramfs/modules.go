@@ -23,6 +23,13 @@ var DefaultModules = []string{
 	"vmw_vsock_virtio_transport",
 }
 
+// OptionalModules are loaded too when the kernel has them, and left out
+// when it does not: virtio_rng feeds the guest's random pool from the host
+// (QEMU's virtio-rng-pci), so that nothing in the guest waits on an
+// uninitialized pool at boot (an agent or sshd making its host key under
+// emulation waited seconds for it).
+var OptionalModules = []string{"virtio_rng"}
+
 // ErrModuleNotFound is returned when a wanted module is neither built into
 // the kernel nor listed in modules.dep.
 var ErrModuleNotFound = errors.New("module not found")
@@ -160,4 +167,30 @@ func checkModPath(p string) error {
 		}
 	}
 	return nil
+}
+
+// addOptional appends to mods each of names the kernel has (with its
+// dependencies not in mods yet); a name neither in modules.dep nor built
+// in is left out.
+func addOptional(modulesDir string, mods []Module, names []string) ([]Module, error) {
+	have := map[string]bool{}
+	for _, m := range mods {
+		have[m.Name] = true
+	}
+	for _, n := range names {
+		extra, err := ResolveModules(modulesDir, []string{n})
+		if errors.Is(err, ErrModuleNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range extra {
+			if !have[m.Name] {
+				have[m.Name] = true
+				mods = append(mods, m)
+			}
+		}
+	}
+	return mods, nil
 }

@@ -4,7 +4,8 @@
 // Machine: with hardware KVM, q35 with -accel kvm; otherwise pc with TCG and
 // virtio-pci devices (microvm under TCG can hang at TSC calibration, see
 // shared/MACHINE.md). Devices: a virtio-blk-pci disk (-blockdev, so a path
-// is never parsed as a protocol), virtio-net-pci on the tap, and the agent
+// is never parsed as a protocol), virtio-net-pci on the tap, virtio-rng-pci
+// (entropy from the host, so the guest never waits on its pool), and the agent
 // channel: vhost-vsock-pci when /dev/vhost-vsock exists, else a
 // virtio-serial port named org.banger.agent on a Unix-socket chardev.
 //
@@ -302,6 +303,11 @@ func buildArgs(spec vmm.Spec, caps vmm.Caps) (plan, error) {
 		"-chardev", "socket,id=qmp,server=on,wait=off,fd="+p.fd(opening{kind: openListen, path: p.qmp}),
 		"-mon", "chardev=qmp,mode=control",
 	)
+	// An entropy source for the guest (QEMU's built-in backend: the host's
+	// getrandom, no host path): without one, under emulation, the first
+	// guest process that needs randomness at boot (the agent or sshd
+	// making a host key) waits seconds for the kernel's pool.
+	a = append(a, "-device", "virtio-rng-pci")
 	if spec.Disk != "" {
 		driver := "file"
 		if fi, err := os.Stat(spec.Disk); err == nil && fi.Mode().Type() == os.ModeDevice {
