@@ -23,6 +23,7 @@ const (
 	KeyMAC      = "banger.mac"      // which interface carries KeyIP
 	KeyRootWait = "banger.rootwait" // seconds the initramfs waits for root=
 	KeyDebug    = "banger.debug"    // the initramfs prints each step
+	KeyNoEgress = "banger.noegress" // the host has no route out: nothing beyond it is reachable
 	KeyInit     = "banger.init"     // auto, image or banger (Init)
 	KeyMain     = "banger.main"     // MainOverride, JSON in unpadded base64url
 	KeyMounts   = "banger.mounts"   // []BootMount, JSON in unpadded base64url
@@ -63,6 +64,10 @@ type Cmdline struct {
 	Hostname string
 	RootWait time.Duration // 0: DefaultRootWait
 	Debug    bool
+	// NoEgress says the host has no route out (no default route), so the
+	// guest reaches nothing beyond the host: banger's PID 1 skips first
+	// boot's install at once instead of probing a mirror.
+	NoEgress bool
 	// InitChoice is banger.init; "" means InitAuto.
 	InitChoice Init
 	// Main changes the image's main process; the zero value changes nothing.
@@ -180,6 +185,9 @@ func (c Cmdline) Encode() (string, error) {
 	}
 	if c.Debug {
 		w = append(w, KeyDebug)
+	}
+	if c.NoEgress {
+		w = append(w, KeyNoEgress)
 	}
 	if c.InitChoice != "" {
 		if !c.InitChoice.Valid() {
@@ -304,6 +312,8 @@ func Parse(s string) (Cmdline, error) {
 			c.RootWait = d
 		case KeyDebug:
 			c.Debug = !hasVal || (val != "0" && val != "false")
+		case KeyNoEgress:
+			c.NoEgress = !hasVal || (val != "0" && val != "false")
 		case KeyInit:
 			if !Init(val).Valid() {
 				bad(key, val, "want auto, image or banger")

@@ -32,6 +32,7 @@ func full() Cmdline {
 		Hostname:   "vm-1",
 		RootWait:   2500 * time.Millisecond,
 		Debug:      true,
+		NoEgress:   true,
 		InitChoice: InitBanger,
 		Main:       MainOverride{Cmd: []string{"sh", "-c", "echo \"hi there\"; exit 3"}, Env: []string{"A=b c", "EMPTY="}},
 		Mounts:     []BootMount{{Dir: "/src"}, {Dir: "/mnt/my data", ReadOnly: true}},

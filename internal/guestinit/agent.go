@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -74,6 +75,16 @@ func RunAgent(version string, args []string) int {
 			logger.Printf("tell systemd the agent is ready: %v", err)
 		}
 	}()
+	if !hasSSHD(*root) {
+		// The way in is the agent's own SSH server: make its host key now,
+		// while the host is still connecting, not on its first status
+		// request. (With an sshd, its host keys are the image's or PID 1's.)
+		go func() {
+			if err := srv.EnsureHostKey(); err != nil {
+				logger.Printf("make ssh host key: %v", err)
+			}
+		}()
+	}
 
 	var wg sync.WaitGroup
 	run := func(name string, fn func() error) {
@@ -150,4 +161,14 @@ func agentPowerOff() (string, error) {
 func runningBangerInit() bool {
 	b, err := os.ReadFile(guestabi.InitFile)
 	return err == nil && strings.TrimSpace(string(b)) == string(guestabi.InitBanger)
+}
+
+// hasSSHD reports whether the image under root has an sshd.
+func hasSSHD(root string) bool {
+	for _, p := range sshdPaths {
+		if st, err := os.Stat(filepath.Join(root, p)); err == nil && st.Mode().IsRegular() {
+			return true
+		}
+	}
+	return false
 }

@@ -65,8 +65,9 @@ func (p *pid1) firstBootAndSSHD() {
 }
 
 // firstBootEarly settles first boot at once, before the network is up,
-// when its outcome does not depend on the network: sshd already there, or
-// no package manager to install it with. It leaves p.firstBootPending set
+// when its outcome does not depend on the network: sshd already there, no
+// package manager to install it with, or no route out (no gateway, or the
+// host said it has none: banger.noegress). It leaves p.firstBootPending set
 // when the install must be tried.
 func (p *pid1) firstBootEarly() {
 	if _, err := os.Lstat(guestabi.FirstBootMarker); err != nil {
@@ -77,6 +78,11 @@ func (p *pid1) firstBootEarly() {
 		p.recordFirstBoot(guestabi.FirstBootDone, "sshd is already installed")
 	case p.packageManager() == "":
 		p.recordFirstBoot(guestabi.FirstBootSkipped, "the image has no package manager to install sshd with")
+	case !p.cmdline.Network.Gateway.IsValid() || p.cmdline.NoEgress:
+		// No route out, known from the command line: no need to wait for
+		// the network to find that out.
+		state, why := p.firstBoot()
+		p.recordFirstBoot(state, why)
 	default:
 		p.firstBootPending = true
 	}
@@ -110,6 +116,9 @@ func (p *pid1) packageManager() string {
 // package manager (first-boot.sh).
 func (p *pid1) firstBoot() (guestabi.FirstBootState, string) {
 	pm := p.packageManager()
+	if p.cmdline.NoEgress {
+		return guestabi.FirstBootSkipped, "the host has no route out (" + guestabi.KeyNoEgress + ") to install sshd through"
+	}
 	if !p.haveNet {
 		return guestabi.FirstBootSkipped, "the VM has no route out (no network or gateway) to install sshd"
 	}

@@ -62,10 +62,11 @@ func guestOptions(req api.CreateVMRequest) (guestabi.Init, []string, []string, e
 
 // cmdline is the guest kernel command line: root disk, serial console,
 // the network settings, the hostname, the init choice, the main-process
-// overrides and the guest folders of the VM's mounts (guestabi.Cmdline). Without an initramfs to pick the init, the
-// kernel starts banger's init in images that have it, and banger's init
-// applies the same rule.
-func (s *Service) cmdline(vm model.VM, nc netctl.Config, initrd string) string {
+// overrides and the guest folders of the VM's mounts (guestabi.Cmdline),
+// and banger.noegress when the host has no way out (noEgress). Without an
+// initramfs to pick the init, the kernel starts banger's init in images
+// that have it, and banger's init applies the same rule.
+func (s *Service) cmdline(vm model.VM, nc netctl.Config, initrd string, noEgress bool) string {
 	c := guestabi.Cmdline{
 		Kernel:    []string{"console=ttyS0", "panic=-1", "quiet", "loglevel=4", "net.ifnames=0"},
 		Root:      guestabi.DefaultRoot,
@@ -73,6 +74,7 @@ func (s *Service) cmdline(vm model.VM, nc netctl.Config, initrd string) string {
 		Hostname:  hostnameFor(vm.Name),
 		Main:      guestabi.MainOverride{Cmd: vm.Cmd, Env: vm.Env},
 		Mounts:    bootMounts(vm.Mounts),
+		NoEgress:  noEgress,
 	}
 	if vm.Init != "" && vm.Init != guestabi.InitAuto {
 		c.InitChoice = vm.Init

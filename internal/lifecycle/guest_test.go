@@ -19,22 +19,25 @@ func TestGuestCmdline(t *testing.T) {
 	nc := netctl.Config{Subnet: netip.MustParsePrefix("10.77.0.0/24")}
 	vm := model.VM{Name: "dev_box", IP: "10.77.0.5", MAC: "06:00:0a:4d:00:05", Init: guestabi.InitBanger,
 		Cmd: []string{"sh", "-c", "echo hi"}, Env: []string{"A=b c"}}
-	line := d.cmdline(vm, nc, "/boot/initrd")
+	line := d.cmdline(vm, nc, "/boot/initrd", false)
 	c, err := guestabi.Parse(line)
 	if err != nil {
 		t.Fatalf("the guest cannot parse %q: %v", line, err)
 	}
 	if c.Network.Address.String() != "10.77.0.5/24" || c.Network.Gateway != nc.Gateway() || c.Network.MAC.String() != vm.MAC ||
 		len(c.Network.DNS) != 2 || c.Hostname != "dev-box" || c.Choice() != guestabi.InitBanger || c.RootDevice() != "/dev/vda" ||
-		!c.ReadWrite || c.Init != "" || strings.Join(c.Main.Cmd, "|") != "sh|-c|echo hi" || c.Main.Env[0] != "A=b c" {
+		!c.ReadWrite || c.Init != "" || c.NoEgress || strings.Join(c.Main.Cmd, "|") != "sh|-c|echo hi" || c.Main.Env[0] != "A=b c" {
 		t.Errorf("cmdline %q parsed to %+v", line, c)
 	}
 	if !strings.Contains(line, "console=ttyS0") {
 		t.Errorf("cmdline %q lacks the serial console", line)
 	}
 	vm.Init = guestabi.InitAuto
-	if c, _ := guestabi.Parse(d.cmdline(vm, nc, "/boot/initrd")); c.InitChoice != "" {
+	if c, _ := guestabi.Parse(d.cmdline(vm, nc, "/boot/initrd", false)); c.InitChoice != "" {
 		t.Errorf("auto written as banger.init=%s; the default needs no key", c.InitChoice)
+	}
+	if c, _ := guestabi.Parse(d.cmdline(vm, nc, "/boot/initrd", true)); !c.NoEgress {
+		t.Errorf("a host without a way out: the guest is not told %s", guestabi.KeyNoEgress)
 	}
 }
 

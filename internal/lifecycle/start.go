@@ -54,7 +54,10 @@ type startStep func(context.Context, *startRun, progress.Func) error
 // without a supervisor.
 func (s *Service) runStart(ctx context.Context, run *startRun, report progress.Func, steps ...startStep) (*supervisor.Supervisor, error) {
 	for _, step := range steps {
-		if err := step(ctx, run, report); err != nil {
+		began := time.Now()
+		err := step(ctx, run, report)
+		run.took = append(run.took, time.Since(began).Round(time.Millisecond))
+		if err != nil {
 			run.vm, err = s.failStart(ctx, run, err)
 			return nil, err
 		}
@@ -71,6 +74,11 @@ type startRun struct {
 	disk           blockdev.Disk
 	log            *slog.Logger
 	began          time.Time
+	// noEgress: the host has no way out (no uplink route, or no NAT), so
+	// the guest is told it reaches nothing beyond the host.
+	noEgress bool
+	// took is how long each step that ran took, in order (for the log).
+	took []time.Duration
 }
 
 // record takes the VM a store update returned as the run's current record,
@@ -202,9 +210,11 @@ func (s *Service) prepareDisk(ctx context.Context, run *startRun, report progres
 func (s *Service) attachNetwork(ctx context.Context, run *startRun, report progress.Func) error {
 	vm := run.vm
 	report.Report(progress.Event{Phase: "network", Item: vm.Name})
-	if err := s.ensureNetwork(ctx, run.nc); err != nil {
+	egress, err := s.ensureNetwork(ctx, run.nc)
+	if err != nil {
 		return err
 	}
+	run.noEgress = !egress
 	tap := netctl.TapRefFor(vm.ID)
 	if err := run.record(s.setRuntime(vm.ID, func(rt *model.Runtime) { rt.Phase, rt.Tap = "tap:creating", tap })); err != nil {
 		return err
@@ -230,6 +240,7 @@ func (s *Service) launchMonitor(ctx context.Context, run *startRun, report progr
 	if err != nil {
 		return err
 	}
+	began := time.Now()
 	h, err := run.mon.Start(ctx, spec)
 	if err != nil {
 		return fmt.Errorf("start %s: %w", vm.VMM, err)
@@ -244,7 +255,7 @@ func (s *Service) launchMonitor(ctx context.Context, run *startRun, report progr
 	}
 	failpoint.Reach("start:recorded")
 	run.log.Info("VM monitor started", "vmm", vm.VMM, "pid", h.PID, "disk", run.disk.Driver, "tap", vm.Runtime.Tap.Name, "ip", vm.IP,
-		"start_overhead", time.Since(run.began).Round(time.Millisecond))
+		"start_overhead", time.Since(run.began).Round(time.Millisecond), "steps", run.took, "vmm_start", time.Since(began).Round(time.Millisecond))
 	report.Report(progress.Event{Phase: "vmm", Item: vm.VMM, Done: true, Message: fmt.Sprintf("pid %d", h.PID)})
 	return nil
 }
@@ -256,7 +267,7 @@ func (s *Service) monitorSpec(run *startRun) (vmm.Spec, error) {
 	rtDir := s.RuntimeDir(vm.ID)
 	spec := vmm.Spec{
 		VMID: vm.ID, Name: vm.Name, CPUs: vm.CPUs, MemoryMiB: vm.MemoryMiB,
-		Kernel: run.kernel, Initrd: run.initrd, Cmdline: s.cmdline(vm, run.nc, run.initrd),
+		Kernel: run.kernel, Initrd: run.initrd, Cmdline: s.cmdline(vm, run.nc, run.initrd, run.noEgress),
 		Disk: run.disk.Path, Tap: vm.Runtime.Tap.Name, MAC: vm.MAC, RuntimeDir: rtDir,
 		ConsoleLog: s.ConsoleLog(vm.ID), AgentSocket: filepath.Join(rtDir, "agent.sock"),
 		VsockCID: vsockCID(vm.IP),
@@ -301,20 +312,31 @@ func vsockCID(ip string) uint32 {
 	return 1000 + uint32(b[2])<<8 + uint32(b[3])
 }
 
-// ensureNetwork makes the bridge and the NAT table exist.
-func (s *Service) ensureNetwork(ctx context.Context, nc netctl.Config) error {
+// ensureNetwork makes the bridge and the NAT table exist. egress says
+// whether guests can reach beyond the host: forwarding and NAT are in
+// place and the host has a route out (netctl.HasUplink).
+func (s *Service) ensureNetwork(ctx context.Context, nc netctl.Config) (egress bool, err error) {
 	s.netMu.Lock()
 	defer s.netMu.Unlock()
 	if err := netctl.EnsureBridge(ctx, nc); err != nil {
-		return fmt.Errorf("create bridge %s: %w", nc.Bridge, err)
+		return false, fmt.Errorf("create bridge %s: %w", nc.Bridge, err)
 	}
+	egress = true
 	if err := netctl.EnableIPForward(); err != nil {
 		s.log.Warn("cannot enable ip_forward: guests will not reach beyond the host", "err", err)
+		egress = false
 	}
 	if err := netctl.EnsureNAT(ctx, nc, ""); err != nil {
 		s.log.Warn("cannot set up NAT: guests will not reach beyond the host", "err", err)
+		egress = false
 	}
-	return nil
+	if up, err := netctl.HasUplink(nc); err != nil {
+		s.log.Debug("cannot read the host's routes; the guest will probe its way out itself", "err", err)
+	} else if !up {
+		s.log.Debug("the host has no route out: guests are told they reach nothing beyond it")
+		egress = false
+	}
+	return egress, nil
 }
 
 // ReleaseNetworkIfIdle removes banger's nftables table once no VM runs, so

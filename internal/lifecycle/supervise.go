@@ -111,6 +111,9 @@ func (s *Service) bootWait(ctx context.Context, sup *supervisor.Supervisor) erro
 func (s *Service) waitGuest(ctx context.Context, vm model.VM, sup *supervisor.Supervisor) error {
 	st, err := sup.WaitBooted(ctx, supervisor.BootWait{
 		SSHKey: vm.SSHKey, AgentOnly: s.cfg.ReadyCheck == "agent", IP: vm.IP, Poll: readyPoll,
+		Trace: func(step string) {
+			s.log.Debug("boot waiter: "+step, "vm", vm.Name, "since_monitor", time.Since(vm.StartedAt).Round(time.Millisecond))
+		},
 		Status: func(st *agent.Status) {
 			_, _ = s.store.UpdateVM(vm.ID, func(v *model.VM) error {
 				v.FirstBoot = string(st.FirstBoot)
@@ -137,7 +140,7 @@ func (s *Service) waitGuest(ctx context.Context, vm model.VM, sup *supervisor.Su
 		return nil
 	})
 	if err == nil {
-		s.log.Info("VM ready", "vm", vm.Name, "first_boot", st.FirstBoot)
+		s.log.Info("VM ready", "vm", vm.Name, "first_boot", st.FirstBoot, "since_monitor", time.Since(vm.StartedAt).Round(time.Millisecond))
 	}
 	return err
 }

@@ -280,3 +280,45 @@ func BenchmarkTapCreate(b *testing.B) {
 	b.ReportMetric(float64(d[len(d)*99/100].Microseconds()), "p99-µs")
 	b.ReportMetric(float64(len(d)), "rounds")
 }
+
+// TestHasUplink: a namespace with no default route has no uplink; a
+// default route through a dummy interface is one; a default route through
+// the bridge is not.
+func TestHasUplink(t *testing.T) {
+	testutil.InNetNS(t)
+	cfg := netctl.Config{}
+	if up, err := netctl.HasUplink(cfg); err != nil || up {
+		t.Fatalf("fresh namespace: HasUplink = %t, %v; want false", up, err)
+	}
+	if err := netctl.EnsureBridge(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	br, err := netlink.LinkByName("banger0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	anyDst := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+	def := &netlink.Route{LinkIndex: br.Attrs().Index, Dst: anyDst, Scope: netlink.SCOPE_LINK}
+	if err := netlink.RouteAdd(def); err != nil {
+		t.Fatalf("default route on the bridge: %v", err)
+	}
+	if up, err := netctl.HasUplink(cfg); err != nil || up {
+		t.Errorf("default route through the bridge: HasUplink = %t, %v; want false", up, err)
+	}
+	if err := netlink.RouteDel(def); err != nil {
+		t.Fatal(err)
+	}
+	dummy := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "up0"}, PeerName: "up1"}
+	if err := netlink.LinkAdd(dummy); err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkSetUp(dummy); err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.RouteAdd(&netlink.Route{LinkIndex: dummy.Attrs().Index, Dst: anyDst, Scope: netlink.SCOPE_LINK}); err != nil {
+		t.Fatalf("default route on up0: %v", err)
+	}
+	if up, err := netctl.HasUplink(cfg); err != nil || !up {
+		t.Errorf("default route through up0: HasUplink = %t, %v; want true", up, err)
+	}
+}

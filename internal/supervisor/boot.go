@@ -23,6 +23,16 @@ type BootWait struct {
 	Status func(*agent.Status)
 	// Poll is how often the agent is asked; zero means a second.
 	Poll time.Duration
+	// Trace, when set, is told each step of the wait as it passes (the
+	// agent's first answer, the key authorized, each status), for the
+	// daemon's log of where a boot spends its time.
+	Trace func(step string)
+}
+
+func (w BootWait) trace(format string, args ...any) {
+	if w.Trace != nil {
+		w.Trace(fmt.Sprintf(format, args...))
+	}
 }
 
 // WaitBooted waits on the VM's agent session until the guest is ready for
@@ -31,7 +41,9 @@ type BootWait struct {
 // connections. ctx bounds the wait.
 func (s *Supervisor) WaitBooted(ctx context.Context, w BootWait) (*agent.Status, error) {
 	var c *agent.Client
+	attempts := 0
 	for {
+		attempts++
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		cl, err := s.Session(cctx)
 		cancel()
@@ -45,15 +57,18 @@ func (s *Supervisor) WaitBooted(ctx context.Context, w BootWait) (*agent.Status,
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+	w.trace("agent session open after %d attempt(s)", attempts)
 	if _, err := c.Health(ctx); err != nil {
 		s.DropSession(c)
 		return nil, fmt.Errorf("agent health: %w", err)
 	}
+	w.trace("agent healthy")
 	if w.SSHKey != "" {
 		if _, err := c.AuthorizeKey(ctx, w.SSHKey); err != nil {
 			s.DropSession(c)
 			return nil, fmt.Errorf("authorize ssh key: %w", err)
 		}
+		w.trace("ssh key authorized")
 	}
 	poll := w.Poll
 	if poll <= 0 {
@@ -68,6 +83,7 @@ func (s *Supervisor) WaitBooted(ctx context.Context, w BootWait) (*agent.Status,
 		if w.Status != nil {
 			w.Status(st)
 		}
+		w.trace("status: first boot %q, host key %t, sshd %t, streams %d", st.FirstBoot, st.HostKey != "", st.SSHD, st.Streams)
 		// Failed: the status says so. Skipped: banger's PID 1 found no sshd
 		// to install (or no way to): the agent's SSH server is the way in,
 		// ready now.

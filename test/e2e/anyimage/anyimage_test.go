@@ -22,10 +22,12 @@ import (
 
 func TestMain(m *testing.M) { e2etest.Main(m) }
 
-// busyboxMain is the busybox image's Cmd: who and where it runs, an orphan
+// busyboxMain is the busybox image's Cmd: who and where it runs, the
+// guest's hardware random source (the host's virtio-rng), an orphan
 // left for PID 1 to reap, a ping of the gateway (read from the kernel
 // command line), exit 3.
 const busyboxMain = `echo "MAIN uid=$(id -u) gid=$(id -g) cwd=$(pwd) GREETING=$GREETING";
+echo "RNG=$(cat /sys/class/misc/hw_random/rng_current)";
 (sleep 0.3 &);
 sleep 2;
 z=$(grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null);
@@ -104,7 +106,7 @@ func TestE2EAnyImage(t *testing.T) {
 			t.Fatalf("kernel command line %q: %v", vm.KernelCmdline, err)
 		}
 		logs := d.MustCLI(ctx, "vm", "logs", "bb", "--main")
-		for _, want := range []string{"MAIN uid=0 gid=0 cwd=/tmp GREETING=hello there\n", "ZOMBIES=[]\n", "PING-OK " + c.Network.Gateway.String()} {
+		for _, want := range []string{"MAIN uid=0 gid=0 cwd=/tmp GREETING=hello there\n", "ZOMBIES=[]\n", "RNG=virtio_rng", "PING-OK " + c.Network.Gateway.String()} {
 			if !strings.Contains(logs, want) {
 				t.Errorf("vm logs --main lacks %q:\n%s", want, logs)
 			}
@@ -142,6 +144,14 @@ func TestE2EAnyImage(t *testing.T) {
 		}
 		if logs := d.MustCLI(ctx, "vm", "logs", "mb", "--main"); !strings.Contains(logs, "MAIN nobody /var/tmp") {
 			t.Errorf("vm logs --main:\n%s", logs)
+		}
+		// The daemon knows its namespace has no route out and says so on
+		// the command line: first boot is skipped at once, no mirror probe.
+		if c, _ := guestabi.Parse(vm.KernelCmdline); !c.NoEgress {
+			t.Errorf("kernel command line %q lacks %s in a namespace without a route out", vm.KernelCmdline, guestabi.KeyNoEgress)
+		}
+		if logs := d.MustCLI(ctx, "vm", "logs", "mb"); !strings.Contains(logs, "first boot skipped: the host has no route out") {
+			t.Errorf("console lacks first boot skipped for want of a route out:\n%s", e2etest.Tail(logs, 30))
 		}
 		stopClean(ctx, t, d, vm)
 	})

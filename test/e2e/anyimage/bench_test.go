@@ -63,9 +63,11 @@ func TestBenchAnyImageBoot(t *testing.T) {
 				name += "-b"
 			}
 			d.MustCLI(ctx, append([]string{"vm", "create", "--image", image, "--name", name}, extra...)...)
+			logFrom := len(d.Log())
 			start := time.Now()
 			d.MustCLI(ctx, "vm", "start", "--wait", name)
 			took := time.Since(start)
+			t.Logf("  %s phases: %s", name, phases(d.Log()[logFrom:], name))
 			d.MustCLI(ctx, "vm", "rm", "--force", name)
 			return took
 		}
@@ -198,4 +200,38 @@ func rawSSHBanner(t *testing.T, k model.Kernel, rootfs string) time.Duration {
 	}
 	t.Fatalf("raw QEMU: no sshd banner within 10 minutes")
 	return 0
+}
+
+// phases picks the start's phases out of the daemon log: the daemon's own
+// work before the monitor ran (start_overhead, its steps), the monitor's
+// start, and, since the monitor started, when the agent first answered
+// and when the VM was ready.
+func phases(log, vm string) string {
+	field := func(line, key string) string {
+		_, rest, ok := strings.Cut(line, " "+key+"=")
+		if !ok {
+			return "?"
+		}
+		if strings.HasPrefix(rest, `"`) {
+			v, _, _ := strings.Cut(rest[1:], `"`)
+			return v
+		}
+		v, _, _ := strings.Cut(rest, " ")
+		return v
+	}
+	var out []string
+	for _, line := range strings.Split(log, "\n") {
+		if !strings.Contains(line, " vm="+vm+" ") {
+			continue
+		}
+		switch {
+		case strings.Contains(line, `msg="VM monitor started"`):
+			out = append(out, "daemon "+field(line, "start_overhead")+" (steps "+field(line, "steps")+", monitor "+field(line, "vmm_start")+")")
+		case strings.Contains(line, "boot waiter: agent session open"):
+			out = append(out, "agent answered +"+field(line, "since_monitor"))
+		case strings.Contains(line, `msg="VM ready"`):
+			out = append(out, "ready +"+field(line, "since_monitor"))
+		}
+	}
+	return strings.Join(out, ", ")
 }
