@@ -245,7 +245,7 @@ func TestUnits(t *testing.T) {
 	for unit, must := range map[string][]string{
 		"banger-network.service":     {"Type=oneshot", "Before=network.target", "ExecStart=" + GuestAgentPath + " network", "WantedBy=multi-user.target"},
 		"banger-first-boot.service":  {"ConditionPathExists=" + GuestFirstBootPending, "After=banger-network.service network-online.target", "ExecStart=/bin/sh " + GuestFirstBootScript, "WantedBy=multi-user.target"},
-		"banger-vsock-agent.service": {"Restart=always", "ExecStart=" + GuestAgentPath, "WantedBy=multi-user.target"},
+		"banger-vsock-agent.service": {"Restart=always", "ExecStart=" + GuestAgentPath, "WantedBy=multi-user.target", "Type=notify", "DefaultDependencies=no", "Before=basic.target shutdown.target", "Conflicts=shutdown.target"},
 	} {
 		b, err := assetFS.ReadFile("assets/" + unit)
 		if err != nil {

@@ -183,9 +183,10 @@ func owner(t *testing.T, p string) (uint32, uint32) {
 // fsync puts the data on the host's disk; :ro refuses guest writes; a
 // symlink pointing out of the folder (relative or absolute) and a guest
 // ".." never reach host files; a folder the caller cannot read and a
-// symlink to /root are refused at create with nothing recorded.
+// symlink to /root are refused at create with nothing recorded. Then, on a
+// systemd image, a plain service started at boot reads the folder.
 func TestE2EMountsAsSecondUID(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute)
 	defer cancel()
 	// Before the daemon starts: it runs in a mount namespace of its own
 	// (the test's network namespace), copied from this one at its start.
@@ -337,4 +338,6 @@ func TestE2EMountsAsSecondUID(t *testing.T) {
 	}
 
 	c.must(t, ctx, "vm", "rm", "--force", "f")
+
+	t.Run("systemd", func(t *testing.T) { testSystemdBoot(t, ctx, e, c, f) })
 }
