@@ -16,6 +16,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/quota"
 	"github.com/bangerdev/banger/internal/units"
+	"github.com/bangerdev/banger/internal/vmm/firecracker/jailer"
 )
 
 // Config is the daemon's configuration. The JSON names are the config
@@ -68,6 +69,29 @@ type Config struct {
 	ConsoleLogMax string `json:"console_log_max,omitempty"`
 	// Limits bound each VM's size and what one non-root user may hold.
 	Limits Limits `json:"limits,omitzero"`
+	// FirecrackerJailer, when set, starts Firecracker through its jailer:
+	// {"binary": "/usr/bin/jailer", "uid": 900000, "gid": 900000,
+	// "chroot_base": "/var/lib/banger/jail", "cgroup_version": 2,
+	// "cgroups": ["cpu.max=..."]}. The chroot base defaults to
+	// <state_dir>/jail (it must be on the VMs' file system: their disks are
+	// hard-linked into the chroot). See docs/jailer.md.
+	FirecrackerJailer *jailer.Config `json:"firecracker_jailer,omitempty"`
+}
+
+// Jailer is FirecrackerJailer with its defaults filled (a copy), or nil.
+func (c Config) Jailer() *jailer.Config {
+	if c.FirecrackerJailer == nil {
+		return nil
+	}
+	j := *c.FirecrackerJailer
+	j.Cgroups = append([]string(nil), j.Cgroups...)
+	if j.ChrootBase == "" {
+		j.ChrootBase = filepath.Join(c.StateDir, "jail")
+	}
+	if j.CgroupVersion == 0 {
+		j.CgroupVersion = 2
+	}
+	return &j
 }
 
 // Limits are the "limits" section of the config file. Sizes are strings
@@ -239,6 +263,16 @@ func (c Config) Validate() error {
 	}
 	if _, err := c.ConsoleLogBytes(); err != nil {
 		return err
+	}
+	if j := c.Jailer(); j != nil {
+		if j.Binary == "" {
+			return fmt.Errorf("config firecracker_jailer.binary is empty: name the jailer executable")
+		}
+		// The per-VM command line is checked again at each start; this
+		// catches the settings every VM shares.
+		if _, err := j.Invocation("config-check", "/firecracker", 128, nil); err != nil {
+			return fmt.Errorf("config firecracker_jailer: %w", err)
+		}
 	}
 	return nil
 }

@@ -17,6 +17,8 @@ import (
 	"github.com/bangerdev/banger/internal/subpath"
 	"github.com/bangerdev/banger/internal/supervisor"
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/firecracker"
+	"github.com/bangerdev/banger/internal/vmm/firecracker/jailer"
 )
 
 // gracefulStop is how long a guest gets to shut down on request before its
@@ -155,6 +157,14 @@ func (s *Service) release(ctx context.Context, vm model.VM, sup *supervisor.Supe
 			}
 		}
 	}
+	if vm.VMM == firecracker.Name && s.cfg.Jailer() != nil && len(errs) == 0 {
+		// The jail goes once its monitor is gone, also when the start died
+		// before the monitor's pid was recorded (Stop removed it otherwise).
+		mon, _ := s.Monitor(firecracker.Name)
+		if err := mon.(*firecracker.Monitor).ReleaseJail(vm.ID); err != nil {
+			errs = append(errs, fmt.Errorf("jail: %w", err))
+		}
+	}
 	dk := rt.Disk
 	if dk.DMName != "" || len(dk.Loops) > 0 || (removeDisk && (dk.COWPath != "" || dk.Path != "" || dk.BaseLink != "")) {
 		var err error
@@ -234,14 +244,16 @@ var loopDevRE = regexp.MustCompile(`^/dev/loop[0-9]+$`)
 
 // OwnRuntime returns rt without every resource that cannot be this VM's by
 // its name alone, and a description of each one dropped:
-//   - a runtime dir other than the VM's own, sockets outside it;
+//   - a runtime dir other than the VM's own, sockets outside it (or
+//     outside the VM's own jail under the jailer's chroot base);
 //   - a tap not named TapName(id), or with an alias other than TapAlias(id);
 //   - loops whose backing file is not inside the VM's dir;
 //   - a dm device other than DMNames(id);
 //   - disk files outside the VM's dir;
 //   - a monitor pid whose recorded command line does not name the VM's
-//     runtime dir (the process itself is checked again, start time, boot
-//     id and command line, before any signal).
+//     runtime dir, or, under the jailer, carry --id=<id> (the process
+//     itself is checked again, start time, boot id and command line,
+//     before any signal).
 //
 // Cleanup passes the result on; netctl and blockdev verify the survivors
 // once more against the kernel (alias, backing file, dm UUID).
@@ -253,8 +265,22 @@ func (s *Service) OwnRuntime(id string, rt model.Runtime) (model.Runtime, []stri
 		refused = append(refused, "runtime dir "+rt.RuntimeDir)
 		rt.RuntimeDir = ""
 	}
+	jail := ""
+	if mon.Jail != "" {
+		// A jailed monitor's sockets are in its jail, which must be this
+		// VM's under the configured chroot base.
+		if j := s.cfg.Jailer(); j != nil {
+			if inv, err := jailer.FromJailDir(j.ChrootBase, mon.Jail); err == nil && inv.ID == id {
+				jail = inv.JailDir()
+			}
+		}
+		if jail == "" {
+			refused = append(refused, "jail "+mon.Jail)
+			mon.Jail = ""
+		}
+	}
 	for _, p := range []*string{&mon.APISocket, &mon.AgentSocket, &mon.ConsoleSocket, &mon.ConsoleFIFO} {
-		if *p != "" && !subpath.Inside(rtDir, *p) {
+		if *p != "" && !subpath.Inside(rtDir, *p) && (jail == "" || !subpath.Inside(jail, *p)) {
 			refused = append(refused, "socket "+*p)
 			*p = ""
 		}
@@ -287,7 +313,10 @@ func (s *Service) OwnRuntime(id string, rt model.Runtime) (model.Runtime, []stri
 		refused = append(refused, "disk "+dk.Path)
 		dk.Path = ""
 	}
-	if mon.PID != 0 && (mon.PID <= 1 || !namesDir(mon.Cmdline, rtDir)) {
+	// A jailed Firecracker's command line names no host path: the jailer
+	// execs it as /<name> --id=<vm id>, in the VM's own jail.
+	jailed := jail != "" && len(mon.Cmdline) > 1 && mon.Cmdline[1] == "--id="+id
+	if mon.PID != 0 && (mon.PID <= 1 || (!namesDir(mon.Cmdline, rtDir) && !jailed)) {
 		refused = append(refused, fmt.Sprintf("pid %d (%s)", mon.PID, strings.Join(mon.Cmdline, " ")))
 		mon.PID, mon.PIDStart, mon.BootID, mon.Cmdline = 0, 0, "", nil
 	}

@@ -153,6 +153,7 @@ func (s *Service) Monitor(name string) (vmm.Monitor, error) {
 			m.Binary = s.cfg.FirecrackerBinary
 		}
 		m.Args = append([]string(nil), s.cfg.FirecrackerArgs...)
+		m.Jailer = s.cfg.Jailer()
 		return m, nil
 	case qemu.Name:
 		m := qemu.New()

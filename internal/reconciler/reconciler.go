@@ -28,6 +28,7 @@ import (
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/subpath"
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/firecracker/jailer"
 )
 
 // Reconciler runs start-up recovery for the VMs.
@@ -308,10 +309,29 @@ func (r *Reconciler) Orphans(ctx context.Context) error {
 	errs = append(errs, r.orphanLoops(ctx, inUse)...)
 	r.Life.ReleaseNetworkIfIdle(ctx)
 	r.removeOrphanDirs(known)
+	r.orphanJails(known)
 	if len(errs) > 0 {
 		r.Log.Warn("orphan scan could not remove everything", "err", errors.Join(errs...))
 	}
 	return nil
+}
+
+// orphanJails removes the Firecracker jails (chroot and cgroups) of VMs
+// no record names, once no process runs in them (their monitors were
+// killed by orphanMonitors, or are gone); a jail without banger's marker
+// is left alone and logged.
+func (r *Reconciler) orphanJails(known map[string]model.VM) {
+	j := r.Config.Jailer()
+	if j == nil {
+		return
+	}
+	removed, refused := jailer.Stale(j.ChrootBase, func(id string) bool { _, ok := known[id]; return ok })
+	for _, id := range removed {
+		r.Log.Info("removed orphan Firecracker jail", "vm_id", id)
+	}
+	for _, err := range refused {
+		r.Log.Warn("left a dir in the jailer's chroot base alone", "err", err)
+	}
 }
 
 // orphanMonitors kills the monitor processes that name an unknown VM's

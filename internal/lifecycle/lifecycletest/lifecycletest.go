@@ -51,6 +51,37 @@ func FakeFirecracker(tb testing.TB) string {
 	return fakeBin
 }
 
+var (
+	jailerOnce sync.Once
+	jailerBin  string
+	jailerErr  error
+)
+
+// FakeJailer builds cmd/banger-fake-jailer once per test binary and
+// returns its path.
+func FakeJailer(tb testing.TB) string {
+	tb.Helper()
+	jailerOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "banger-fake-jailer-bin-")
+		if err != nil {
+			jailerErr = err
+			return
+		}
+		jailerBin = filepath.Join(dir, "banger-fake-jailer")
+		_, file, _, _ := runtime.Caller(0)
+		cmd := exec.Command("go", "build", "-o", jailerBin, "./cmd/banger-fake-jailer")
+		cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..", "..")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			jailerErr = fmt.Errorf("go build banger-fake-jailer: %w\n%s", err, out)
+		}
+	})
+	if jailerErr != nil {
+		tb.Fatal(jailerErr)
+	}
+	return jailerBin
+}
+
 // Config returns a configuration whose state, cache and runtime dirs live
 // under base (made, with the VMs' dirs), whose Firecracker is the fake, and
 // the path of a kernel file to name in specs (the fake does not boot it).

@@ -83,7 +83,7 @@ func (m *Monitor) launchJailed(ctx context.Context, spec vmm.Spec, verb string, 
 		}
 		// Whatever else runs inside the chroot is the jail's (a
 		// Firecracker the checks refused): it goes too.
-		killJailed(inv.ChrootDir())
+		jailer.KillInside(inv.ChrootDir())
 		_ = consolelog.RemoveFIFO(fifo)
 		consolelog.Drain(fifo, 2*time.Second)
 		if rerr := jailer.Remove(inv); rerr != nil {
@@ -172,7 +172,7 @@ func identifyJailed(inv jailer.Invocation) (vmm.Handle, error) {
 	if uid != inv.UID || gid != inv.GID {
 		return vmm.Handle{}, fmt.Errorf("pid %d runs as uid %d gid %d, not the jail's %d:%d", pid, uid, gid, inv.UID, inv.GID)
 	}
-	if !rootIs(pid, inv.ChrootDir()) {
+	if !jailer.RootIs(pid, inv.ChrootDir()) {
 		return vmm.Handle{}, fmt.Errorf("pid %d is not inside the chroot %s", pid, inv.ChrootDir())
 	}
 	if len(h.Cmdline) < 2 || h.Cmdline[1] != "--id="+inv.ID {
@@ -199,27 +199,6 @@ func readRootFile(path string, max int64) ([]byte, error) {
 		return nil, fmt.Errorf("%s: not a small regular file of uid %d (%v, %d bytes): %w", path, os.Geteuid(), fi.Mode().Type(), fi.Size(), privdir.ErrUnsafe)
 	}
 	return io.ReadAll(io.LimitReader(f, max))
-}
-
-// killJailed SIGKILLs every process whose root is dir and waits for it.
-func killJailed(dir string) {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || !rootIs(pid, dir) {
-			continue
-		}
-		h, err := vmm.Identify(pid)
-		if err != nil || !rootIs(pid, dir) {
-			continue
-		}
-		if vmm.Signal(h, syscall.SIGKILL) == nil {
-			vmm.WaitGone(context.Background(), h, 10*time.Second)
-		}
-	}
 }
 
 // procIDs returns the real uid and gid of pid from /proc/<pid>/status.
@@ -252,31 +231,6 @@ func procIDs(pid int) (uid, gid uint32, err error) {
 	return uid, gid, nil
 }
 
-// rootIs reports whether pid's root directory is dir (same device and
-// inode: the path a process in another mount namespace shows is not
-// comparable).
-func rootIs(pid int, dir string) bool {
-	var a, b syscall.Stat_t
-	if syscall.Stat("/proc/"+strconv.Itoa(pid)+"/root/", &a) != nil || syscall.Stat(dir, &b) != nil {
-		return false
-	}
-	return a.Dev == b.Dev && a.Ino == b.Ino
-}
-
-// jailInUse reports whether any process has dir as its root.
-func jailInUse(dir string) bool {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return true // cannot tell: keep the jail
-	}
-	for _, e := range ents {
-		if pid, err := strconv.Atoi(e.Name()); err == nil && rootIs(pid, dir) {
-			return true
-		}
-	}
-	return false
-}
-
 // removeJail removes the jail h names once no process runs in it (a
 // handle whose pid was reused must not take a live VM's jail). The jail
 // dir must be under the configured chroot base.
@@ -288,18 +242,35 @@ func (m *Monitor) removeJail(h vmm.Handle) error {
 	if err != nil {
 		return err
 	}
-	if jailInUse(inv.ChrootDir()) {
+	if jailer.InUse(inv.ChrootDir()) {
 		return nil
 	}
 	return jailer.Remove(inv)
 }
 
-// RemoveJail removes the jail h names when no process runs in it, for a
-// daemon releasing a VM whose monitor is gone; nothing for an unjailed
-// handle.
-func (m *Monitor) RemoveJail(h vmm.Handle) error {
-	if h.Jail == "" {
+// ReleaseJail removes VM id's jail under the configured chroot base
+// whatever its record says, for a daemon releasing a VM: every process
+// running inside the chroot (a monitor whose start died before its pid was
+// recorded) is killed first, then Remove checks banger's marker. Nothing
+// when no jailer is configured.
+func (m *Monitor) ReleaseJail(id string) error {
+	if m.Jailer == nil {
 		return nil
 	}
-	return m.removeJail(h)
+	bin, err := exec.LookPath(m.Binary)
+	if err == nil {
+		bin, err = filepath.Abs(bin)
+	}
+	if err == nil {
+		bin, err = filepath.EvalSymlinks(bin)
+	}
+	if err != nil {
+		bin = m.Binary // the jail dir is named by the file name only
+	}
+	if !jailer.ValidID(id) {
+		return fmt.Errorf("release jail of VM %q: %w", id, jailer.ErrContract)
+	}
+	inv := jailer.Invocation{ID: id, ExecFile: "/" + filepath.Base(bin), ChrootBase: m.Jailer.ChrootBase, ParentCgroup: jailer.ParentCgroup}
+	jailer.KillInside(inv.ChrootDir())
+	return jailer.Remove(inv)
 }

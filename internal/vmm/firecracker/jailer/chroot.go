@@ -1,6 +1,7 @@
 package jailer
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -15,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/privdir"
+	"github.com/bangerdev/banger/internal/vmm"
 )
 
 // Paths as the jailed Firecracker sees them (inside the chroot). The
@@ -335,37 +338,110 @@ func rmdirCgroup(dir string) error {
 	}
 }
 
-// Stale removes the jails under <base>/<execName> that keep does not
-// claim, at daemon start-up: each must be a private dir named by a valid
+// Stale removes the jails under base that keep does not claim, at daemon
+// start-up: in each <base>/<exec-file-name> dir (a name with
+// "firecracker" in it), every jail must be a private dir named by a valid
 // id and hold banger's marker naming that id; anything else is left alone
 // and reported in refused.
-func Stale(base, execName string, keep func(id string) bool) (removed []string, refused []error) {
-	dir := filepath.Join(base, execName)
-	if err := privdir.Check(dir); err != nil {
+func Stale(base string, keep func(id string) bool) (removed []string, refused []error) {
+	if err := privdir.Check(base); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, nil
 		}
 		return nil, []error{err}
 	}
-	ents, err := os.ReadDir(dir)
+	execs, err := os.ReadDir(base)
 	if err != nil {
 		return nil, []error{err}
 	}
-	for _, e := range ents {
-		id := e.Name()
-		if !ValidID(id) {
-			refused = append(refused, fmt.Errorf("jail %s: not a jailer id: %w", filepath.Join(dir, id), ErrNotBangers))
+	for _, x := range execs {
+		execName := x.Name()
+		dir := filepath.Join(base, execName)
+		if !strings.Contains(execName, "firecracker") {
+			refused = append(refused, fmt.Errorf("%s: not a jailer dir: %w", dir, ErrNotBangers))
 			continue
 		}
-		if keep(id) {
-			continue
-		}
-		inv := Invocation{ID: id, ExecFile: "/" + execName, ChrootBase: base, ParentCgroup: ParentCgroup}
-		if err := Remove(inv); err != nil {
+		if err := privdir.Check(dir); err != nil {
 			refused = append(refused, err)
 			continue
 		}
-		removed = append(removed, id)
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			refused = append(refused, err)
+			continue
+		}
+		for _, e := range ents {
+			id := e.Name()
+			if !ValidID(id) {
+				refused = append(refused, fmt.Errorf("jail %s: not a jailer id: %w", filepath.Join(dir, id), ErrNotBangers))
+				continue
+			}
+			if keep(id) {
+				continue
+			}
+			inv := Invocation{ID: id, ExecFile: "/" + execName, ChrootBase: base, ParentCgroup: ParentCgroup}
+			if _, err := readMarker(inv); err == nil {
+				KillInside(inv.ChrootDir()) // an orphan monitor
+			}
+			if err := Remove(inv); err != nil {
+				refused = append(refused, err)
+				continue
+			}
+			removed = append(removed, id)
+		}
 	}
 	return removed, refused
+}
+
+// RootIs reports whether pid's root directory is dir (same device and
+// inode: the path a process in another mount namespace shows is not
+// comparable).
+func RootIs(pid int, dir string) bool {
+	var a, b syscall.Stat_t
+	if syscall.Stat("/proc/"+strconv.Itoa(pid)+"/root/", &a) != nil || syscall.Stat(dir, &b) != nil {
+		return false
+	}
+	return a.Dev == b.Dev && a.Ino == b.Ino
+}
+
+// InUse reports whether any process has dir as its root.
+func InUse(dir string) bool {
+	if _, err := os.Lstat(dir); errors.Is(err, fs.ErrNotExist) {
+		return false
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return true // cannot tell: keep the jail
+	}
+	for _, e := range ents {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && RootIs(pid, dir) {
+			return true
+		}
+	}
+	return false
+}
+
+// KillInside SIGKILLs every process whose root is dir (provably the jail's:
+// nothing else runs chrooted there) and waits for each to go.
+func KillInside(dir string) {
+	if _, err := os.Lstat(dir); err != nil {
+		return
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || !RootIs(pid, dir) {
+			continue
+		}
+		h, err := vmm.Identify(pid)
+		if err != nil || !RootIs(pid, dir) {
+			continue
+		}
+		if vmm.Signal(h, syscall.SIGKILL) == nil {
+			vmm.WaitGone(context.Background(), h, 10*time.Second)
+		}
+	}
 }

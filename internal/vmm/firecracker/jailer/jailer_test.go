@@ -120,7 +120,7 @@ func TestPrepareAndRemove(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(foreign, "root"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	removed, refused := Stale(base, "firecracker", func(id string) bool { return false })
+	removed, refused := Stale(base, func(id string) bool { return false })
 	if !slices.Equal(removed, []string{"vm-1"}) || len(refused) != 1 || !errors.Is(refused[0], ErrNotBangers) {
 		t.Fatalf("Stale = %v, %v; want [vm-1] removed and the foreign dir refused", removed, refused)
 	}
