@@ -22,6 +22,9 @@ const (
 	// DefaultHelloRetry is how often a serial client repeats its hello
 	// while waiting for the agent's echo.
 	DefaultHelloRetry = 200 * time.Millisecond
+	// firstHelloRetry is the first repeat interval; each repeat doubles it
+	// up to HelloRetry.
+	firstHelloRetry = 20 * time.Millisecond
 )
 
 // ClientOptions tune NewClient.
@@ -198,10 +201,16 @@ func (c *Client) callFramed(ctx context.Context, req Request, match func(*Respon
 		return fail(err)
 	}
 	repeat := c.opts.Resync && req.Op == OpHello
+	// The first repeats come sooner (firstHelloRetry, doubling up to
+	// HelloRetry): an agent that is already up but dropped the first hello
+	// (a guest restored from a snapshot leaves its old session on it)
+	// answers within tens of milliseconds, not a whole HelloRetry.
+	retry := min(firstHelloRetry, c.opts.HelloRetry)
 	for {
 		wait := deadline
 		if repeat {
-			wait = minTime(deadline, time.Now().Add(c.opts.HelloRetry))
+			wait = minTime(deadline, time.Now().Add(retry))
+			retry = min(2*retry, c.opts.HelloRetry)
 		}
 		payload, err := c.fc.fr.next(ctx, wait)
 		if err != nil {

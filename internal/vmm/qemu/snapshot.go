@@ -8,6 +8,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/bangerdev/banger/internal/vmm"
@@ -264,10 +266,17 @@ func (m *Monitor) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.H
 
 // Version implements vmm.Snapshotter: the first line of --version, as
 // "QEMU 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)".
+// The answer is kept for the binary as it is (path, inode, size, mtime),
+// so that each restore does not run QEMU once more only to ask; a QEMU
+// upgraded in place is asked again.
 func (m *Monitor) Version(ctx context.Context) (string, error) {
 	bin, err := exec.LookPath(m.Binary)
 	if err != nil {
 		return "", fmt.Errorf("qemu version: %w", err)
+	}
+	key := binaryKey(bin)
+	if v, ok := versions.Load(key); ok && key != "" {
+		return v.(string), nil
 	}
 	out, err := exec.CommandContext(ctx, bin, "--version").Output() //nolint:gosec // binary is configuration
 	if err != nil {
@@ -280,7 +289,32 @@ func (m *Monitor) Version(ctx context.Context) (string, error) {
 	}
 	num, pkg, _ := strings.Cut(rest, " ")
 	pkg = strings.TrimSuffix(strings.TrimPrefix(pkg, "("), ")")
-	return versionString(num, pkg), nil
+	v := versionString(num, pkg)
+	if key != "" {
+		versions.Store(key, v)
+	}
+	return v, nil
+}
+
+// versions caches Version by binaryKey.
+var versions sync.Map
+
+// binaryKey identifies one version of the file at path ("" if it cannot
+// be read): its resolved path, inode, size and mtime.
+func binaryKey(path string) string {
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return ""
+	}
+	fi, err := os.Stat(real)
+	if err != nil {
+		return ""
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return ""
+	}
+	return fmt.Sprintf("%s:%d:%d:%d:%d", real, st.Dev, st.Ino, st.Size, st.Mtim.Nano())
 }
 
 // versionString is the one spelling of a QEMU version for both the
