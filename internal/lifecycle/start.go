@@ -17,6 +17,7 @@ import (
 	"github.com/bangerdev/banger/internal/progress"
 	"github.com/bangerdev/banger/internal/supervisor"
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/firecracker"
 )
 
 // Start starts a created or stopped VM. It reads as its steps: beginStart
@@ -120,6 +121,10 @@ func (s *Service) beginStart(ctx context.Context, id, sshKey string) (*startRun,
 	}
 	if run.nc, err = s.NetConfig(); err != nil {
 		return run, err
+	}
+	if j := s.cfg.Jailer(); j != nil && vm.VMM == firecracker.Name {
+		// The jailed Firecracker opens its tap as the jail user.
+		run.nc.TapUID, run.nc.TapGID = j.UID, j.GID
 	}
 	run.log = s.log.With("vm", vm.Name, "id", vm.ID)
 	rtDir := s.RuntimeDir(vm.ID)

@@ -68,7 +68,7 @@ func EnsureBridge(ctx context.Context, cfg Config) error {
 }
 
 // CreateTap creates the VM's tap (TapName(vmID)): a persistent tap owned by
-// root, tagged with TapAlias(vmID), attached to the bridge and up. A
+// cfg.TapUID and cfg.TapGID (root by default), tagged with TapAlias(vmID), attached to the bridge and up. A
 // persistent tap outlives the daemon's file descriptor, so the VM monitor
 // opens it by name later. If the tap already exists with the VM's alias it
 // is reused (made sure to be attached and up); if a link with that name
@@ -105,8 +105,8 @@ func CreateTap(ctx context.Context, cfg Config, vmID string) (Tap, error) {
 			Flags:      netlink.TUNTAP_TUN_EXCL | netlink.TUNTAP_ONE_QUEUE | netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR,
 			NonPersist: true,
 			Queues:     1,
-			Owner:      0,
-			Group:      0,
+			Owner:      cfg.TapUID,
+			Group:      cfg.TapGID,
 		}
 		if err := netlink.LinkAdd(tt); err != nil {
 			return Tap{}, fmt.Errorf("create tap %s: %w", name, err)

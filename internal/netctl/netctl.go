@@ -52,6 +52,10 @@ var (
 type Config struct {
 	Bridge string       // bridge name; DefaultBridge when empty
 	Subnet netip.Prefix // IPv4 subnet; DefaultSubnet when invalid (zero)
+	// TapUID and TapGID own the taps CreateTap makes (0: root). A VM
+	// monitor that opens its tap by name after dropping privileges
+	// (Firecracker under the jailer) needs the tap to be its user's.
+	TapUID, TapGID uint32
 }
 
 // WithDefaults returns c with empty fields set to the defaults.
