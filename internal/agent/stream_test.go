@@ -232,6 +232,30 @@ func TestClientRepeatsSerialHello(t *testing.T) {
 	}
 }
 
+// The first repeats of the serial hello come sooner than HelloRetry: an
+// agent that dropped the first hello (a restored guest's, whose old
+// session ate it) is reached in tens of milliseconds.
+func TestClientRepeatsSerialHelloSoonFirst(t *testing.T) {
+	s := newTestServer(t)
+	host, guest := net.Pipe()
+	defer host.Close()
+	defer guest.Close()
+	go func() {
+		fr := newFrameReader(guest, true, 0)
+		if _, err := fr.next(context.Background(), time.Time{}); err != nil {
+			return
+		}
+		_ = s.ServeStream(context.Background(), guest)
+	}()
+	start := time.Now()
+	if _, err := NewClient(ctxTimeout(t, 5*time.Second), host, ClientOptions{Resync: true, HelloRetry: time.Second}); err != nil {
+		t.Fatalf("NewClient with a lost first hello: %v", err)
+	}
+	if el := time.Since(start); el > 500*time.Millisecond {
+		t.Errorf("hello answered after %s with a lost first hello; the first repeat should come after %s, not HelloRetry (1s)", el, firstHelloRetry)
+	}
+}
+
 func TestVersionMismatch(t *testing.T) {
 	t.Run("agent refuses a newer host", func(t *testing.T) {
 		host, _ := servePipe(t, newTestServer(t), false)
