@@ -216,6 +216,49 @@ func TestBenchPull(t *testing.T) {
 	}
 }
 
+// TestBenchDirectStages measures, on the large image with a warm blob
+// cache, what the direct builder's layer spools and read-ahead goroutines
+// give: rounds alternate between them off (every layer decompressed twice,
+// all stages on one goroutine) and on, and report wall time and the
+// process's CPU time (user + system) per pull; CPU time does not depend on
+// the machine's load. Run it with:
+//
+//	BANGER_BENCH=1 go test ./internal/imagepull -run TestBenchDirectStages -v -count=1 -timeout 60m
+func TestBenchDirectStages(t *testing.T) {
+	testutil.OptIn(t, "BANGER_BENCH", "the direct builder's stage benchmark")
+	testutil.RequiresRoot(t)
+	testutil.RequiresTool(t, "docker-registry", "debugfs", "resize2fs", "tune2fs", "e2fsck")
+	ctx := context.Background()
+	host := startDockerRegistry(t)
+	ref := pushRootfsImage(t, host, testutil.DebianRootfsTar(t, "large", largeImagePackages), "banger/large:test")
+	cache := &Cache{Dir: filepath.Join(t.TempDir(), "cache")}
+	defer func() { pipelineLayers, spoolLayers = true, true }()
+	cpu := func() time.Duration {
+		var ru syscall.Rusage
+		_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	sum := map[bool][2]time.Duration{}
+	for round := range 3 {
+		for _, on := range []bool{false, true} {
+			pipelineLayers, spoolLayers = on, on
+			work := t.TempDir()
+			c0 := cpu()
+			pt, rss := bangerTimed(t, ctx, ref, cache, work, BuilderDirect)
+			c := cpu() - c0
+			_ = os.RemoveAll(work)
+			if round == 0 {
+				continue // the cold pull: downloads, and warms the page cache
+			}
+			s := sum[on]
+			sum[on] = [2]time.Duration{s[0] + pt.total(), s[1] + c}
+			t.Logf("round %d, spools and read-ahead %v: wall %.2fs (scan %.2fs, write ext4 %.2fs), CPU %.2fs, peak RSS %d MiB",
+				round, on, pt.total().Seconds(), pt.durs["scan"].Seconds(), pt.durs["write ext4"].Seconds(), c.Seconds(), rss>>20)
+		}
+	}
+	t.Logf("on / off: wall %.2fx, CPU %.2fx", sum[true][0].Seconds()/sum[false][0].Seconds(), sum[true][1].Seconds()/sum[false][1].Seconds())
+}
+
 func benchImage(t *testing.T, ctx context.Context, label, ref string) {
 	syncDisks := func() { _ = exec.Command("sync").Run() }
 	type run struct {

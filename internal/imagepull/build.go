@@ -99,6 +99,7 @@ func buildDirect(ctx context.Context, src LayerSource, ext4Path string, opts Bui
 	if err != nil {
 		return Built{}, err
 	}
+	defer tree.Close()
 	md := tree.Metadata()
 	size, err := sizeFor(md, opts.Size)
 	if err != nil {

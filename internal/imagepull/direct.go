@@ -42,10 +42,11 @@ import (
 // cannot encode something); BuildImage then falls back to staging.
 var ErrDirectUnsupported = errors.New("the direct ext4 builder cannot build this image")
 
-// Scan replays src's layers like Flatten, without writing anything, and
-// returns the final tree for writeDirect. budgetDir is the directory whose
-// file system the image will be written to: its free space bounds the
-// decompression budget (see Budget).
+// Scan replays src's layers like Flatten, writing nothing but the layer
+// spools (see spooler), and returns the final tree for WriteExt4.
+// budgetDir is the directory the image will be written to: its free space
+// bounds the decompression budget (see Budget), and the spools go there.
+// The caller must Close the tree (WriteExt4 does).
 func Scan(ctx context.Context, src LayerSource, budgetDir string, opts FlattenOptions) (*Tree, error) {
 	budget, err := Budget(budgetDir, opts.MaxBytes)
 	if err != nil {
@@ -58,10 +59,38 @@ func Scan(ctx context.Context, src LayerSource, budgetDir string, opts FlattenOp
 	f := newFlattener(opts)
 	f.meta = true
 	f.extra = map[string]entryExtra{}
+	if spoolLayers {
+		f.spoolDir, f.spoolLimit = budgetDir, budget/2
+	}
+	t := &Tree{f: f}
 	if err := f.replayAll(ctx, src, "scan"); err != nil {
+		t.Close()
 		return nil, err
 	}
-	return &Tree{f: f}, nil
+	return t, nil
+}
+
+// spoolLayers turns Scan's layer spools on; only the benchmark turns it
+// off, to measure what they give.
+var spoolLayers = true
+
+// Close removes the layer spools Scan kept for WriteExt4 (see spooler);
+// WriteExt4 calls it when it ends. Calling it again does nothing.
+func (t *Tree) Close() {
+	for i, p := range t.f.spools {
+		if p != "" {
+			_ = os.Remove(p) //nolint:gosec // a spool path Scan made: <budgetDir>/.layer-<i>.tar
+			t.f.spools[i] = ""
+		}
+	}
+}
+
+// spool is layer i's spool, or "".
+func (t *Tree) spool(i int) string {
+	if i < len(t.f.spools) {
+		return t.f.spools[i]
+	}
+	return ""
 }
 
 // Tree is the final tree of an image as Scan computed it.
@@ -271,7 +300,12 @@ func compactInodes(blocks, have, want, finalBlocks int64) int64 {
 
 // emitLayer streams the bodies the final tree keeps from layer i.
 func (t *Tree) emitLayer(ctx context.Context, src LayerSource, i int, l Layer, files map[int][]string, ordinal *int, tw *tar.Writer) (err error) {
-	rc, err := src.OpenLayer(ctx, i)
+	var rc io.ReadCloser
+	if p := t.spool(i); p != "" {
+		rc, err = openSpool(p)
+	} else {
+		rc, err = src.OpenLayer(ctx, i)
+	}
 	if err != nil {
 		return fmt.Errorf("open layer %d (%s): %w", i, l.Digest, err)
 	}
@@ -318,10 +352,12 @@ func (t *Tree) emitLayer(ctx context.Context, src LayerSource, i int, l Layer, f
 	}
 }
 
-// WriteExt4 writes the tree, reading file bodies from src again, as an
+// WriteExt4 writes the tree, reading file bodies from the layer spools or
+// else from src again, as an
 // ext4 of sizeBytes at ext4Path (which must not exist; it is removed again
 // on any failure): tar2ext4 into a compact image, then finish.
 func (t *Tree) WriteExt4(ctx context.Context, src LayerSource, ext4Path string, sizeBytes int64) (retErr error) {
+	defer t.Close()
 	if sizeBytes%blockSize != 0 || sizeBytes <= 0 {
 		return fmt.Errorf("write ext4 %q: size %d is not a positive multiple of %d", ext4Path, sizeBytes, blockSize)
 	}

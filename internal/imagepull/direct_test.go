@@ -59,6 +59,76 @@ func TestDirectDebianRootfs(t *testing.T) {
 	checkAgainstTar(t, img, tarPath)
 }
 
+// debugfsCat is the content of path in img.
+func debugfsCat(t *testing.T, img, path string) string {
+	t.Helper()
+	out, err := exec.Command("debugfs", "-R", "cat "+path, img).Output()
+	if err != nil {
+		t.Fatalf("debugfs cat %s: %v", path, err)
+	}
+	return string(out)
+}
+
+// countingSource counts OpenLayer calls.
+type countingSource struct {
+	memSource
+	opens map[int]int
+}
+
+func (c countingSource) OpenLayer(ctx context.Context, i int) (io.ReadCloser, error) {
+	c.opens[i]++
+	return c.memSource.OpenLayer(ctx, i)
+}
+
+// TestDirectSpools: Scan keeps each layer's decompressed tar in a spool
+// beside the image and WriteExt4 reads the bodies from it, so each layer
+// is opened (decompressed) once; no spool is left afterwards. With a
+// budget too small for the spools (half of it) each layer is read again
+// instead, and the image is the same.
+func TestDirectSpools(t *testing.T) {
+	requireE2fsprogs(t)
+	big := strings.Repeat("0123456789abcdef", 64<<10) // 1 MiB
+	layers := memSource{
+		makeTar(t, dir("etc"), file("etc/hostname", "one"), file("big", big)),
+		makeTar(t, file("etc/hostname", "two"), file("etc/.wh.gone", ""), file("more", big[:600<<10])),
+	}
+	ctx := context.Background()
+	build := func(maxBytes int64) (map[string]string, map[int]int) {
+		src := countingSource{layers, map[int]int{}}
+		dir := t.TempDir()
+		tree, err := Scan(ctx, src, dir, FlattenOptions{MaxBytes: maxBytes})
+		if err != nil {
+			t.Fatal(err)
+		}
+		spools, _ := filepath.Glob(filepath.Join(dir, ".layer-*.tar"))
+		img := filepath.Join(dir, "rootfs.ext4")
+		if err := tree.WriteExt4(ctx, src, img, DefaultSize(DiskUsage(tree.Metadata()))); err != nil {
+			t.Fatal(err)
+		}
+		if left, _ := filepath.Glob(filepath.Join(dir, ".layer-*.tar")); len(left) != 0 {
+			t.Errorf("spools left after WriteExt4: %v", left)
+		}
+		e2fsckClean(t, img)
+		t.Logf("budget %d: %d spools after Scan, opens %v", maxBytes, len(spools), src.opens)
+		out := map[string]string{}
+		for _, p := range []string{"/etc/hostname", "/big", "/more"} {
+			out[p] = debugfsCat(t, img, p)
+		}
+		return out, src.opens
+	}
+	spooled, opens := build(0)
+	if opens[0] != 1 || opens[1] != 1 {
+		t.Errorf("with room for spools, layers opened %v; want each once", opens)
+	}
+	again, opens := build(3 << 20) // 1.5 MiB of spools: layer 1's would pass it
+	if opens[0] != 1 || opens[1] != 2 {
+		t.Errorf("with room for one spool, layers opened %v; want layer 0 once, layer 1 twice", opens)
+	}
+	if !cmp.Equal(spooled, again) || spooled["/etc/hostname"] != "two" || len(spooled["/big"]) != len(big) {
+		t.Errorf("images differ or are wrong: spooled %d/%q, re-read %d/%q", len(spooled["/big"]), spooled["/etc/hostname"], len(again["/big"]), again["/etc/hostname"])
+	}
+}
+
 func TestDirectImageIsANormalExt4(t *testing.T) {
 	requireE2fsprogs(t)
 	img, md := directBuild(t, memSource{makeTar(t, dir("etc"), file("etc/hostname", "x"))})
@@ -182,7 +252,10 @@ func TestGoTarTestdata(t *testing.T) {
 				t.Fatal(err)
 			}
 			md, ferr := Flatten(context.Background(), src, staging, FlattenOptions{})
-			_, serr := Scan(context.Background(), src, base, FlattenOptions{})
+			tr, serr := Scan(context.Background(), src, base, FlattenOptions{})
+			if tr != nil {
+				tr.Close()
+			}
 			if (ferr == nil) != (serr == nil) {
 				t.Fatalf("Flatten = %v but Scan = %v", ferr, serr)
 			}

@@ -280,7 +280,14 @@ type flattener struct {
 	// Metadata does not hold.
 	meta  bool
 	extra map[string]entryExtra
-	bytes int64 // bytes decompressed so far, over all layers
+	// spoolDir, when set (Scan), is where each layer's decompressed tar
+	// is kept for the second pass (spooler); spools[i] is layer i's, or
+	// "" where it was not kept.
+	spoolDir   string
+	spoolLimit int64
+	spoolUsed  int64
+	spools     []string
+	bytes      int64 // bytes decompressed so far, over all layers
 	// xattr bytes decoded so far
 	xattrBytes int64
 	entries    int
@@ -337,7 +344,19 @@ func (f *flattener) replay(ctx context.Context, src LayerSource, i int, l Layer)
 			err = fmt.Errorf("layer %d (%s): %w", i, l.Digest, cerr)
 		}
 	}()
-	tr := tar.NewReader(budgetReader{r: rc, n: &f.bytes, limit: f.opts.MaxBytes})
+	var in io.Reader = budgetReader{r: rc, n: &f.bytes, limit: f.opts.MaxBytes}
+	if f.spoolDir != "" {
+		for len(f.spools) <= i {
+			f.spools = append(f.spools, "")
+		}
+		if sp := newSpooler(f.spoolDir, i, f.spoolLimit, &f.spoolUsed); sp != nil {
+			in = io.TeeReader(in, sp)
+			whole := false
+			defer func() { f.spools[i] = sp.finish(whole && err == nil) }()
+			defer func() { whole = err == nil }()
+		}
+	}
+	tr := tar.NewReader(in)
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
