@@ -1,0 +1,143 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/failpoint"
+	"github.com/bangerdev/banger/internal/lifecycle/lifecycletest"
+	"github.com/bangerdev/banger/internal/model"
+	"github.com/bangerdev/banger/internal/testutil"
+	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/firecracker"
+	"github.com/bangerdev/banger/internal/vmm/firecracker/jailer"
+)
+
+// TestJailedStartAndRelease: with firecracker_jailer configured, a VM's
+// start runs Firecracker through the (fake) jailer: the record's handle
+// names the jail, the monitor runs as the jail user inside it; a start
+// whose confirmation fails leaves no monitor and no jail; Release of the
+// started VM stops it and removes its jail and cgroups.
+func TestJailedStartAndRelease(t *testing.T) {
+	testutil.RequiresRoot(t)
+	s, kernel := newService(t)
+	short, err := os.MkdirTemp("/tmp", "bjl") // sockets in the chroot must fit sun_path
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(short) })
+	cgv := 1
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
+		cgv = 2
+	}
+	s.cfg.FirecrackerJailer = &jailer.Config{Binary: lifecycletest.FakeJailer(t), UID: 65534, GID: 65534,
+		ChrootBase: filepath.Join(short, "jail"), CgroupVersion: cgv}
+	if err := s.cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	var started []vmm.Handle
+	t.Cleanup(func() {
+		mon, _ := s.Monitor(firecracker.Name)
+		for _, h := range started {
+			_, _ = mon.Stop(context.Background(), h, 0)
+		}
+	})
+	id := model.NewID()
+	jail := filepath.Join(short, "jail", "banger-fake-firecracker", id)
+	fresh := func() model.VM {
+		t.Helper()
+		for _, dir := range []string{s.RuntimeDir(id), s.VMDir(id)} {
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+		}
+		vm, err := s.store.GetVM(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return vm
+	}
+	vm := model.VM{ID: id, Name: "jailed", State: model.VMStarting, VMM: firecracker.Name, DiskDriver: "copy",
+		CPUs: 1, MemoryMiB: 128, Created: time.Now().UTC(),
+		Runtime: model.Runtime{Phase: "runtime-dir", RuntimeDir: s.RuntimeDir(id), ConsoleLog: s.ConsoleLog(id)}}
+	if err := s.store.CreateVM(&vm, netip.Prefix{}); err != nil {
+		t.Fatal(err)
+	}
+	mon, err := s.Monitor(firecracker.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mon.(*firecracker.Monitor).Jailer == nil {
+		t.Fatal("the service's Firecracker monitor has no jailer")
+	}
+	nc, err := s.NetConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	// A start whose confirmation fails: no monitor, no jail.
+	restore := failpoint.Arm("start:confirm=error")
+	run := &startRun{vm: fresh(), mon: mon, kernel: kernel, nc: nc, log: s.log, began: time.Now()}
+	if _, err := s.runStart(ctx, run, nil, s.launchMonitor); !errors.Is(err, failpoint.ErrInjected) {
+		t.Fatalf("runStart with start:confirm=error: %v, want the injected failure", err)
+	}
+	restore()
+	if _, err := os.Lstat(jail); err == nil {
+		t.Errorf("jail %s left by the failed start", jail)
+	}
+	if jailer.InUse(filepath.Join(jail, "root")) {
+		t.Error("a process still runs in the failed start's jail")
+	}
+
+	if _, err := s.SetState(id, model.VMStarting, "", func(v *model.VM) {
+		v.Runtime = model.Runtime{Phase: "runtime-dir", RuntimeDir: s.RuntimeDir(id), ConsoleLog: s.ConsoleLog(id)}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	run = &startRun{vm: fresh(), mon: mon, kernel: kernel, nc: nc, log: s.log, began: time.Now()}
+	sup, err := s.runStart(ctx, run, nil, s.launchMonitor)
+	if err != nil {
+		t.Fatalf("jailed start: %v", err)
+	}
+	if sup != nil {
+		sup.Close()
+	}
+	got, _ := s.store.GetVM(id)
+	h := got.Runtime.Monitor
+	started = append(started, h)
+	if h.Jail != jail || !strings.HasPrefix(h.APISocket, jail+"/root/") {
+		t.Fatalf("recorded handle: jail %q api %q; want the jail %s", h.Jail, h.APISocket, jail)
+	}
+	if !jailer.RootIs(h.PID, filepath.Join(jail, "root")) {
+		t.Errorf("monitor pid %d is not inside the jail", h.PID)
+	}
+	if own, refused := s.OwnRuntime(id, got.Runtime); len(refused) > 0 || own.Monitor.PID != h.PID {
+		t.Errorf("OwnRuntime refuses the jailed monitor: %v", refused)
+	}
+
+	if _, err := s.Release(ctx, got, false); err != nil {
+		t.Fatalf("Release: %v", err)
+	}
+	if alive, _ := vmm.Alive(h); alive {
+		t.Error("the jailed monitor runs after Release")
+	}
+	if _, err := os.Lstat(jail); err == nil {
+		t.Errorf("jail %s left after Release", jail)
+	}
+	for _, v := range []int{1, 2} {
+		mounts, _ := jailer.CgroupMounts(v)
+		for _, m := range mounts {
+			if _, err := os.Stat(filepath.Join(m, jailer.ParentCgroup, id)); err == nil {
+				t.Errorf("cgroup %s left after Release", filepath.Join(m, jailer.ParentCgroup, id))
+			}
+		}
+	}
+}
