@@ -171,6 +171,14 @@ type fileStamp struct {
 	mtime, ctime int64
 }
 
+func statStamp(path string) (fileStamp, bool) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fileStamp{}, false
+	}
+	return stampOf(fi)
+}
+
 func stampOf(fi os.FileInfo) (fileStamp, bool) {
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	if !ok {
