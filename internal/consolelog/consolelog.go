@@ -296,16 +296,36 @@ func followFile(key string, r *os.File, logPath string, max int64) error {
 	}
 	done := make(chan struct{})
 	following[key] = done
+	readers[key] = r
 	go func() {
 		_, _ = io.Copy(w, r)
 		_ = r.Close()
 		_ = w.Close()
 		followMu.Lock()
 		delete(following, key)
+		delete(readers, key)
 		followMu.Unlock()
 		close(done)
 	}()
 	return nil
+}
+
+// readers are the read ends of the console pipes being followed.
+var readers = map[string]*os.File{}
+
+// Unfollow stops following the console pipe at key and closes its read
+// end, as the daemon's exit does (the monitor's writes then fail with
+// EPIPE and are dropped until FollowFIFO runs again). It returns once the
+// follower has ended.
+func Unfollow(key string) {
+	followMu.Lock()
+	r, done := readers[key], following[key]
+	followMu.Unlock()
+	if r == nil {
+		return
+	}
+	_ = r.Close()
+	<-done
 }
 
 // Drain waits up to timeout for this process's follower of key (a console

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/consolelog"
 	"github.com/bangerdev/banger/internal/vmm/firecracker"
 	"github.com/bangerdev/banger/internal/vmm/firecracker/fake"
 )
@@ -88,4 +89,53 @@ func lastFloodLine(b []byte) int {
 		}
 	}
 	return best
+}
+
+// TestConsoleSurvivesDaemonRestart: the console pipe's read end closes (the
+// daemon exits) while the guest floods its console: Firecracker (the fake,
+// which like Rust ignores SIGPIPE) keeps running and its output is
+// dropped; a fresh monitor's Reattach (the next daemon) follows the pipe
+// again, and the log grows again, within the cap.
+func TestConsoleSurvivesDaemonRestart(t *testing.T) {
+	const max = 64 << 10
+	m := fakeMonitor(t)().(*firecracker.Monitor)
+	m.Args = []string{"--console-flood"}
+	spec := fakeSpec(t)
+	spec.ConsoleLogMax = max
+	h, err := m.Start(t.Context(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _, _ = m.Stop(context.Background(), h, 0) })
+	newest := func() int {
+		old, _ := os.ReadFile(spec.ConsoleLog + ".1")
+		cur, _ := os.ReadFile(spec.ConsoleLog)
+		return lastFloodLine(append(old, cur...))
+	}
+	time.Sleep(200 * time.Millisecond)
+	consolelog.Unfollow(h.ConsoleFIFO) // the daemon is gone
+	before := newest()
+	time.Sleep(500 * time.Millisecond)
+	if alive, err := m.Alive(h); !alive || err != nil {
+		t.Fatalf("the monitor died while nobody read its console: %v, %v", alive, err)
+	}
+	if got := newest(); got != before {
+		t.Fatalf("the log grew (line %d to %d) while nobody followed the console", before, got)
+	}
+	m2 := fakeMonitor(t)()
+	if err := m2.Reattach(t.Context(), h); err != nil {
+		t.Fatalf("Reattach: %v", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for newest() <= before+1000 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after Reattach the console log did not grow (newest line %d, %d before)", newest(), before)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, p := range []string{spec.ConsoleLog, spec.ConsoleLog + ".1"} {
+		if fi, err := os.Stat(p); err == nil && fi.Size() > max+64<<10 {
+			t.Errorf("%s is %d bytes, over the cap %d", p, fi.Size(), max)
+		}
+	}
 }
