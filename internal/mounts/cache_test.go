@@ -94,3 +94,41 @@ func nlink(fi os.FileInfo) uint64 {
 	}
 	return 0
 }
+
+// Reads through the read-ahead windows give the host's bytes: sequential
+// reads of odd sizes across window edges up to a ragged end, and reads at
+// scattered offsets.
+func TestGuestReadAhead(t *testing.T) {
+	w := newWorld(t)
+	mnt := w.mountGuest(t, Spec{HostDir: w.share, GuestDir: "/src"})
+	data := make([]byte, 3*readAhead+12345)
+	_, _ = rand.Read(data)
+	if err := os.WriteFile(filepath.Join(w.share, "ra.bin"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(mnt, "ra.bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var got bytes.Buffer
+	buf := make([]byte, 100003)
+	for {
+		n, err := f.Read(buf)
+		got.Write(buf[:n])
+		if err != nil {
+			break
+		}
+	}
+	if !bytes.Equal(got.Bytes(), data) {
+		t.Fatalf("sequential read: %d bytes, differing from the host's %d", got.Len(), len(data))
+	}
+	for _, off := range []int64{5, readAhead - 7, 2*readAhead + 1, int64(len(data)) - 10, readAhead + 3} {
+		b := make([]byte, 4096)
+		n, err := f.ReadAt(b, off)
+		want := data[off:min(off+4096, int64(len(data)))]
+		if n != len(want) || !bytes.Equal(b[:n], want) {
+			t.Errorf("pread at %d: %d bytes (%v), want the host's %d", off, n, err, len(want))
+		}
+	}
+}

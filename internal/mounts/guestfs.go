@@ -219,6 +219,7 @@ type node struct {
 	c *guestClient
 
 	mu     sync.Mutex
+	latest version // the file's version in its latest attributes from the host
 	cached version // the file's version when last opened, kept in the page cache
 }
 
@@ -316,7 +317,16 @@ func (n *node) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut)
 		return toErrno(err)
 	}
 	fillAttr(fi, &out.Attr)
+	n.seen(fi)
 	return 0
+}
+
+// seen records the host version of the latest attributes of n.
+func (n *node) seen(fi os.FileInfo) {
+	v, _ := versionOf(fi)
+	n.mu.Lock()
+	n.latest = v
+	n.mu.Unlock()
 }
 
 // newChild returns the inode for name, reusing the one the tree already
@@ -326,9 +336,14 @@ func (n *node) newChild(ctx context.Context, name string, fi os.FileInfo, out *f
 	fillAttr(fi, &out.Attr)
 	mode := out.Mode & syscall.S_IFMT
 	if ch := n.GetChild(name); ch != nil && ch.StableAttr().Mode == mode {
+		if cn, ok := ch.Operations().(*node); ok {
+			cn.seen(fi)
+		}
 		return ch
 	}
-	return n.NewInode(ctx, &node{c: n.c}, fs.StableAttr{Mode: mode})
+	cn := &node{c: n.c}
+	cn.seen(fi)
+	return n.NewInode(ctx, cn, fs.StableAttr{Mode: mode})
 }
 
 func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
@@ -433,30 +448,24 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if err != nil {
 		return nil, 0, toErrno(err)
 	}
-	return &handle{f: f, c: n.c, p: n.path()}, n.keepCache(f), 0
+	return &handle{f: f, c: n.c, p: n.path()}, n.keepCache(), 0
 }
 
 // keepCache tells the guest kernel to keep what it has cached of the file
 // (FOPEN_KEEP_CACHE) when the host file is the version it was when last
-// opened: the same inode, size, mtime and ctime to the nanosecond. Else the
-// kernel drops its cached pages, as it does on every open without the
-// flag. Changes made while the file stays open show through the kernel's
-// own check (FUSE_AUTO_INVAL_DATA: a new mtime in fresh attributes drops
-// the cache). A guest write changes the version, so the next open reads
-// the host again.
-func (n *node) keepCache(f *sftp.File) uint32 {
-	fi, err := f.Stat()
-	if err != nil {
-		return 0
-	}
-	v, ok := versionOf(fi)
-	if !ok {
-		return 0
-	}
+// opened: the same inode, size, mtime and ctime to the nanosecond, as its
+// latest attributes say (the kernel asks for them again after the 1 s
+// attribute cache, and looked the file up to open it), so an open costs
+// no extra round trip. Else the kernel drops its cached pages, as it does
+// on every open without the flag. Changes made while the file stays open
+// show through the kernel's own check (FUSE_AUTO_INVAL_DATA: a new mtime
+// in fresh attributes drops the cache). A guest write changes the version,
+// so the next open reads the host again.
+func (n *node) keepCache() uint32 {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	keep := n.cached == v
-	n.cached = v
+	keep := n.latest != version{} && n.cached == n.latest
+	n.cached = n.latest
 	if keep {
 		return fuse.FOPEN_KEEP_CACHE
 	}
@@ -602,7 +611,7 @@ func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
 
 // handle is an open host file.
 type handle struct {
-	mu sync.Mutex // the read-ahead buffer; Close against in-flight I/O
+	mu sync.Mutex // the read-ahead windows; Close against in-flight I/O
 	f  *sftp.File
 	c  *guestClient
 	p  string
@@ -610,6 +619,15 @@ type handle struct {
 	next   int64  // where a sequential read would continue
 	buf    []byte // read ahead: the file's bytes at bufOff
 	bufOff int64
+	ahead  *window // the window after buf, being fetched
+}
+
+// window is a read-ahead fetch running in the background.
+type window struct {
+	off  int64
+	data []byte
+	err  error
+	done chan struct{}
 }
 
 var (
@@ -622,44 +640,98 @@ var (
 
 // readAhead is how much a handle fetches at once when it sees sequential
 // reads: one SFTP ReadAt of this size runs many requests in flight, where
-// the kernel sends FUSE reads of 128 KiB one after the other, each a round
-// trip to the host.
-const readAhead = 2 << 20
+// the kernel sends FUSE reads one window after the other, each a round
+// trip to the host. While the guest consumes one window the next is
+// already on its way (fetchAhead), so the channel never idles between
+// windows.
+const readAhead = 4 << 20
 
+// fetchAhead starts fetching the window at off in the background.
+func (h *handle) fetchAhead(off int64) {
+	w := &window{off: off, data: make([]byte, readAhead), done: make(chan struct{})}
+	h.ahead = w
+	go func() {
+		defer close(w.done)
+		n, err := h.f.ReadAt(w.data, off)
+		w.data = w.data[:n]
+		if err != nil && !errors.Is(err, io.EOF) {
+			w.err = err
+		}
+	}()
+}
+
+// dropAhead forgets what was read ahead (a write may have made it stale),
+// waiting for a fetch in flight to end.
+func (h *handle) dropAhead() {
+	if h.ahead != nil {
+		<-h.ahead.done
+		h.ahead = nil
+	}
+	h.buf = h.buf[:0]
+}
+
+// Read answers from the read-ahead windows where they hold the range, and
+// fetches from the host what they do not. It returns fewer bytes than
+// asked only at the end of the file: the kernel takes a short read as the
+// file's end.
 func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if off >= h.bufOff && off+int64(len(dest)) <= h.bufOff+int64(len(h.buf)) {
-		n := copy(dest, h.buf[off-h.bufOff:])
-		h.next = off + int64(n)
-		return fuse.ReadResultData(dest[:n]), 0
-	}
-	if off == h.next && off > 0 && len(dest) < readAhead {
-		if cap(h.buf) < readAhead {
-			h.buf = make([]byte, readAhead)
+	n, eof := 0, false
+	for n < len(dest) && !eof {
+		pos := off + int64(n)
+		if pos >= h.bufOff && pos < h.bufOff+int64(len(h.buf)) {
+			n += copy(dest[n:], h.buf[pos-h.bufOff:])
+			// A window shorter than readAhead ends at the end of the file.
+			eof = len(h.buf) < readAhead && off+int64(n) >= h.bufOff+int64(len(h.buf))
+			continue
 		}
-		h.buf = h.buf[:readAhead]
-		n, err := h.f.ReadAt(h.buf, off)
-		if err != nil && !errors.Is(err, io.EOF) {
+		w := h.ahead
+		if w == nil || pos < w.off || pos >= w.off+readAhead {
+			break
+		}
+		// The next window: wait for it and make it the current one.
+		<-w.done
+		h.ahead = nil
+		if w.err != nil {
 			h.buf = h.buf[:0]
-			return nil, toErrno(err)
+			return nil, toErrno(w.err)
 		}
-		h.buf, h.bufOff = h.buf[:n], off
-		m := copy(dest, h.buf)
-		h.next = off + int64(m)
-		return fuse.ReadResultData(dest[:m]), 0
+		h.buf, h.bufOff = w.data, w.off
+		eof = len(w.data) == 0
 	}
-	n, err := h.f.ReadAt(dest, off)
-	if err != nil && !errors.Is(err, io.EOF) {
-		return nil, toErrno(err)
+	if n < len(dest) && !eof {
+		rest := dest[n:]
+		pos := off + int64(n)
+		if pos == h.next && pos > 0 && len(rest) < readAhead {
+			// Sequential: fetch this window now and the next behind it.
+			h.dropAhead()
+			buf := make([]byte, readAhead)
+			m, err := h.f.ReadAt(buf, pos)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return nil, toErrno(err)
+			}
+			h.buf, h.bufOff = buf[:m], pos
+			n += copy(rest, h.buf)
+		} else {
+			m, err := h.f.ReadAt(rest, pos)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return nil, toErrno(err)
+			}
+			n += m
+		}
 	}
 	h.next = off + int64(n)
+	// Keep the next window coming while this one is read.
+	if h.ahead == nil && len(h.buf) == readAhead && h.next > h.bufOff && h.next <= h.bufOff+readAhead {
+		h.fetchAhead(h.bufOff + readAhead)
+	}
 	return fuse.ReadResultData(dest[:n]), 0
 }
 
 func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
 	h.mu.Lock()
-	h.buf = h.buf[:0] // what was read ahead may be stale now
+	h.dropAhead() // what was read ahead may be stale now
 	h.mu.Unlock()
 	n, err := h.f.WriteAt(data, off)
 	h.c.forget(h.p)
@@ -688,5 +760,6 @@ func (h *handle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 func (h *handle) Release(ctx context.Context) syscall.Errno {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.dropAhead()
 	return toErrno(h.f.Close())
 }
