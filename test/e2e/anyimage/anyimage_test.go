@@ -14,6 +14,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/guestabi"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/testutil"
@@ -175,7 +176,7 @@ func TestE2EAnyImage(t *testing.T) {
 }
 
 // waitMain waits until the agent reports the VM's main process exited.
-func waitMain(ctx context.Context, t *testing.T, d *e2etest.Daemon, name string) model.VM {
+func waitMain(ctx context.Context, t *testing.T, d *e2etest.Daemon, name string) api.VM {
 	t.Helper()
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
@@ -192,11 +193,11 @@ func waitMain(ctx context.Context, t *testing.T, d *e2etest.Daemon, name string)
 
 // stopClean stops the VM: under 5 s, through its agent (no SIGKILL of the
 // monitor), and its ext4 clean by e2fsck -fn afterwards.
-func stopClean(ctx context.Context, t *testing.T, d *e2etest.Daemon, vm model.VM) {
+func stopClean(ctx context.Context, t *testing.T, d *e2etest.Daemon, vm api.VM) {
 	t.Helper()
 	disk := vm.Runtime.Disk.Path
 	start := time.Now()
-	var out model.VM
+	var out api.VM
 	d.JSON(ctx, &out, "vm", "stop", vm.Name)
 	took := time.Since(start)
 	t.Logf("vm stop %s took %s", vm.Name, took.Round(10*time.Millisecond))

@@ -136,9 +136,23 @@ func NewDaemon(t testing.TB, ns *NetNS, extra map[string]any) *Daemon {
 		if t.Failed() {
 			b, _ := os.ReadFile(d.LogPath)
 			t.Logf("daemon log:\n%s", Tail(string(b), 80))
+			d.logConsoles(t)
 		}
 	})
 	return d
+}
+
+// logConsoles logs the tail of every VM's serial console log left in the
+// state dir, so that a failed boot shows what the guest printed.
+func (d *Daemon) logConsoles(t testing.TB) {
+	logs, _ := filepath.Glob(filepath.Join(d.StateDir(), "vms", "*", "console.log"))
+	for _, l := range logs {
+		b, err := os.ReadFile(l)
+		if err != nil {
+			continue
+		}
+		t.Logf("console log %s:\n%s", l, Tail(strings.ToValidUTF8(string(b), "?"), 60))
+	}
 }
 
 // Tail returns the last n lines of s.

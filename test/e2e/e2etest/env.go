@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/testutil"
@@ -112,10 +113,11 @@ func FakeEnvIn(t testing.TB, ns *NetNS, extra map[string]any) *Env {
 	return &Env{NS: ns, Reg: reg, D: d, Image: "mini"}
 }
 
-// Inspect returns the VM record the daemon reports.
-func Inspect(ctx context.Context, t testing.TB, d *Daemon, name string) model.VM {
+// Inspect returns the VM as `vm inspect -o json` shows it (the API view;
+// the daemon runs as root here, so it carries the runtime and recovery).
+func Inspect(ctx context.Context, t testing.TB, d *Daemon, name string) api.VM {
 	t.Helper()
-	var vm model.VM
+	var vm api.VM
 	d.JSON(ctx, &vm, "vm", "inspect", name)
 	return vm
 }

@@ -55,6 +55,11 @@ func TestE2EFirstBoot(t *testing.T) {
 	d.MustCLI(ctx, "vm", "create", "--image", e.Image, "--name", "fb", "--memory", "1G")
 	e.NS.Serve(t, "busybox", "httpd", "-f", "-p", "0.0.0.0:8080", "-h", repo)
 
+	t.Cleanup(func() {
+		if t.Failed() {
+			logFirstBootLog(t, d)
+		}
+	})
 	start := time.Now()
 	d.MustCLI(ctx, "vm", "start", "fb", "--wait")
 	t.Logf("first boot with sshd install: %s", time.Since(start).Round(time.Second))
@@ -83,6 +88,16 @@ func TestE2EFirstBoot(t *testing.T) {
 	d.MustCLI(ctx, "ssh", "fb", "--", "true")
 	d.MustCLI(ctx, "vm", "rm", "--force", "fb")
 	e2etest.AssertNoVMResources(t, e, true)
+}
+
+// logFirstBootLog logs the guest's first-boot log, read from each VM disk
+// left in the state dir, so that a first boot that did not finish says why.
+func logFirstBootLog(t *testing.T, d *e2etest.Daemon) {
+	disks, _ := filepath.Glob(filepath.Join(d.StateDir(), "vms", "*", "disk.ext4*"))
+	for _, disk := range disks {
+		out, err := e2etest.CombinedOutput(exec.Command("debugfs", "-c", "-R", "cat /var/log/banger-first-boot.log", disk))
+		t.Logf("first-boot log in %s (%v):\n%s", disk, err, e2etest.Tail(string(out), 60))
+	}
 }
 
 // withAptSources returns a copy of the OCI layout at base with one more

@@ -74,7 +74,8 @@ func TestE2ECorruptHandles(t *testing.T) {
 	for _, v := range append(variants, "live-garbage") {
 		d.MustCLI(ctx, "vm", "create", "--image", e.Image, "--name", v, "--memory", "256M", "--cpus", "1")
 		d.MustCLI(ctx, "vm", "start", v, "--wait")
-		vms[v] = e2etest.Inspect(ctx, t, d, v)
+		got := e2etest.Inspect(ctx, t, d, v)
+		vms[v] = model.VM{ID: got.ID, Runtime: *got.Runtime}
 	}
 	d.Kill()
 

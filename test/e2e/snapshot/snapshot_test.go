@@ -74,7 +74,7 @@ func TestE2ESnapshotAndClones(t *testing.T) {
 
 	// Two clones of one snapshot.
 	var cloneTimes []time.Duration
-	clones := map[string]model.VM{}
+	clones := map[string]api.VM{}
 	for _, name := range []string{"c1", "c2"} {
 		begin := time.Now()
 		d.MustCLI(ctx, "vm", "clone", "snap1", "--name", name)
@@ -93,7 +93,7 @@ func TestE2ESnapshotAndClones(t *testing.T) {
 		}
 		seen[what+"="+v] = vm
 	}
-	for _, vm := range []model.VM{src, clones["c1"], clones["c2"]} {
+	for _, vm := range []api.VM{src, clones["c1"], clones["c2"]} {
 		distinct("MAC", vm.Name, vm.MAC)
 		distinct("IP", vm.Name, vm.IP)
 		distinct("host key", vm.Name, vm.HostKey)
