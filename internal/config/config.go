@@ -273,6 +273,9 @@ func (c Config) Validate() error {
 		if _, err := j.Invocation("config-check", "/firecracker", 128, nil); err != nil {
 			return fmt.Errorf("config firecracker_jailer: %w", err)
 		}
+		if err := j.CheckRange(); err != nil {
+			return fmt.Errorf("config firecracker_jailer: %w", err)
+		}
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package lifecycle
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"sync"
 
@@ -9,19 +10,28 @@ import (
 	"github.com/bangerdev/banger/internal/model"
 	"github.com/bangerdev/banger/internal/quota"
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/firecracker"
 	"github.com/bangerdev/banger/internal/vmm/qemu"
 )
 
 // contain fills in what keeps a VM monitor within bounds: the console log
 // cap and, for QEMU run by a root daemon, the unprivileged user it runs as
 // (config vmm_user, created when missing). Firecracker's containment is its
-// jailer.
+// jailer (config firecracker_jailer): RunAs is then the jail's uid and gid.
 func (s *Service) contain(spec *vmm.Spec, monitor string) error {
 	max, err := s.cfg.ConsoleLogBytes()
 	if err != nil {
 		return api.Errorf(api.CodeInvalid, "%v", err)
 	}
 	spec.ConsoleLogMax = max
+	if monitor == firecracker.Name {
+		cred, err := s.jailCredential(spec.VsockCID)
+		if err != nil {
+			return api.Errorf(api.CodeInvalid, "%v", err)
+		}
+		spec.RunAs = cred
+		return nil
+	}
 	if monitor != qemu.Name || s.cfg.VMMUser == "" || os.Geteuid() != 0 {
 		return nil
 	}
@@ -31,6 +41,29 @@ func (s *Service) contain(spec *vmm.Spec, monitor string) error {
 	}
 	spec.RunAs = cred
 	return nil
+}
+
+// jailCredential is the uid and gid a jailed Firecracker of the VM with
+// vsock CID cid runs as (nil without a jailer): the jailer's, or with its
+// id_range one of the range per VM, by the index of the VM's address in
+// the subnet (the CID is 1000 + that index: see vsockCID).
+func (s *Service) jailCredential(cid uint32) (*vmm.Credential, error) {
+	j := s.cfg.Jailer()
+	if j == nil {
+		return nil, nil
+	}
+	var n uint32
+	if j.IDRange > 0 {
+		if cid < 1000 {
+			return nil, fmt.Errorf("jailer id_range: the VM has no address to derive its uid from")
+		}
+		n = cid - 1000
+	}
+	uid, gid, err := j.IDsFor(n)
+	if err != nil {
+		return nil, err
+	}
+	return &vmm.Credential{UID: uid, GID: gid}, nil
 }
 
 // quotaMu makes a quota check and the record it allows one step, so that

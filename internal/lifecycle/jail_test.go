@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -21,7 +22,8 @@ import (
 
 // TestJailedStartAndRelease: with firecracker_jailer configured, a VM's
 // start runs Firecracker through the (fake) jailer: the record's handle
-// names the jail, the monitor runs as the jail user inside it; a start
+// names the jail, the monitor runs inside it as the VM's own uid and gid
+// (id_range: the jailer's base plus the index of its address); a start
 // whose confirmation fails leaves no monitor and no jail; Release of the
 // started VM stops it and removes its jail and cgroups.
 func TestJailedStartAndRelease(t *testing.T) {
@@ -36,8 +38,8 @@ func TestJailedStartAndRelease(t *testing.T) {
 	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
 		cgv = 2
 	}
-	s.cfg.FirecrackerJailer = &jailer.Config{Binary: lifecycletest.FakeJailer(t), UID: 65534, GID: 65534,
-		ChrootBase: filepath.Join(short, "jail"), CgroupVersion: cgv}
+	s.cfg.FirecrackerJailer = &jailer.Config{Binary: lifecycletest.FakeJailer(t), UID: 200000, GID: 300000,
+		ChrootBase: filepath.Join(short, "jail"), CgroupVersion: cgv, IDRange: 1 << 16}
 	if err := s.cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +66,7 @@ func TestJailedStartAndRelease(t *testing.T) {
 		return vm
 	}
 	vm := model.VM{ID: id, Name: "jailed", State: model.VMStarting, VMM: firecracker.Name, DiskDriver: "copy",
-		CPUs: 1, MemoryMiB: 128, Created: time.Now().UTC(),
+		CPUs: 1, MemoryMiB: 128, Created: time.Now().UTC(), IP: "172.30.0.7",
 		Runtime: model.Runtime{Phase: "runtime-dir", RuntimeDir: s.RuntimeDir(id), ConsoleLog: s.ConsoleLog(id)}}
 	if err := s.store.CreateVM(&vm, netip.Prefix{}); err != nil {
 		t.Fatal(err)
@@ -118,6 +120,12 @@ func TestJailedStartAndRelease(t *testing.T) {
 	}
 	if !jailer.RootIs(h.PID, filepath.Join(jail, "root")) {
 		t.Errorf("monitor pid %d is not inside the jail", h.PID)
+	}
+	// id_range: the VM at 172.30.0.7 runs as uid 200000+7, gid 300000+7.
+	status, _ := os.ReadFile("/proc/" + strconv.Itoa(h.PID) + "/status")
+	if !strings.Contains(string(status), "\nUid:\t200007\t200007\t200007\t200007\n") ||
+		!strings.Contains(string(status), "\nGid:\t300007\t300007\t300007\t300007\n") {
+		t.Errorf("the jailed monitor of the VM at .7 does not run as 200007:300007:\n%s", status)
 	}
 	if own, refused := s.OwnRuntime(id, got.Runtime); len(refused) > 0 || own.Monitor.PID != h.PID {
 		t.Errorf("OwnRuntime refuses the jailed monitor: %v", refused)

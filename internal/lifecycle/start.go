@@ -122,9 +122,15 @@ func (s *Service) beginStart(ctx context.Context, id, sshKey string) (*startRun,
 	if run.nc, err = s.NetConfig(); err != nil {
 		return run, err
 	}
-	if j := s.cfg.Jailer(); j != nil && vm.VMM == firecracker.Name {
+	if vm.VMM == firecracker.Name {
 		// The jailed Firecracker opens its tap as the jail user.
-		run.nc.TapUID, run.nc.TapGID = j.UID, j.GID
+		cred, err := s.jailCredential(vsockCID(vm.IP))
+		if err != nil {
+			return run, api.Errorf(api.CodeInvalid, "%v", err)
+		}
+		if cred != nil {
+			run.nc.TapUID, run.nc.TapGID = cred.UID, cred.GID
+		}
 	}
 	run.log = s.log.With("vm", vm.Name, "id", vm.ID)
 	rtDir := s.RuntimeDir(vm.ID)

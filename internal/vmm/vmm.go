@@ -108,7 +108,8 @@ type Spec struct {
 	// RunAs, when set, is the unprivileged user QEMU runs as (no
 	// supplementary groups); QEMU opens no path of the daemon's itself but
 	// gets descriptors, so it needs no access to banger's dirs. Firecracker
-	// ignores it: it drops privileges through its jailer.
+	// under its jailer runs as it instead of the jailer's configured uid
+	// and gid (a uid per VM); without a jailer Firecracker ignores it.
 	RunAs *Credential
 	// ConsoleLogMax caps each console log file, in bytes (see consolelog);
 	// 0 means consolelog.DefaultMax.

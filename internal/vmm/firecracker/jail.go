@@ -47,7 +47,11 @@ func (m *Monitor) launchJailed(ctx context.Context, spec vmm.Spec, verb string, 
 		return vmm.Handle{}, fail("%w (is the jailer installed? config firecracker_jailer.binary)", err)
 	}
 	fcArgs := append(append([]string{}, m.Args...), "--api-sock", jailer.APISocket)
-	inv, err := m.Jailer.Invocation(spec.VMID, bin, spec.MemoryMiB, fcArgs)
+	jc := *m.Jailer
+	if spec.RunAs != nil { // the VM's own uid and gid (config id_range)
+		jc.UID, jc.GID = spec.RunAs.UID, spec.RunAs.GID
+	}
+	inv, err := jc.Invocation(spec.VMID, bin, spec.MemoryMiB, fcArgs)
 	if err != nil {
 		return vmm.Handle{}, fail("%w", err)
 	}

@@ -309,6 +309,30 @@ type Config struct {
 	MemoryOverheadMiB int `json:"memory_overhead_mib,omitempty"`
 	// NetNS is an optional --netns (the VMs' taps must be inside it).
 	NetNS string `json:"netns,omitempty"`
+	// IDRange, when set, gives every VM its own uid and gid: UID+n and
+	// GID+n, n the index of the VM's address in the subnet (below
+	// IDRange), so that one compromised VMM cannot open another VM's tap.
+	IDRange uint32 `json:"id_range,omitempty"`
+}
+
+// IDsFor is the uid and gid of the VM whose address has index n in the
+// subnet: UID and GID, or with IDRange, UID+n and GID+n.
+func (c Config) IDsFor(n uint32) (uid, gid uint32, err error) {
+	if c.IDRange == 0 {
+		return c.UID, c.GID, nil
+	}
+	if n >= c.IDRange {
+		return 0, 0, fmt.Errorf("jailer id_range %d: the VM's address index %d is outside it (give id_range at least the subnet's size): %w", c.IDRange, n, ErrContract)
+	}
+	return c.UID + n, c.GID + n, nil
+}
+
+// CheckRange reports a uid or gid range that overflows.
+func (c Config) CheckRange() error {
+	if c.IDRange > 0 && (uint64(c.UID)+uint64(c.IDRange) > 1<<32-1 || uint64(c.GID)+uint64(c.IDRange) > 1<<32-1) {
+		return fmt.Errorf("jailer uid %d / gid %d + id_range %d overflow 32 bits: %w", c.UID, c.GID, c.IDRange, ErrContract)
+	}
+	return nil
 }
 
 // Invocation is the jailer command line for VM id running execFile (an

@@ -135,3 +135,20 @@ func TestPrepareAndRemove(t *testing.T) {
 		t.Errorf("the VM's disk after Stale: %v; want it intact, root's, with one link", err)
 	}
 }
+
+func TestIDsFor(t *testing.T) {
+	c := Config{UID: 900000, GID: 800000}
+	if u, g, err := c.IDsFor(7); err != nil || u != 900000 || g != 800000 {
+		t.Errorf("without id_range: %d %d %v; want the configured ids", u, g, err)
+	}
+	c.IDRange = 256
+	if u, g, err := c.IDsFor(7); err != nil || u != 900007 || g != 800007 {
+		t.Errorf("id_range 256, index 7: %d %d %v; want 900007 800007", u, g, err)
+	}
+	if _, _, err := c.IDsFor(256); !errors.Is(err, ErrContract) {
+		t.Errorf("index 256 of id_range 256: %v, want refused", err)
+	}
+	if err := (Config{UID: 1<<32 - 10, GID: 1, IDRange: 100}).CheckRange(); !errors.Is(err, ErrContract) {
+		t.Errorf("an overflowing range: %v, want refused", err)
+	}
+}
