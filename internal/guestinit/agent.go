@@ -63,7 +63,7 @@ func RunAgent(version string, args []string) int {
 		portfwd.ServiceName: (&portfwd.Guest{}).ServeStream,
 		mounts.ServiceName:  folders.ServeStream,
 	}
-	logger.Printf("banger-vsock-agent %s (protocol v%d) starting", version, agent.ProtocolVersion)
+	logger.Printf("banger-vsock-agent %s (protocol v%d) starting (kernel up %s)", version, agent.ProtocolVersion, uptime())
 	// The host folders are mounted at boot, beside serving (the host's
 	// wait for the agent does not depend on them); systemd is told the
 	// agent is ready once they are, so the units after it find them.

@@ -135,12 +135,24 @@ func (p *pid1) boot() {
 	if err != nil {
 		p.failf("parse kernel command line", err)
 	}
-	p.logf("banger-init %s starting as PID 1", p.version)
+	p.logf("banger-init %s starting as PID 1 (kernel up %s)", p.version, uptime())
 	if err := writeFileAtomic(guestabi.InitFile, []byte(string(guestabi.InitBanger)+"\n"), 0o644); err != nil {
 		p.failf("record init", err)
 	}
 	p.setMain(guestabi.MainState{Status: guestabi.MainStarting})
 
+	// First boot's state is known at once unless it needs the network, so
+	// the host need not wait for it.
+	p.sshdPath = findSSHD()
+	p.firstBootEarly()
+	// The agent starts first: it needs no network, and the host waits for
+	// it; the host names and the network are set up while it starts.
+	go p.supervise("agent", func() (int, <-chan unix.WaitStatus, error) {
+		return p.procs.start(p.self, []string{"banger-vsock-agent"}, &syscall.ProcAttr{
+			Dir: "/", Env: []string{"PATH=" + defaultPath}, Files: []uintptr{devNull(), 1, 2},
+			Sys: &syscall.SysProcAttr{Setsid: true},
+		})
+	})
 	if err := upLoopback(); err != nil {
 		p.failf("network", err)
 	}
@@ -151,17 +163,6 @@ func (p *pid1) boot() {
 	if err := writeNameFiles("/", p.cmdline.Hostname, dns); err != nil {
 		p.failf("hostname", err)
 	}
-	// First boot's state is known at once unless it needs the network, so
-	// the host need not wait for it.
-	p.sshdPath = findSSHD()
-	p.firstBootEarly()
-	// The agent starts first: it needs no network, and the host waits for it.
-	go p.supervise("agent", func() (int, <-chan unix.WaitStatus, error) {
-		return p.procs.start(p.self, []string{"banger-vsock-agent"}, &syscall.ProcAttr{
-			Dir: "/", Env: []string{"PATH=" + defaultPath}, Files: []uintptr{devNull(), 1, 2},
-			Sys: &syscall.SysProcAttr{Setsid: true},
-		})
-	})
 	if n := p.cmdline.Network; n.Configured() {
 		iface, err := configureNetwork(n, netWait)
 		if err != nil {
@@ -319,3 +320,17 @@ func signalName(sig os.Signal) string {
 }
 
 var errNoMain = errors.New("the image has neither Entrypoint nor Cmd")
+
+// uptime is how long the kernel has been up (/proc/uptime), for the
+// console lines that time the boot; "?" when unknown.
+func uptime() string {
+	b, err := os.ReadFile("/proc/uptime")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return "?"
+	}
+	return f[0] + " s"
+}

@@ -19,7 +19,8 @@ type BootWait struct {
 	AgentOnly bool
 	// IP is the guest's address ("" skips the sshd check).
 	IP string
-	// Status is told every status the agent reports while booting.
+	// Status is told every status the agent reports while the guest is
+	// not ready yet (the one that ends the wait is WaitBooted's result).
 	Status func(*agent.Status)
 	// Poll is how often the agent is asked; zero means a second.
 	Poll time.Duration
@@ -57,12 +58,9 @@ func (s *Supervisor) WaitBooted(ctx context.Context, w BootWait) (*agent.Status,
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+	// Session proved the agent alive (a fresh session's hello, or a held
+	// one's health call): no health call of its own.
 	w.trace("agent session open after %d attempt(s)", attempts)
-	if _, err := c.Health(ctx); err != nil {
-		s.DropSession(c)
-		return nil, fmt.Errorf("agent health: %w", err)
-	}
-	w.trace("agent healthy")
 	if w.SSHKey != "" {
 		if _, err := c.AuthorizeKey(ctx, w.SSHKey); err != nil {
 			s.DropSession(c)
@@ -80,9 +78,6 @@ func (s *Supervisor) WaitBooted(ctx context.Context, w BootWait) (*agent.Status,
 			s.DropSession(c)
 			return nil, fmt.Errorf("agent status: %w", err)
 		}
-		if w.Status != nil {
-			w.Status(st)
-		}
 		w.trace("status: first boot %q, host key %t, sshd %t, streams %d", st.FirstBoot, st.HostKey != "", st.SSHD, st.Streams)
 		// Failed: the status says so. Skipped: banger's PID 1 found no sshd
 		// to install (or no way to): the agent's SSH server is the way in,
@@ -98,6 +93,9 @@ func (s *Supervisor) WaitBooted(ctx context.Context, w BootWait) (*agent.Status,
 		// itself over the agent channel, has made the host key.
 		if booted && st.HostKey != "" && (sshOpen(ctx, w.IP) || (st.Streams > 0 && !st.SSHD)) {
 			return st, nil
+		}
+		if w.Status != nil {
+			w.Status(st)
 		}
 		select {
 		case <-ctx.Done():

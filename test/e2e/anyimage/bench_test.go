@@ -67,7 +67,7 @@ func TestBenchAnyImageBoot(t *testing.T) {
 			start := time.Now()
 			d.MustCLI(ctx, "vm", "start", "--wait", name)
 			took := time.Since(start)
-			t.Logf("  %s phases: %s", name, phases(d.Log()[logFrom:], name))
+			t.Logf("  %s phases: %s%s", name, phases(d.Log()[logFrom:], name), guestPhases(d.MustCLI(ctx, "vm", "logs", name)))
 			d.MustCLI(ctx, "vm", "rm", "--force", name)
 			return took
 		}
@@ -234,4 +234,28 @@ func phases(log, vm string) string {
 		}
 	}
 	return strings.Join(out, ", ")
+}
+
+// guestPhases picks the guest's own clock out of its console: the kernel's
+// uptime when banger's PID 1 and the agent started (systemd images print
+// neither).
+func guestPhases(console string) string {
+	var out []string
+	for _, line := range strings.Split(console, "\n") {
+		_, up, ok := strings.Cut(line, "(kernel up ")
+		if !ok {
+			continue
+		}
+		up, _, _ = strings.Cut(up, ")")
+		switch {
+		case strings.Contains(line, "starting as PID 1"):
+			out = append(out, "PID 1 at "+up)
+		case strings.Contains(line, "banger-vsock-agent"):
+			out = append(out, "agent at "+up)
+		}
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return "; guest: " + strings.Join(out, ", ")
 }
