@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"sync"
 
 	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/api"
@@ -52,32 +51,28 @@ func (d *Daemon) handleVMPortForward(w http.ResponseWriter, r *http.Request) {
 	}, pipeHalfClose)
 }
 
-// pipeHalfClose copies between the client and the stream as a TCP proxy
-// does: when one direction reaches EOF the other end's sending half is
-// closed, so a client that shuts down writing still gets its answer; the
-// relay ends when both directions have, or either fails.
+// pipeHalfClose relays as a TCP proxy does (portfwd.Relay): when one
+// direction reaches EOF the other end's sending half is closed, so a
+// client that shuts down writing still gets its answer; it ends when both
+// directions have, or either fails.
 func pipeHalfClose(client net.Conn, clientR io.Reader, stream net.Conn) {
-	var once sync.Once
-	end := func() {
-		once.Do(func() {
-			_ = client.Close()
-			_ = stream.Close()
-		})
+	portfwd.Relay(context.Background(), &readerConn{Conn: client, r: clientR}, stream)
+}
+
+// readerConn is the hijacked API connection read through what the HTTP
+// server had buffered.
+type readerConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (c *readerConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+func (c *readerConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
 	}
-	var wg sync.WaitGroup
-	half := func(dst net.Conn, src io.Reader) {
-		defer wg.Done()
-		_, err := io.Copy(dst, src)
-		cw, ok := dst.(interface{ CloseWrite() error })
-		if err != nil || !ok || cw.CloseWrite() != nil {
-			end()
-		}
-	}
-	wg.Add(2)
-	go half(stream, clientR)
-	go half(client, stream)
-	wg.Wait()
-	end()
+	return errors.New("this connection cannot half-close")
 }
 
 // CloseWrite ends the stream's sending half (an agent stream closes only

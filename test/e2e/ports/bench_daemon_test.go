@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"net"
+	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,7 +48,8 @@ func runJSON(t *testing.T, cmd *exec.Cmd, v any) {
 // (8081, on every guest address), through the published port (daemon →
 // agent channel → guest), through banger port-forward (CLI → daemon →
 // agent channel), and, as the reference in the same run, to the guest's
-// IP over the bridge. All traffic stays inside the test's namespace.
+// IP over the bridge. All traffic stays inside the test's namespace. Each
+// path is measured in the same run, halves interleaved.
 func benchPorts(ctx context.Context, t *testing.T, e *e2etest.Env, tools webTools, pub9000, pub8081 string) {
 	var vm api.VM // (e2etest.Inspect decodes a model.VM, whose mounts are not the API's strings)
 	e.D.JSON(ctx, &vm, "vm", "inspect", "web")
@@ -67,14 +70,31 @@ func benchPorts(ctx context.Context, t *testing.T, e *e2etest.Env, tools webTool
 		var r pullResult
 		runJSON(t, e.NS.Cmd(tools.pfclient, "pull", p.blast, strconv.Itoa(16<<20)), &r)
 	}
-	mbs := make([]float64, len(paths))
+	// 1 GiB per path in two halves, the second half in the reverse order,
+	// so a load that changes during the run weighs on every path alike.
+	var bytes, secs [3]float64
 	lat := make([]latencyResult, len(paths))
-	for i, p := range paths {
-		var r pullResult
-		runJSON(t, e.NS.Cmd(tools.pfclient, "pull", p.blast, strconv.Itoa(benchBytes)), &r)
-		mbs[i] = r.Bytes / 1e6 / r.Seconds
-		runJSON(t, e.NS.Cmd(tools.pfclient, "latency", "http://"+p.web+"/index.html", strconv.Itoa(benchRequests)), &lat[i])
+	for round := range 2 {
+		for k := range paths {
+			i := k
+			if round == 1 {
+				i = len(paths) - 1 - k
+			}
+			var r pullResult
+			runJSON(t, e.NS.Cmd(tools.pfclient, "pull", paths[i].blast, strconv.Itoa(benchBytes/2)), &r)
+			bytes[i] += r.Bytes
+			secs[i] += r.Seconds
+			if round == 0 {
+				runJSON(t, e.NS.Cmd(tools.pfclient, "latency", "http://"+paths[i].web+"/index.html", strconv.Itoa(benchRequests)), &lat[i])
+			}
+		}
 	}
+	mbs := make([]float64, len(paths))
+	for i := range paths {
+		mbs[i] = bytes[i] / 1e6 / secs[i]
+	}
+	load, _ := os.ReadFile("/proc/loadavg")
+	t.Logf("BENCH load average at the end: %s", strings.TrimSpace(string(load)))
 	for i, p := range paths {
 		t.Logf("BENCH ports, QEMU TCG busybox guest, %s: 1 GiB at %.1f MB/s (%.2fx the bridge); %d small HTTP requests p50 %v p99 %v (%.2fx / %.2fx the bridge's)",
 			p.name, mbs[i], mbs[i]/mbs[0], benchRequests,

@@ -6,19 +6,11 @@ package main
 
 import (
 	"bufio"
-	"io"
 	"net"
 	"os"
 	"strconv"
 	"strings"
 )
-
-type zeros struct{}
-
-func (zeros) Read(p []byte) (int, error) {
-	clear(p)
-	return len(p), nil
-}
 
 func main() {
 	l, err := net.Listen("tcp", os.Args[1])
@@ -40,8 +32,16 @@ func main() {
 			if err != nil || n < 0 {
 				return
 			}
+			// The same zeroed buffer over and over: the source costs the
+			// guest no more than a write per buffer.
 			buf := make([]byte, 256<<10)
-			_, _ = io.CopyBuffer(c, io.LimitReader(zeros{}, n), buf)
+			for n > 0 {
+				k, err := c.Write(buf[:min(n, int64(len(buf)))])
+				if err != nil {
+					return
+				}
+				n -= int64(k)
+			}
 		}()
 	}
 }
