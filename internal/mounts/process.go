@@ -137,8 +137,18 @@ func (l Launcher) Start(ctx context.Context, caller Caller, s Spec, stream io.Re
 	go func() {
 		var wg sync.WaitGroup
 		wg.Add(2)
-		go func() { defer wg.Done(); _, _ = io.Copy(conn, stream); _ = conn.Close() }()
-		go func() { defer wg.Done(); _, _ = io.Copy(stream, conn); _ = stream.Close() }()
+		// Large buffers: each read of the server's socket becomes one
+		// agent-channel frame, and a guest under TCG pays per frame.
+		go func() {
+			defer wg.Done()
+			_, _ = io.CopyBuffer(conn, onlyReader{stream}, make([]byte, relayBuffer))
+			_ = conn.Close()
+		}()
+		go func() {
+			defer wg.Done()
+			_, _ = io.CopyBuffer(stream, onlyReader{conn}, make([]byte, relayBuffer))
+			_ = stream.Close()
+		}()
 		p.err = cmd.Wait()
 		_ = conn.Close()
 		_ = stream.Close()
@@ -147,6 +157,16 @@ func (l Launcher) Start(ctx context.Context, caller Caller, s Spec, stream io.Re
 	}()
 	return p, nil
 }
+
+// relayBuffer is the relay's copy buffer: a server reply of a 128 KiB
+// read and its header in one frame, where io.Copy's 32 KiB made five.
+const relayBuffer = 256 << 10
+
+// onlyReader hides a reader's WriterTo and ReaderFrom, so io.CopyBuffer
+// uses the buffer it is given.
+type onlyReader struct{ r io.Reader }
+
+func (o onlyReader) Read(p []byte) (int, error) { return o.r.Read(p) }
 
 // Pid is the server's process id.
 func (p *Process) Pid() int { return p.cmd.Process.Pid }
