@@ -66,6 +66,7 @@ type Server struct {
 
 	started time.Time
 	keyMu   sync.Mutex // serialises authorized_keys updates
+	hostMu  sync.Mutex // serialises making the SSH host key (apart: authorizing a key never waits for a key being made)
 }
 
 // NewServer returns a Server for the guest root root, reporting version.

@@ -36,8 +36,8 @@ func (s *Server) hostKeyPrivate() string {
 // agent's SSH server and an sshd the image may have share the key the host
 // pins.
 func (s *Server) EnsureHostKey() error {
-	s.keyMu.Lock()
-	defer s.keyMu.Unlock()
+	s.hostMu.Lock()
+	defer s.hostMu.Unlock()
 	priv := s.hostKeyPrivate()
 	for _, p := range []string{priv, s.path(HostKeyFile)} {
 		// A key the image has (or its sshd made) is the one pinned.

@@ -51,7 +51,7 @@ func TestBuildArgs(t *testing.T) {
 				{"-machine", "pc", "-accel", "tcg"}, {"-smp", "2"}, {"-m", "512M"}, {"-no-reboot"},
 				{"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"},
 				{"-object", "secret,id=banger-runtime,data=/run/banger/vms/x/qmp.sock"},
-				{"-kernel", "/proc/self/fd/3"}, {"-initrd", "/proc/self/fd/4"}, {"-append", "console=ttyS0 root=/dev/vda"},
+				{"-kernel", "/proc/self/fd/3"}, {"-initrd", "/proc/self/fd/4"}, {"-append", "console=ttyS0 root=/dev/vda acpi=noirq"}, {"-device", "virtio-rng-pci"},
 				{"-chardev", "socket,id=console,server=on,wait=off,fd=5"}, {"-serial", "chardev:console"},
 				{"-chardev", "socket,id=qmp,server=on,wait=off,fd=6"},
 				{"-device", "virtio-serial-pci"},
@@ -77,6 +77,7 @@ func TestBuildArgs(t *testing.T) {
 			caps: vmm.Caps{KVM: true, VhostVsock: true},
 			want: [][]string{
 				{"-machine", "q35", "-accel", "kvm"},
+				{"-append", "console=ttyS0 root=/dev/vda"},
 				{"-add-fd", "fd=7,set=1,opaque=disk0"},
 				{"-blockdev", "driver=raw,node-name=disk0,discard=unmap,file.driver=file,file.filename=/dev/fdset/1"},
 				{"-device", "virtio-blk-pci,drive=disk0"},
@@ -270,4 +271,18 @@ func BenchmarkStart(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "start-ms/op")
+}
+
+func TestWithTCGKernelArgs(t *testing.T) {
+	for in, want := range map[string]string{
+		"console=ttyS0 root=/dev/vda":       "console=ttyS0 root=/dev/vda acpi=noirq",
+		"":                                  "acpi=noirq",
+		"console=ttyS0 acpi=off":            "console=ttyS0 acpi=off",
+		"root=/dev/vda rw -- single acpi=x": "root=/dev/vda rw acpi=noirq -- single acpi=x",
+		"-- single":                         "acpi=noirq -- single",
+	} {
+		if got := withTCGKernelArgs(in); got != want {
+			t.Errorf("withTCGKernelArgs(%q) = %q, want %q", in, got, want)
+		}
+	}
 }
