@@ -25,7 +25,10 @@ import (
 // is timed inside the guest, cold (after the guest drops its caches) and
 // warm (run again). Run with
 //
-//	BANGER_BENCH=1 go test ./test/e2e/mounts -run TestBenchMountsInGuest -v -count=1
+//	BANGER_BENCH=1 go test ./test/e2e/mounts -run TestBenchMountsInGuest -v -count=1 -timeout 40m
+//
+// (about 25 minutes on a loaded 2-core host: the cold runs through the
+// mount are slow).
 func TestBenchMountsInGuest(t *testing.T) {
 	testutil.OptIn(t, "BANGER_BENCH", "the in-guest mount benchmark")
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
