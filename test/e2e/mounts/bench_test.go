@@ -31,7 +31,7 @@ import (
 // mount are slow).
 func TestBenchMountsInGuest(t *testing.T) {
 	testutil.OptIn(t, "BANGER_BENCH", "the in-guest mount benchmark")
-	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 38*time.Minute)
 	defer cancel()
 	layout := e2etest.DebianLayout(t, "git", []string{"git"})
 	e := e2etest.SetupWith(t, nil, "gitimg", func(ns *e2etest.NetNS, reg *e2etest.Registry) string {
