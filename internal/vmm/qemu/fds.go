@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -81,7 +82,7 @@ func memfdCopy(path string) (*os.File, error) {
 		_ = f.Close()
 		return nil, fmt.Errorf("copy %s into a memfd: %w", path, err)
 	}
-	if _, err := unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, unix.F_SEAL_WRITE|unix.F_SEAL_GROW|unix.F_SEAL_SHRINK|unix.F_SEAL_SEAL); err != nil {
+	if err := sealMemfd(f); err != nil {
 		_ = f.Close()
 		return nil, fmt.Errorf("seal the memfd of %s: %w", path, err)
 	}
@@ -90,6 +91,22 @@ func memfdCopy(path string) (*os.File, error) {
 		return nil, err
 	}
 	return f, nil
+}
+
+// sealMemfd makes f read-only for good. The kernel refuses F_SEAL_WRITE
+// with EBUSY while some page of the file has an extra reference after its
+// own short wait (page migration, a memory monitor such as DAMON, a splice
+// still draining): a transient, so it is tried again for up to a second.
+func sealMemfd(f *os.File) error {
+	const seals = unix.F_SEAL_WRITE | unix.F_SEAL_GROW | unix.F_SEAL_SHRINK | unix.F_SEAL_SEAL
+	deadline := time.Now().Add(time.Second)
+	for {
+		_, err := unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, seals)
+		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // listenUnix binds and listens on a Unix stream socket at path (mode 0600,
