@@ -52,12 +52,20 @@ func (s *Service) monitorExited(sup *supervisor.Supervisor) {
 	if err != nil || cur.Runtime.Monitor.PID != sup.Handle().PID {
 		return
 	}
-	s.log.Info("VM monitor exited on its own; releasing the VM's resources", "vm", cur.Name, "pid", sup.Handle().PID)
+	status, known := vmm.ExitStatus(sup.Handle(), 200*time.Millisecond)
+	if !known {
+		status = "its exit status is unknown: it was re-adopted after a daemon restart"
+	}
+	s.log.Info("VM monitor exited on its own; releasing the VM's resources", "vm", cur.Name, "pid", sup.Handle().PID, "status", status)
 	m := Mark{State: model.VMStopped, Failed: func(err error) string {
 		return "the VM monitor exited and cleanup failed: " + err.Error()
 	}}
 	if cur.State == model.VMStarting {
-		m.State, m.Reason = model.VMError, "the VM monitor exited while the guest was booting: see banger vm logs "+cur.Name
+		why := ""
+		if known {
+			why = " (" + status + ")"
+		}
+		m.State, m.Reason = model.VMError, "the VM monitor exited while the guest was booting"+why+": see banger vm logs "+cur.Name
 	}
 	// Record the outcome before the supervisor ends: a caller waiting for
 	// the boot sees the reason, not a canceled wait.

@@ -108,22 +108,84 @@ func StartDetachedOutput(cmd *exec.Cmd, out *os.File) (*Process, error) {
 		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
 	p := &Process{cmd: cmd, done: make(chan struct{})}
+	identified := make(chan struct{})
 	go func() {
 		err := cmd.Wait()
 		p.mu.Lock()
 		p.err = err
 		p.mu.Unlock()
+		<-identified
+		if p.Handle.PID != 0 {
+			recordExit(p.Handle, err, cmd.ProcessState)
+		}
 		close(p.done)
 	}()
 	// exec has succeeded when Start returns, so /proc shows the new program.
 	h, err := Identify(cmd.Process.Pid)
 	if err != nil {
+		close(identified)
 		_ = cmd.Process.Kill()
 		<-p.done
 		return nil, fmt.Errorf("identify started process %d: %w", cmd.Process.Pid, err)
 	}
 	p.Handle = h
+	close(identified)
 	return p, nil
+}
+
+// exits holds how the monitors this daemon started and reaped ended, for the
+// supervisor, which notices an exit by the pid going away: "exit status 1",
+// "signal: killed". Each entry is read once (ExitStatus); the map is capped.
+var exits = struct {
+	sync.Mutex
+	m map[exitKey]string
+}{m: map[exitKey]string{}}
+
+type exitKey struct {
+	pid   int
+	start uint64
+}
+
+const maxExits = 256
+
+func recordExit(h Handle, err error, st *os.ProcessState) {
+	what := "exit status 0"
+	switch {
+	case st != nil:
+		what = st.String()
+		if ws, ok := st.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			what = fmt.Sprintf("killed by signal %d (%s)", int(ws.Signal()), unix.SignalName(ws.Signal()))
+		}
+	case err != nil:
+		what = err.Error()
+	}
+	exits.Lock()
+	defer exits.Unlock()
+	if len(exits.m) >= maxExits {
+		clear(exits.m)
+	}
+	exits.m[exitKey{h.PID, h.PIDStart}] = what
+}
+
+// ExitStatus says how the monitor process of h ended ("exit status 1",
+// "killed by signal 9 (SIGKILL)"), when this daemon started and reaped it.
+// It waits up to wait for the reaper, which may lag the pid's disappearance
+// from /proc by a moment. ok is false for a process this daemon did not
+// start (a re-adopted monitor, whose parent is init).
+func ExitStatus(h Handle, wait time.Duration) (status string, ok bool) {
+	deadline := time.Now().Add(wait)
+	for {
+		exits.Lock()
+		status, ok = exits.m[exitKey{h.PID, h.PIDStart}]
+		if ok {
+			delete(exits.m, exitKey{h.PID, h.PIDStart})
+		}
+		exits.Unlock()
+		if ok || time.Now().After(deadline) {
+			return status, ok
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // Identify reads what identifies a running process: its start time, the
