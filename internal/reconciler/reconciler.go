@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -40,12 +41,19 @@ type Reconciler struct {
 }
 
 // bootIDOverride lets tests simulate a host reboot: the restarted daemon
-// believes the boot id is this value (BANGER_TEST_BOOT_ID).
-var bootIDOverride = os.Getenv("BANGER_TEST_BOOT_ID")
+// believes the boot id is this value (BANGER_TEST_BOOT_ID). It is atomic:
+// a test sets it while goroutines of an earlier test's daemon may read it.
+var bootIDOverride atomic.Pointer[string]
+
+func init() {
+	if id := os.Getenv("BANGER_TEST_BOOT_ID"); id != "" {
+		bootIDOverride.Store(&id)
+	}
+}
 
 func currentBootID() string {
-	if bootIDOverride != "" {
-		return bootIDOverride
+	if id := bootIDOverride.Load(); id != nil && *id != "" {
+		return *id
 	}
 	id, _ := vmm.BootID()
 	return id

@@ -548,9 +548,9 @@ func TestReconcileAfterReboot(t *testing.T) {
 		r.handles(id, handlesJSON(t, id, vm.Runtime))
 		vms = append(vms, vm)
 	}
-	old := bootIDOverride
-	bootIDOverride = "00000000-0000-4000-8000-000000000000"
-	t.Cleanup(func() { bootIDOverride = old })
+	rebooted := "00000000-0000-4000-8000-000000000000"
+	old := bootIDOverride.Swap(&rebooted)
+	t.Cleanup(func() { bootIDOverride.Store(old) })
 	d := r.start()
 	for _, vm := range vms {
 		got := r.get(d, vm.ID)

@@ -108,28 +108,29 @@ func StartDetachedOutput(cmd *exec.Cmd, out *os.File) (*Process, error) {
 		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
 	p := &Process{cmd: cmd, done: make(chan struct{})}
-	identified := make(chan struct{})
+	// The reaper gets the identity through a channel, not from p.Handle,
+	// which the caller may still change (Reidentify) while the process runs.
+	identified := make(chan Handle, 1)
 	go func() {
 		err := cmd.Wait()
 		p.mu.Lock()
 		p.err = err
 		p.mu.Unlock()
-		<-identified
-		if p.Handle.PID != 0 {
-			recordExit(p.Handle, err, cmd.ProcessState)
+		if h := <-identified; h.PID != 0 {
+			recordExit(h, err, cmd.ProcessState)
 		}
 		close(p.done)
 	}()
 	// exec has succeeded when Start returns, so /proc shows the new program.
 	h, err := Identify(cmd.Process.Pid)
 	if err != nil {
-		close(identified)
+		identified <- Handle{}
 		_ = cmd.Process.Kill()
 		<-p.done
 		return nil, fmt.Errorf("identify started process %d: %w", cmd.Process.Pid, err)
 	}
 	p.Handle = h
-	close(identified)
+	identified <- h
 	return p, nil
 }
 
