@@ -3,9 +3,10 @@
 //
 // Machine: with hardware KVM, q35 with -accel kvm; otherwise pc with TCG and
 // virtio-pci devices (microvm under TCG can hang at TSC calibration, see
-// shared/MACHINE.md), and acpi=noirq added to the kernel command line
-// (PCI interrupt routing from SeaBIOS's $PIR table: evaluating the ACPI
-// interrupt links cost the emulated guest 130-300 ms per PCI slot). Devices: a virtio-blk-pci disk (-blockdev, so a path
+// shared/MACHINE.md), and, for a one-vCPU guest, acpi=noirq added to the
+// kernel command line (PCI interrupt routing from SeaBIOS's $PIR table:
+// evaluating the ACPI interrupt links cost the emulated guest 130-300 ms
+// per PCI slot; with more vCPUs it would cost SMP, see tcgKernelArgs). Devices: a virtio-blk-pci disk (-blockdev, so a path
 // is never parsed as a protocol), virtio-net-pci on the tap, virtio-rng-pci
 // (entropy from the host, so the guest never waits on its pool), and the agent
 // channel: vhost-vsock-pci when /dev/vhost-vsock exists, else a
@@ -279,7 +280,9 @@ func buildArgs(spec vmm.Spec, caps vmm.Caps) (plan, error) {
 		a = append(a, "-machine", "q35", "-accel", "kvm", "-cpu", "host")
 	case "tcg":
 		a = append(a, "-machine", "pc", "-accel", "tcg")
-		cmdline = withTCGKernelArgs(cmdline)
+		if spec.CPUs <= 1 {
+			cmdline = withTCGKernelArgs(cmdline)
+		}
 	}
 	// QEMU opens no host path itself: every file, socket and device is a
 	// descriptor the daemon opened (so an unprivileged QEMU needs no access
@@ -353,6 +356,12 @@ func buildArgs(spec vmm.Spec, caps vmm.Caps) (plan, error) {
 // links: under TCG enabling each link (one per PCI slot in use, four with
 // the disk, NIC, agent port and rng) took 130-300 ms of the initramfs's
 // module loading, and virtio uses MSI-X anyway.
+//
+// It is for one vCPU only: with acpi=noirq the kernel registers no IO-APIC
+// from the MADT, and Debian's kernel has no MP-table parser to fall back
+// on, so it finds no SMP configuration and boots on one CPU whatever -smp
+// says. A two-vCPU systemd guest then ran its userspace about 2x slower
+// (14.9 s against 7.2 s to the sshd banner).
 var tcgKernelArgs = []string{"acpi=noirq"}
 
 // withTCGKernelArgs adds to cmdline each of tcgKernelArgs whose key it

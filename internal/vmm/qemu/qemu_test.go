@@ -51,7 +51,7 @@ func TestBuildArgs(t *testing.T) {
 				{"-machine", "pc", "-accel", "tcg"}, {"-smp", "2"}, {"-m", "512M"}, {"-no-reboot"},
 				{"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"},
 				{"-object", "secret,id=banger-runtime,data=/run/banger/vms/x/qmp.sock"},
-				{"-kernel", "/proc/self/fd/3"}, {"-initrd", "/proc/self/fd/4"}, {"-append", "console=ttyS0 root=/dev/vda acpi=noirq"}, {"-device", "virtio-rng-pci"},
+				{"-kernel", "/proc/self/fd/3"}, {"-initrd", "/proc/self/fd/4"}, {"-append", "console=ttyS0 root=/dev/vda"}, {"-device", "virtio-rng-pci"},
 				{"-chardev", "socket,id=console,server=on,wait=off,fd=5"}, {"-serial", "chardev:console"},
 				{"-chardev", "socket,id=qmp,server=on,wait=off,fd=6"},
 				{"-device", "virtio-serial-pci"},
@@ -99,6 +99,13 @@ func TestBuildArgs(t *testing.T) {
 			caps:   vmm.Caps{KVM: true},
 			want:   [][]string{{"-machine", "pc", "-accel", "tcg"}},
 			// /dev/null is a character device, so it is opened as a file.
+			transport: vmm.TransportVirtioSerial,
+		},
+		{
+			// acpi=noirq only for one vCPU: with more it costs SMP.
+			name:      "tcg, one vCPU",
+			mutate:    func(s *vmm.Spec) { s.CPUs = 1 },
+			want:      [][]string{{"-smp", "1"}, {"-append", "console=ttyS0 root=/dev/vda acpi=noirq"}},
 			transport: vmm.TransportVirtioSerial,
 		},
 		{

@@ -8,6 +8,7 @@ package anyimage
 import (
 	"context"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -168,6 +169,11 @@ func TestE2EAnyImage(t *testing.T) {
 		}
 		if out := d.MustCLI(ctx, "ssh", "sb", "--", "cat", "/run/banger/init"); strings.TrimSpace(out) != "banger" {
 			t.Errorf("ssh into the image's sshd: %q", out)
+		}
+		// Every vCPU comes up: the TCG machine's kernel arguments must not
+		// cost SMP (acpi=noirq did, on Debian's kernel).
+		if out := d.MustCLI(ctx, "ssh", "sb", "--", "nproc"); strings.TrimSpace(out) != strconv.Itoa(vm.CPUs) || vm.CPUs < 2 {
+			t.Errorf("the guest sees %q CPUs, the VM has %d (want at least 2 and all of them)", strings.TrimSpace(out), vm.CPUs)
 		}
 		stopClean(ctx, t, d, vm)
 	})
