@@ -76,10 +76,23 @@ func (m *muxConn) Read(p []byte) (int, error)  { return m.r.Read(p) }
 func (m *muxConn) Write(p []byte) (int, error) { return m.w.Write(p) }
 func (m *muxConn) Close() error                { return m.close() }
 
-func newMuxConn(rw io.ReadWriter, buffered []byte, closeFn func() error) *muxConn {
-	// yamux reads through a 4 KiB buffer; a larger one here means fewer
-	// reads of the device (each one costly in a TCG guest).
-	var r io.Reader = bufio.NewReaderSize(rw, 256<<10)
+// muxReadBuffer is the read buffer under yamux's own 4 KiB one on a
+// connection whose reads return what has arrived (a socket): fewer reads
+// for small frames.
+const muxReadBuffer = 256 << 10
+
+// newMuxConn wraps rw for yamux, reading through a buffer of readBuf
+// bytes (0: none). A virtio-serial port gets none: a read of the port
+// returns at most one 4 KiB receive buffer of the guest's driver, so a
+// larger buffer saves no read and costs a copy of every byte (a third of
+// the guest agent's copying for a mount's reads under TCG). yamux's own
+// buffer holds frame headers; frame bodies are read straight into the
+// stream's buffer.
+func newMuxConn(rw io.ReadWriter, buffered []byte, closeFn func() error, readBuf int) *muxConn {
+	var r io.Reader = rw
+	if readBuf > 0 {
+		r = bufio.NewReaderSize(rw, readBuf)
+	}
 	if len(buffered) > 0 {
 		r = io.MultiReader(bytes.NewReader(buffered), r)
 	}
@@ -119,8 +132,8 @@ func withBuffered(c net.Conn, fr *frameReader) net.Conn {
 // connection fails, or ctx is done. Every stream is served by its own
 // goroutine; serveMux returns once all of them have ended (their processes
 // killed), so that nothing started by this session outlives it.
-func (s *Server) serveMux(ctx context.Context, rw io.ReadWriter, buffered []byte, closeFn func() error) error {
-	sess, err := yamux.Server(newMuxConn(rw, buffered, closeFn), muxConfig(s.Log))
+func (s *Server) serveMux(ctx context.Context, rw io.ReadWriter, buffered []byte, closeFn func() error, readBuf int) error {
+	sess, err := yamux.Server(newMuxConn(rw, buffered, closeFn, readBuf), muxConfig(s.Log))
 	if err != nil {
 		return fmt.Errorf("start mux session: %w", err)
 	}
@@ -203,7 +216,7 @@ func (c *Client) mux(ctx context.Context) (*yamux.Session, error) {
 	if err := c.conn.SetDeadline(time.Time{}); err != nil && !errors.Is(err, os.ErrNoDeadline) {
 		return nil, fmt.Errorf("clear deadline: %w", err)
 	}
-	sess, err := yamux.Client(newMuxConn(c.conn, c.fc.fr.takeBuffered(), c.conn.Close), muxConfig(nil))
+	sess, err := yamux.Client(newMuxConn(c.conn, c.fc.fr.takeBuffered(), c.conn.Close, muxReadBuffer), muxConfig(nil))
 	if err != nil {
 		return nil, fmt.Errorf("start mux session: %w", err)
 	}

@@ -163,7 +163,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 			if err := c.SetDeadline(time.Time{}); err != nil && !errors.Is(err, os.ErrNoDeadline) {
 				return fmt.Errorf("clear deadline: %w", err)
 			}
-			return s.serveMux(ctx, c, fc.fr.takeBuffered(), c.Close)
+			return s.serveMux(ctx, c, fc.fr.takeBuffered(), c.Close, muxReadBuffer)
 		}
 	}
 }
@@ -227,7 +227,7 @@ func (s *Server) serveSerialMux(ctx context.Context, rw io.ReadWriter, fc *frame
 	if d, ok := rw.(writeDeadliner); ok {
 		_ = d.SetWriteDeadline(time.Time{})
 	}
-	if err := s.serveMux(ctx, rw, fc.fr.takeBuffered(), wake); err != nil {
+	if err := s.serveMux(ctx, rw, fc.fr.takeBuffered(), wake, 0); err != nil {
 		s.logf("serial mux session: %v", err)
 	}
 	s.logf("serial mux session ended")
