@@ -78,7 +78,7 @@ func mountFUSE(dir string, opts GuestOptions) (*pendingMount, error) {
 		DirectMountStrict: true,
 		AllowOther:        true, // every guest user sees the folder; the kernel checks modes
 		MaxWrite:          1 << 20,
-		MaxReadAhead:      1 << 20,
+		MaxReadAhead:      readAheadKB << 10,
 		DisableXAttrs:     true,
 		Options:           []string{"default_permissions"},
 	}
@@ -96,6 +96,9 @@ func mountFUSE(dir string, opts GuestOptions) (*pendingMount, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
+	// A kernel without the sysfs entry keeps its default read-ahead: the
+	// mount works, only slower.
+	_ = setReadAhead("/", dir)
 	return &pendingMount{srv: srv, root: root, dir: dir}, nil
 }
 

@@ -1,0 +1,74 @@
+package mounts
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// readAheadKB is the guest kernel's read-ahead for a mount, in KiB. A FUSE
+// mount's backing device starts at the kernel's default of 128 KiB, so a
+// sequential read reaches the agent as one 128 KiB FUSE request at a time,
+// each a trip through /dev/fuse and the agent. At the 1 MiB that the mount
+// offers (MaxReadAhead below, and 1 MiB requests by MaxWrite)
+// the kernel asks for 1 MiB at a time, ahead of the reader: measured under
+// TCG, 64 MiB read 20% faster with 20-30% less guest CPU per byte.
+const readAheadKB = 1024
+
+// setReadAhead sets the read-ahead of the FUSE mount at dir (the latest
+// mount there) to readAheadKB through its backing device's sysfs entry. It
+// finds the device in /proc/self/mountinfo, so it never touches the mount
+// itself (at boot nothing serves it yet, and a stat would wait).
+func setReadAhead(root, dir string) error {
+	mi, err := os.ReadFile(filepath.Join(root, "proc/self/mountinfo"))
+	if err != nil {
+		return fmt.Errorf("read-ahead of %s: %w", dir, err)
+	}
+	dev := mountDevice(mi, dir)
+	if dev == "" {
+		return fmt.Errorf("read-ahead of %s: not in mountinfo", dir)
+	}
+	p := filepath.Join(root, "sys/class/bdi", dev, "read_ahead_kb")
+	if err := os.WriteFile(p, []byte(strconv.Itoa(readAheadKB)), 0); err != nil {
+		return fmt.Errorf("read-ahead of %s: %w", dir, err)
+	}
+	return nil
+}
+
+// mountDevice returns the MAJOR:MINOR of the last mount at dir in a
+// mountinfo listing, or "".
+func mountDevice(mountinfo []byte, dir string) string {
+	dev := ""
+	sc := bufio.NewScanner(bytes.NewReader(mountinfo))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) >= 5 && unescapeMountinfo(f[4]) == filepath.Clean(dir) {
+			dev = f[2]
+		}
+	}
+	return dev
+}
+
+// unescapeMountinfo undoes the kernel's octal escapes (\040 for a space,
+// \011, \012, \134) in a mountinfo path.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
