@@ -218,6 +218,13 @@ func (m *Manager) Teardown(ctx context.Context, d Disk) error {
 			errs = append(errs, m.removeFile(f))
 		}
 	}
+	if d.COWPath != "" && (d.Driver == DriverCopy || d.Driver == DriverReflink) {
+		// The marker goes after the disk: a disk file left behind stays
+		// marked unflushed.
+		if _, err := os.Stat(d.COWPath); errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, m.removeFile(d.COWPath+UnflushedSuffix))
+		}
+	}
 	return errors.Join(errs...)
 }
 

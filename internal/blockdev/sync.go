@@ -28,8 +28,9 @@ const UnsyncedSuffix = ".unsynced"
 type Syncer struct {
 	Log *slog.Logger // nil means slog.Default()
 
-	mu   sync.Mutex
-	jobs map[string]*syncJob // by the final disk path
+	mu      sync.Mutex
+	jobs    map[string]*syncJob // promotions of <disk>.unsynced, by the final disk path
+	flushes map[string]*syncJob // in-place flushes (Flush), by disk path
 }
 
 type syncJob struct {
@@ -149,21 +150,23 @@ func (s *Syncer) Wait(ctx context.Context, disk string, tick func(elapsed time.D
 
 // Cancel stops a flush of disk from promoting its copy: once Cancel returns
 // the copy has either been renamed to disk already or never will be, so
-// the caller can remove or replace disk. The fsync itself runs on; it
+// the caller can remove or replace disk. An in-place flush (Flush) is
+// likewise kept from removing the disk's marker. The fsync itself runs on; it
 // does not wait for that.
 func (s *Syncer) Cancel(disk string) {
 	if s == nil {
 		return
 	}
 	s.mu.Lock()
-	j := s.jobs[disk]
+	jobs := []*syncJob{s.jobs[disk], s.flushes[disk]}
 	s.mu.Unlock()
-	if j == nil {
-		return
+	for _, j := range jobs {
+		if j != nil {
+			j.mu.Lock()
+			j.canceled = true
+			j.mu.Unlock()
+		}
 	}
-	j.mu.Lock()
-	j.canceled = true
-	j.mu.Unlock()
 }
 
 // WaitAll waits for every flush under way, until ctx ends (daemon
@@ -173,13 +176,21 @@ func (s *Syncer) WaitAll(ctx context.Context) error {
 		return nil
 	}
 	s.mu.Lock()
-	var disks []string
+	var disks, flushes []string
 	for d := range s.jobs {
 		disks = append(disks, d)
+	}
+	for d := range s.flushes {
+		flushes = append(flushes, d)
 	}
 	s.mu.Unlock()
 	for _, d := range disks {
 		if err := s.Wait(ctx, d, nil); err != nil {
+			return err
+		}
+	}
+	for _, d := range flushes {
+		if err := s.Flushing(ctx, d); err != nil {
 			return err
 		}
 	}

@@ -270,7 +270,7 @@ func (s *Service) makeDisk(ctx context.Context, vm model.VM, img model.Image, re
 
 // copyDisk makes the new VM's disk a copy of the disk file src (see
 // WithDiskFrom), recorded first: the copy is written beside it and renamed
-// into place when whole and synced, so a disk file that exists is whole.
+// into place when whole, unflushed, under a marker (copyDiskUnflushed).
 func (s *Service) copyDisk(ctx context.Context, vm model.VM, src string, report progress.Func) (model.VM, error) {
 	report.Report(progress.Event{Phase: "disk", Item: vm.Name, Message: "copying " + filepath.Base(filepath.Dir(src)) + "'s disk"})
 	dir := s.VMDir(vm.ID)
@@ -282,16 +282,8 @@ func (s *Service) copyDisk(ctx context.Context, vm model.VM, src string, report 
 	if _, err := s.store.UpdateVM(vm.ID, func(v *model.VM) error { v.Runtime.Phase, v.Runtime.Disk = "disk:creating", dk; return nil }); err != nil {
 		return vm, err
 	}
-	tmp := dst + ".partial" // removed with the VM dir if the daemon dies here
-	how, err := snapshot.CopyDisk(ctx, src, tmp)
-	if err == nil {
-		err = os.Rename(tmp, dst)
-	}
-	if err == nil {
-		err = syncDir(dir)
-	}
+	how, err := s.copyDiskUnflushed(ctx, src, dst)
 	if err != nil {
-		_ = os.Remove(tmp)
 		return vm, fmt.Errorf("copy the disk of VM %q: %w", vm.Name, err)
 	}
 	failpoint.Reach("clone:disk")
@@ -308,14 +300,40 @@ func (s *Service) copyDisk(ctx context.Context, vm model.VM, src string, report 
 	return vm, err
 }
 
-// syncDir makes a rename in dir durable.
-func syncDir(dir string) error {
-	f, err := os.Open(dir) //nolint:gosec // the VM's dir under the state dir
-	if err != nil {
-		return err
+// copyDiskUnflushed makes dst a copy of the disk file src without waiting
+// for the copy's flush, which runs in the background: the marker
+// (blockdev.MarkUnflushed, with this boot's id) is made durable first, the
+// copy is written beside dst (dst.partial, removed on failure or by
+// start-up recovery) and renamed over it. Should the daemon die before the
+// flush, start-up reconcile flushes the disk if the host did not go down
+// with it, and removes it if it did (blockdev.ReconcileUnflushed). It says
+// how the copy was made.
+func (s *Service) copyDiskUnflushed(ctx context.Context, src, dst string) (string, error) {
+	// A flush of an earlier copy at dst would remove the new one's marker.
+	if err := s.syncs.Flushing(ctx, dst); err != nil {
+		return "", err
 	}
-	defer f.Close()
-	return f.Sync()
+	boot, err := vmm.BootID()
+	if err != nil {
+		return "", err
+	}
+	if err := blockdev.MarkUnflushed(dst, boot); err != nil {
+		return "", err
+	}
+	tmp := dst + ".partial"
+	_ = os.Remove(tmp)
+	how, err := snapshot.CopyDiskUnflushed(ctx, src, tmp)
+	if err == nil {
+		err = os.Rename(tmp, dst)
+	}
+	if err != nil {
+		// dst is as it was: whole and flushed, or absent.
+		_ = os.Remove(tmp)
+		_ = os.Remove(dst + blockdev.UnflushedSuffix)
+		return "", err
+	}
+	s.syncs.Flush(dst)
+	return how, nil
 }
 
 // Delete removes a VM: its devices, disk, runtime dir, console log, record

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -196,7 +195,8 @@ type restoreRun struct {
 }
 
 // disk replaces the VM's disk with a copy of the snapshot's, recorded
-// first: the copy is made beside it and renamed over it when whole.
+// first: the copy is made beside it and renamed over it when whole; its
+// flush runs in the background (copyDiskUnflushed).
 func (r *restoreRun) disk(s *Service) startStep {
 	return func(ctx context.Context, run *startRun, report progress.Func) error {
 		vm := run.vm
@@ -207,15 +207,9 @@ func (r *restoreRun) disk(s *Service) startStep {
 			return err
 		}
 		s.cancelDiskFlush(vm.ID) // a clone's fresh copy must not land over the restored disk
-		tmp := dst + ".partial"  // start-up recovery removes a leftover
-		_ = os.Remove(tmp)
 		began := time.Now()
-		how, err := snapshot.CopyDisk(ctx, filepath.Join(s.snaps.Path(r.snap), snapshot.DiskFileName), tmp)
-		if err == nil {
-			err = os.Rename(tmp, dst)
-		}
+		how, err := s.copyDiskUnflushed(ctx, filepath.Join(s.snaps.Path(r.snap), snapshot.DiskFileName), dst)
 		if err != nil {
-			_ = os.Remove(tmp)
 			return fmt.Errorf("restore disk from snapshot %q: %w", r.snap.Name, err)
 		}
 		if err := run.record(s.setRuntime(vm.ID, func(rt *model.Runtime) { rt.Phase = "disk:ready" })); err != nil {

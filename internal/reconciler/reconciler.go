@@ -420,6 +420,38 @@ func (r *Reconciler) orphanLoops(ctx context.Context, inUse map[string]bool) []e
 	return errs
 }
 
+// reconcileUnflushed applies the start-up rule to the disks in the VM dir
+// dir that were written in place and whose flush the dead daemon had not
+// finished (a disk restored from a snapshot, marked <disk>.unflushed): a
+// disk written in this boot is whole in the page cache and is flushed now
+// (a restored VM may still run on it); one written before the host went
+// down is removed, and the VM says why (its next start copies the image
+// again).
+func (r *Reconciler) reconcileUnflushed(vm model.VM, dir string) {
+	markers, _ := filepath.Glob(filepath.Join(dir, "*"+blockdev.UnflushedSuffix))
+	for _, m := range markers {
+		out, err := blockdev.ReconcileUnflushed(m, currentBootID())
+		switch {
+		case err != nil:
+			r.Log.Warn("cannot settle a disk written without a flush", "marker", m, "err", err)
+		case out == blockdev.UnflushedFlushed:
+			r.Log.Info("flushed a disk the dead daemon had not flushed yet", "vm", vm.Name, "disk", strings.TrimSuffix(m, blockdev.UnflushedSuffix))
+		default:
+			reason := "the host went down before the disk restored from a snapshot was flushed: the disk was removed; " +
+				"the next start copies the image again (or vm start --from-snapshot)"
+			r.Log.Warn("removed a disk written without a flush before the host went down", "vm", vm.Name, "disk", strings.TrimSuffix(m, blockdev.UnflushedSuffix))
+			if _, err := r.Store.UpdateVM(vm.ID, func(v *model.VM) error {
+				if v.State != model.VMRunning && v.State != model.VMStarting {
+					v.Reason = reason
+				}
+				return nil
+			}); err != nil {
+				r.Log.Warn("record the removed disk", "vm", vm.Name, "err", err)
+			}
+		}
+	}
+}
+
 // removeOrphanDirs removes the runtime dirs and VM dirs of unknown VMs,
 // and the half-copied disks of interrupted starts and the unflushed
 // copies of interrupted creates in known VMs' dirs.
@@ -446,6 +478,7 @@ func (r *Reconciler) removeOrphanDirs(known map[string]model.VM) {
 						r.Log.Info("removed half-copied disk of an interrupted start", "file", f)
 					}
 				}
+				r.reconcileUnflushed(known[e.Name()], p)
 				unsynced, _ := filepath.Glob(filepath.Join(p, "*"+blockdev.UnsyncedSuffix))
 				for _, f := range unsynced {
 					if err := os.Remove(f); err == nil {

@@ -28,6 +28,17 @@ const CopiedByReflink = "reflink"
 // removed. dm-snapshot is not used: it needs device-mapper, which a host
 // may lack, and a snapshot's disk must outlive the VM's devices.
 func CopyDisk(ctx context.Context, src, dst string) (how string, err error) {
+	return copyDisk(ctx, src, dst, true)
+}
+
+// CopyDiskUnflushed is CopyDisk without the flush of dst: the copy is
+// whole in the page cache only. The caller marks it first
+// (blockdev.MarkUnflushed) and flushes it later (blockdev.Syncer.Flush).
+func CopyDiskUnflushed(ctx context.Context, src, dst string) (how string, err error) {
+	return copyDisk(ctx, src, dst, false)
+}
+
+func copyDisk(ctx context.Context, src, dst string, flush bool) (how string, err error) {
 	if src == "" {
 		return "", errNoDisk
 	}
@@ -54,6 +65,9 @@ func CopyDisk(ctx context.Context, src, dst string) (how string, err error) {
 		if err := blockdev.SparseCopy(ctx, out, in); err != nil {
 			return "", fmt.Errorf("copy disk %s to %s: %w", src, dst, err)
 		}
+	}
+	if !flush {
+		return how, nil
 	}
 	if err := out.Sync(); err != nil {
 		return "", fmt.Errorf("copy disk: sync %s: %w", dst, err)

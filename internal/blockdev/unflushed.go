@@ -1,0 +1,158 @@
+package blockdev
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// UnflushedSuffix names the marker beside a disk file that was written in
+// place without a flush (a disk restored from a snapshot): <disk>.unflushed.
+// It holds the boot id of the host that wrote the disk and exists, durably,
+// before the disk's first unflushed byte. While it exists the disk is whole
+// only as long as that boot's page cache lives: in the same boot (the daemon
+// died, the host did not) the disk is whole and only needs its flush; after
+// a host crash it holds whatever reached the disk and must not be used
+// (ReconcileUnflushed).
+const UnflushedSuffix = ".unflushed"
+
+// MarkUnflushed records, before disk is written, that it is about to hold
+// data not yet flushed, written in the boot bootID: the marker is written and
+// its directory synced. The caller then writes disk without a flush and
+// starts its flush with Syncer.Flush.
+func MarkUnflushed(disk, bootID string) error {
+	if bootID == "" {
+		return fmt.Errorf("mark %s unflushed: no boot id", disk)
+	}
+	marker := disk + UnflushedSuffix
+	if err := os.WriteFile(marker, []byte(bootID+"\n"), 0o600); err != nil {
+		return fmt.Errorf("mark %s unflushed: %w", disk, err)
+	}
+	// A marker that lost its contents in a crash reads as another boot's:
+	// the disk is then thrown away, which is safe.
+	if err := fsyncPath(filepath.Dir(disk)); err != nil {
+		_ = os.Remove(marker)
+		return fmt.Errorf("mark %s unflushed: sync dir: %w", disk, err)
+	}
+	return nil
+}
+
+// Flush flushes disk, written in place under MarkUnflushed, in the
+// background and then removes its marker. Flushing waits for it; Cancel
+// (the disk is being removed) keeps it from touching the marker.
+func (s *Syncer) Flush(disk string) {
+	j := &syncJob{done: make(chan struct{}), began: time.Now()}
+	s.mu.Lock()
+	if s.flushes == nil {
+		s.flushes = map[string]*syncJob{}
+	}
+	s.flushes[disk] = j
+	s.mu.Unlock()
+	go func() {
+		err := flushInPlace(j, disk)
+		s.mu.Lock()
+		if s.flushes[disk] == j {
+			delete(s.flushes, disk)
+		}
+		s.mu.Unlock()
+		close(j.done)
+		took := time.Since(j.began).Round(time.Millisecond)
+		switch {
+		case err == nil:
+			s.log().Info("disk flushed in place", "disk", disk, "took", took)
+		case errors.Is(err, errSyncCanceled):
+			s.log().Info("disk flush abandoned: the disk was removed", "disk", disk)
+		default:
+			// The marker stays: the next start-up treats the disk as
+			// the rule for its boot says.
+			s.log().Warn("disk flush failed; the disk stays marked unflushed", "disk", disk, "err", err)
+		}
+	}()
+}
+
+func flushInPlace(j *syncJob, disk string) error {
+	err := fsyncPath(disk)
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err == nil && j.canceled {
+		err = errSyncCanceled
+	}
+	if err != nil {
+		return err
+	}
+	// The disk's data and name (its rename into place came before the
+	// flush) are durable; the marker can go.
+	if err := fsyncPath(filepath.Dir(disk)); err != nil {
+		return err
+	}
+	if err := os.Remove(disk + UnflushedSuffix); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// Flushing waits until no in-place flush of disk (Flush) is under way.
+func (s *Syncer) Flushing(ctx context.Context, disk string) error {
+	if s == nil {
+		return nil
+	}
+	s.mu.Lock()
+	j := s.flushes[disk]
+	s.mu.Unlock()
+	if j == nil {
+		return nil
+	}
+	select {
+	case <-j.done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("wait for the flush of %s: %w", disk, ctx.Err())
+	}
+}
+
+// UnflushedOutcome is what ReconcileUnflushed did with a marked disk.
+type UnflushedOutcome int
+
+const (
+	// UnflushedFlushed: written in this boot, the disk was whole; it is
+	// flushed now and the marker removed.
+	UnflushedFlushed UnflushedOutcome = iota
+	// UnflushedRemoved: written in another boot (the host went down
+	// before the flush), the disk was removed with its marker.
+	UnflushedRemoved
+)
+
+// ReconcileUnflushed applies the start-up rule to the disk of the marker
+// path (<disk>.unflushed): a disk written in the boot bootID (the current
+// one) is flushed and kept, any other is removed. The caller must know no
+// flush of it is under way (a daemon starting up).
+func ReconcileUnflushed(marker, bootID string) (UnflushedOutcome, error) {
+	disk, ok := strings.CutSuffix(marker, UnflushedSuffix)
+	if !ok {
+		return 0, fmt.Errorf("%s is not an unflushed-disk marker", marker)
+	}
+	b, err := os.ReadFile(marker) //nolint:gosec // a marker in a VM dir
+	if err != nil {
+		return 0, err
+	}
+	if written := strings.TrimSpace(string(b)); written != "" && written == bootID {
+		if err := fsyncPath(disk); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return 0, fmt.Errorf("flush %s: %w", disk, err)
+		}
+		if err := fsyncPath(filepath.Dir(disk)); err != nil {
+			return 0, err
+		}
+		return UnflushedFlushed, os.Remove(marker)
+	}
+	if err := os.Remove(disk); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return 0, fmt.Errorf("remove %s: %w", disk, err)
+	}
+	if err := fsyncPath(filepath.Dir(disk)); err != nil {
+		return 0, err
+	}
+	return UnflushedRemoved, os.Remove(marker)
+}
