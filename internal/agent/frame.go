@@ -137,6 +137,18 @@ func (fr *frameReader) parse() ([]byte, error) {
 			return nil, fmt.Errorf("frame announces %d bytes (max %d): %w", n, MaxFrameSize, ErrFrameTooLarge)
 		}
 		if len(b) < headerSize+int(n) {
+			if fr.resync {
+				if j := laterFrame(b); j > 0 {
+					// A whole frame follows the incomplete one, which
+					// therefore cannot be a frame: a payload is JSON,
+					// which holds no raw byte below 0x20, and a header's
+					// length starts with a zero byte. A half frame left
+					// by an earlier session (a restored guest's) is
+					// dropped at once, not after frameTimeout.
+					fr.skip(j)
+					continue
+				}
+			}
 			return nil, nil
 		}
 		payload := b[headerSize : headerSize+int(n)]
@@ -152,6 +164,27 @@ func (fr *frameReader) parse() ([]byte, error) {
 		fr.pendingAt = time.Time{}
 		return out, nil
 	}
+}
+
+// laterFrame returns the offset of the first whole, valid frame in b after
+// its first byte, or -1 when there is none.
+func laterFrame(b []byte) int {
+	for off := 1; off < len(b); {
+		i := bytes.Index(b[off:], frameMagic[:])
+		if i < 0 {
+			return -1
+		}
+		j := off + i
+		if c := b[j:]; len(c) >= headerSize {
+			n := binary.BigEndian.Uint32(c[4:8])
+			if n <= MaxFrameSize && len(c) >= headerSize+int(n) &&
+				crc32.Checksum(c[headerSize:headerSize+int(n)], crcTable) == binary.BigEndian.Uint32(c[8:12]) {
+				return j
+			}
+		}
+		off = j + 1
+	}
+	return -1
 }
 
 // next returns the next frame payload. idle is the read deadline while no
