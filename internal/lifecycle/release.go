@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/blockdev"
 	"github.com/bangerdev/banger/internal/failpoint"
 	"github.com/bangerdev/banger/internal/model"
@@ -231,7 +232,7 @@ func (s *Service) askShutdown(ctx context.Context, h vmm.Handle, sup *supervisor
 		return sup.Shutdown(ctx)
 	}
 	dctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	c, err := agentDial(h)(dctx)
+	c, err := agentDial(h, agent.ClientOptions{})(dctx)
 	cancel()
 	if err != nil {
 		return "", err

@@ -25,13 +25,15 @@ func (s *Service) Supervise(vm model.VM) *supervisor.Supervisor {
 		panic(fmt.Sprintf("VM %s runs under unknown monitor %q: %v", vm.ID, vm.VMM, err))
 	}
 	hooks := supervisor.Hooks{Exited: s.monitorExited}
+	var opts agent.ClientOptions
 	switch {
 	case vm.State == model.VMStarting && vm.Runtime.Phase == PhaseIdentity:
 		hooks.Boot = s.identityWait // restored from a snapshot (snapshot.go)
+		opts.HelloRetry = restoredHelloRetry
 	case vm.State == model.VMStarting:
 		hooks.Boot = s.bootWait
 	}
-	sup := supervisor.Start(s.bg, vm, mon, vm.Runtime.Monitor, agentDial(vm.Runtime.Monitor), hooks)
+	sup := supervisor.Start(s.bg, vm, mon, vm.Runtime.Monitor, agentDial(vm.Runtime.Monitor, opts), hooks)
 	s.sups.Put(vm.ID, sup)
 	s.publish(vm, sup)
 	s.attachMounts(vm, sup)
@@ -188,9 +190,17 @@ func (s *Service) waitReady(ctx context.Context, vm model.VM, sup *supervisor.Su
 	}
 }
 
+// restoredHelloRetry caps the serial hello's repeat interval for a guest
+// restored from a snapshot: its agent is running already and answers as
+// soon as it has dropped the session it was saved with, so waiting for the
+// next repeat of the boot-time schedule (up to 200 ms) is the longest part
+// of its first session.
+const restoredHelloRetry = 40 * time.Millisecond
+
 // agentDial returns how to reach the agent of the VM monitor h: the
-// connection vmm.AgentConn hands over, with the agent's hello on top.
-func agentDial(h vmm.Handle) agent.DialFunc {
+// connection vmm.AgentConn hands over, with the agent's hello on top; opts
+// tune the client (its Resync comes from the transport).
+func agentDial(h vmm.Handle, opts agent.ClientOptions) agent.DialFunc {
 	return func(ctx context.Context) (*agent.Client, error) {
 		if _, ok := ctx.Deadline(); !ok {
 			var cancel context.CancelFunc
@@ -201,7 +211,8 @@ func agentDial(h vmm.Handle) agent.DialFunc {
 		if err != nil {
 			return nil, err
 		}
-		c, err := agent.NewClient(ctx, conn, agent.ClientOptions{Resync: serial})
+		opts.Resync = serial
+		c, err := agent.NewClient(ctx, conn, opts)
 		if err != nil {
 			_ = conn.Close()
 			return nil, fmt.Errorf("guest agent (%s): %w", h.AgentTransport, err)
