@@ -133,14 +133,22 @@ func withBuffered(c net.Conn, fr *frameReader) net.Conn {
 // goroutine; serveMux returns once all of them have ended (their processes
 // killed), so that nothing started by this session outlives it.
 func (s *Server) serveMux(ctx context.Context, rw io.ReadWriter, buffered []byte, closeFn func() error, readBuf int) error {
+	var streams sync.WaitGroup
+	defer streams.Wait()
+	return s.runMux(ctx, rw, buffered, closeFn, readBuf, &streams)
+}
+
+// runMux is serveMux without the wait for the session's streams: it
+// returns once the session is closed (nothing of it reads or writes rw any
+// more) and adds each stream's goroutine to streams.
+func (s *Server) runMux(ctx context.Context, rw io.ReadWriter, buffered []byte, closeFn func() error, readBuf int, streams *sync.WaitGroup) error {
 	sess, err := yamux.Server(newMuxConn(rw, buffered, closeFn, readBuf), muxConfig(s.Log))
 	if err != nil {
 		return fmt.Errorf("start mux session: %w", err)
 	}
 	stop := context.AfterFunc(ctx, func() { _ = sess.Close() })
 	defer stop()
-	var wg sync.WaitGroup
-	defer wg.Wait()
+	wg := streams
 	defer sess.Close()
 	for {
 		st, err := sess.AcceptStream()

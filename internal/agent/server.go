@@ -216,7 +216,11 @@ func (s *Server) ServeStream(ctx context.Context, rw io.ReadWriter) error {
 
 // serveSerialMux runs a mux session on a serial port until the host
 // disconnects (EOF), the keepalive fails or ctx ends, then leaves the port
-// ready for framed requests again: the next host says hello first.
+// ready for framed requests again: the next host says hello first. It does
+// not wait for the session's streams to wind down (a killed command gets
+// up to 2 s): closed with their session, they no longer touch the port,
+// and the next host (a restored guest's first, whose hello ended the
+// session it was saved with) is answered at once.
 func (s *Server) serveSerialMux(ctx context.Context, rw io.ReadWriter, fc *framedConn) {
 	wake := func() error {
 		if d, ok := rw.(readDeadliner); ok {
@@ -227,7 +231,8 @@ func (s *Server) serveSerialMux(ctx context.Context, rw io.ReadWriter, fc *frame
 	if d, ok := rw.(writeDeadliner); ok {
 		_ = d.SetWriteDeadline(time.Time{})
 	}
-	if err := s.serveMux(ctx, rw, fc.fr.takeBuffered(), wake, 0); err != nil {
+	var streams sync.WaitGroup
+	if err := s.runMux(ctx, rw, fc.fr.takeBuffered(), wake, 0, &streams); err != nil {
 		s.logf("serial mux session: %v", err)
 	}
 	s.logf("serial mux session ended")
