@@ -240,20 +240,11 @@ func (r *restoreRun) monitor(s *Service) startStep {
 			return fmt.Errorf("restore %s from snapshot %q: %w", vm.VMM, r.snap.Name, err)
 		}
 		failpoint.Reach("restore:vmm")
-		if err := run.record(s.confirmMonitor(vm.ID, h, spec)); err != nil {
+		// The monitor and the identity still to apply, in one update.
+		restored := func(v *model.VM) { v.Runtime.Phase, v.RestoredFrom = PhaseIdentity, r.snap.ID }
+		if err := run.record(s.confirmMonitor(vm.ID, h, spec, restored)); err != nil {
 			_, _ = run.mon.Stop(context.WithoutCancel(ctx), h, 0)
 			return fmt.Errorf("record the VM monitor: %w", err)
-		}
-		err = run.record(s.store.UpdateVM(vm.ID, func(v *model.VM) error {
-			v.Runtime.Phase, v.RestoredFrom = PhaseIdentity, r.snap.ID
-			return nil
-		}))
-		if err != nil {
-			_, _ = run.mon.Stop(context.WithoutCancel(ctx), h, 0)
-			return fmt.Errorf("record the restore: %w", err)
-		}
-		if err := s.WriteHandles(run.vm); err != nil {
-			return err
 		}
 		run.log.Info("VM restored from snapshot", "snapshot", r.snap.Name, "pid", h.PID, "load", loaded.Round(time.Millisecond), "overhead", time.Since(run.began).Round(time.Millisecond))
 		report.Report(progress.Event{Phase: "vmm", Item: vm.VMM, Done: true, Message: fmt.Sprintf("pid %d, restored", h.PID)})

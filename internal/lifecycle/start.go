@@ -260,7 +260,7 @@ func (s *Service) launchMonitor(ctx context.Context, run *startRun, report progr
 	// Confirm the monitor in one update: its handle, the start time and
 	// the command line. Until it is stored nothing watches the monitor, so
 	// a failure here stops it before the rest is released.
-	if err := run.record(s.confirmMonitor(vm.ID, h, spec)); err != nil {
+	if err := run.record(s.confirmMonitor(vm.ID, h, spec, nil)); err != nil {
 		_, _ = run.mon.Stop(context.WithoutCancel(ctx), h, 0)
 		return fmt.Errorf("record the VM monitor: %w", err)
 	}
@@ -291,8 +291,10 @@ func (s *Service) monitorSpec(run *startRun) (vmm.Spec, error) {
 
 // confirmMonitor records a started monitor on the VM: its handle in
 // VM.Runtime (and handles.json), the start time and the kernel command
-// line, in one store update.
-func (s *Service) confirmMonitor(id string, h vmm.Handle, spec vmm.Spec) (model.VM, error) {
+// line, in one store update. also, when set, changes the record in the
+// same update (a restore's phase and snapshot: a daemon that dies just
+// after must not find a restored VM recorded as booted).
+func (s *Service) confirmMonitor(id string, h vmm.Handle, spec vmm.Spec, also func(*model.VM)) (model.VM, error) {
 	if err := failpoint.Injected("start:confirm"); err != nil {
 		return model.VM{}, err
 	}
@@ -302,6 +304,9 @@ func (s *Service) confirmMonitor(id string, h vmm.Handle, spec vmm.Spec) (model.
 		}
 		v.Runtime.Phase, v.Runtime.Monitor = "running", h
 		v.StartedAt, v.KernelCmdline = time.Now().UTC(), spec.Cmdline
+		if also != nil {
+			also(v)
+		}
 		return nil
 	})
 	if err != nil {
