@@ -174,6 +174,14 @@ func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
 			return res, err
 		}
 	}
+	// The new host key is made from the reseeded pool while the network
+	// and the names are changed (under emulation the key costs as much as
+	// they do); nothing is written until its step.
+	var keyMade chan newHostKey
+	if id.NewHostKeys {
+		keyMade = make(chan newHostKey, 1)
+		go func() { keyMade <- makeHostKey() }()
+	}
 	if id.MAC != "" || id.Address != "" {
 		oldMAC, _ := net.ParseMAC(id.OldMAC)
 		mac, _ := net.ParseMAC(id.MAC)
@@ -204,7 +212,7 @@ func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
 		}
 	}
 	if id.NewHostKeys {
-		key, err := s.replaceHostKeys()
+		key, err := s.replaceHostKeys(<-keyMade)
 		if err == nil {
 			res.HostKey = key
 			err = sys.reloadSSHD()
@@ -275,33 +283,50 @@ func (s *Server) writeMachineID(id string) error {
 	return nil
 }
 
+// newHostKey is a fresh ed25519 host key: the private key in OpenSSH's PEM
+// form and the public one as an authorized_keys line.
+type newHostKey struct {
+	privPEM []byte
+	line    string
+	err     error
+}
+
+// makeHostKey makes a fresh ed25519 host key from crypto/rand.
+func makeHostKey() newHostKey {
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return newHostKey{err: err}
+	}
+	block, err := ssh.MarshalPrivateKey(priv, "")
+	if err != nil {
+		return newHostKey{err: err}
+	}
+	sshPub, err := ssh.NewPublicKey(pub)
+	if err != nil {
+		return newHostKey{err: err}
+	}
+	return newHostKey{privPEM: pem.EncodeToMemory(block), line: strings.TrimSpace(string(ssh.MarshalAuthorizedKey(sshPub)))}
+}
+
 // replaceHostKeys removes every SSH host key (they are the saved VM's, and
-// its siblings') and writes a fresh ed25519 pair; it returns the public key.
-func (s *Server) replaceHostKeys() (string, error) {
+// its siblings') and writes the fresh ed25519 pair k; it returns the public
+// key.
+func (s *Server) replaceHostKeys(k newHostKey) (string, error) {
+	if k.err != nil {
+		return "", k.err
+	}
 	olds, _ := filepath.Glob(s.path("/etc/ssh/ssh_host_*_key*"))
 	for _, p := range olds {
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return "", err
 		}
 	}
-	pub, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return "", err
-	}
-	block, err := ssh.MarshalPrivateKey(priv, "")
-	if err != nil {
-		return "", err
-	}
-	sshPub, err := ssh.NewPublicKey(pub)
-	if err != nil {
-		return "", err
-	}
-	line := strings.TrimSpace(string(ssh.MarshalAuthorizedKey(sshPub)))
+	line := k.line
 	privPath := strings.TrimSuffix(s.path(guestabi.HostKey), ".pub")
 	if err := os.MkdirAll(filepath.Dir(privPath), 0o755); err != nil {
 		return "", err
 	}
-	if err := replaceFile(privPath, pem.EncodeToMemory(block), 0o600); err != nil {
+	if err := replaceFile(privPath, k.privPEM, 0o600); err != nil {
 		return "", err
 	}
 	if err := replaceFile(s.path(guestabi.HostKey), []byte(line+" root@banger\n"), 0o644); err != nil {
