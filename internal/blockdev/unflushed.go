@@ -13,17 +13,17 @@ import (
 // UnflushedSuffix names the marker beside a disk file that was written in
 // place without a flush (a disk restored from a snapshot): <disk>.unflushed.
 // It holds the boot id of the host that wrote the disk and exists, durably,
-// before the disk's first unflushed byte. While it exists the disk is whole
+// before an unflushed disk is renamed into place. While it exists the disk is whole
 // only as long as that boot's page cache lives: in the same boot (the daemon
 // died, the host did not) the disk is whole and only needs its flush; after
 // a host crash it holds whatever reached the disk and must not be used
 // (ReconcileUnflushed).
 const UnflushedSuffix = ".unflushed"
 
-// MarkUnflushed records, before disk is written, that it is about to hold
-// data not yet flushed, written in the boot bootID: the marker is written and
-// its directory synced. The caller then writes disk without a flush and
-// starts its flush with Syncer.Flush.
+// MarkUnflushed records, before an unflushed copy is renamed to disk, that
+// disk is about to hold data not yet flushed, written in the boot bootID:
+// the marker is written and its directory synced. The caller then renames
+// the copy into place and starts its flush with Syncer.Flush.
 func MarkUnflushed(disk, bootID string) error {
 	if bootID == "" {
 		return fmt.Errorf("mark %s unflushed: no boot id", disk)

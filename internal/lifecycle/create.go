@@ -301,14 +301,14 @@ func (s *Service) copyDisk(ctx context.Context, vm model.VM, src string, report 
 }
 
 // copyDiskUnflushed makes dst a copy of the disk file src without waiting
-// for the copy's flush, which runs in the background: the marker
-// (blockdev.MarkUnflushed, with this boot's id) is made durable first, the
-// copy is written beside dst (dst.partial, removed on failure or by
-// start-up recovery) and renamed over it. Should the daemon die before the
+// for the copy's flush, which runs in the background: the copy is written
+// beside dst (dst.partial, removed on failure or by start-up recovery), the
+// marker (blockdev.MarkUnflushed, with this boot's id) is made durable, and
+// only then is the copy renamed over dst. Should the daemon die before the
 // flush, start-up reconcile flushes the disk if the host did not go down
 // with it, and removes it if it did (blockdev.ReconcileUnflushed). It says
 // how the copy was made.
-func (s *Service) copyDiskUnflushed(ctx context.Context, src, dst string) (string, error) {
+func (s *Service) copyDiskUnflushed(ctx context.Context, src, dst string) (how string, err error) {
 	// A flush of an earlier copy at dst would remove the new one's marker.
 	if err := s.syncs.Flushing(ctx, dst); err != nil {
 		return "", err
@@ -317,18 +317,21 @@ func (s *Service) copyDiskUnflushed(ctx context.Context, src, dst string) (strin
 	if err != nil {
 		return "", err
 	}
+	tmp := dst + ".partial"
+	_ = os.Remove(tmp)
+	defer func() {
+		if err != nil {
+			_ = os.Remove(tmp)
+		}
+	}()
+	if how, err = snapshot.CopyDiskUnflushed(ctx, src, tmp); err != nil {
+		return "", err
+	}
 	if err := blockdev.MarkUnflushed(dst, boot); err != nil {
 		return "", err
 	}
-	tmp := dst + ".partial"
-	_ = os.Remove(tmp)
-	how, err := snapshot.CopyDiskUnflushed(ctx, src, tmp)
-	if err == nil {
-		err = os.Rename(tmp, dst)
-	}
-	if err != nil {
+	if err := os.Rename(tmp, dst); err != nil {
 		// dst is as it was: whole and flushed, or absent.
-		_ = os.Remove(tmp)
 		_ = os.Remove(dst + blockdev.UnflushedSuffix)
 		return "", err
 	}
