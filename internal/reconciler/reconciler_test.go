@@ -625,3 +625,50 @@ func BenchmarkReconcile50(b *testing.B) {
 		b.Fatalf("%d VMs running after reconcile, want 25", running)
 	}
 }
+
+// TestReconcileUnflushedDisks: a disk restored from a snapshot and written
+// without a flush (marked <disk>.unflushed) is flushed and kept at
+// start-up when the marker is this boot's (the daemon died, the host did
+// not), and removed, with the VM saying why, when it is another boot's
+// (the host went down before the flush).
+func TestReconcileUnflushedDisks(t *testing.T) {
+	r := newRig(t)
+	boot := currentBootID()
+	if boot == "" {
+		t.Skip("no boot id on this host (/proc/sys/kernel/random/boot_id)")
+	}
+	mk := func(name, markerBoot string) (model.VM, string) {
+		vm := r.vm(name, model.VMStopped, model.Runtime{}, true)
+		disk := filepath.Join(r.vmDir(vm.ID), blockdev.DiskFileName)
+		if err := os.MkdirAll(filepath.Dir(disk), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(disk, []byte("restored"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(disk+blockdev.UnflushedSuffix, []byte(markerBoot+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return vm, disk
+	}
+	same, sameDisk := mk("same-boot", boot)
+	other, otherDisk := mk("other-boot", "00000000-0000-4000-8000-00000000f1a5")
+	d := r.start()
+	if _, err := os.Stat(sameDisk); err != nil {
+		t.Errorf("the disk marked in this boot is gone after start-up: %v", err)
+	}
+	if _, err := os.Stat(otherDisk); !os.IsNotExist(err) {
+		t.Errorf("the disk marked in another boot is still there (%v); want it removed", err)
+	}
+	for _, p := range []string{sameDisk, otherDisk} {
+		if _, err := os.Stat(p + blockdev.UnflushedSuffix); !os.IsNotExist(err) {
+			t.Errorf("marker %s left after start-up (%v)", p+blockdev.UnflushedSuffix, err)
+		}
+	}
+	if got := r.get(d, same.ID); got.Reason != "" {
+		t.Errorf("%s: reason %q, want none", same.Name, got.Reason)
+	}
+	if got := r.get(d, other.ID); !strings.Contains(got.Reason, "host went down before the disk restored from a snapshot was flushed") {
+		t.Errorf("%s: reason %q, want it to say the disk was lost with the host", other.Name, got.Reason)
+	}
+}
