@@ -152,8 +152,8 @@ func rawMarker(t *testing.T, k model.Kernel, disk string) time.Duration {
 }
 
 // rawSSHBanner boots a copy of the systemd image's ext4 with raw QEMU: the
-// same kernel, initramfs, machine, CPUs and memory as banger's VMs, a
-// restricted slirp network (the guest reaches nothing) with a hostfwd to
+// same kernel, initramfs, machine, CPUs, memory and entropy device
+// (virtio-rng) as banger's VMs, a restricted slirp network (the guest reaches nothing) with a hostfwd to
 // its port 22 on loopback, and returns the time to the sshd banner.
 func rawSSHBanner(t *testing.T, k model.Kernel, rootfs string) time.Duration {
 	t.Helper()
@@ -178,7 +178,11 @@ func rawSSHBanner(t *testing.T, k model.Kernel, rootfs string) time.Duration {
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "null",
 		"-kernel", k.Kernel.Path, "-initrd", k.Initrd.Path, "-append", line,
 		"-blockdev", "driver=raw,node-name=disk0,file.driver=file,file.filename="+disk, "-device", "virtio-blk-pci,drive=disk0",
-		"-netdev", fmt.Sprintf("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:%d-:22", port), "-device", "virtio-net-pci,netdev=n0")
+		"-netdev", fmt.Sprintf("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:%d-:22", port), "-device", "virtio-net-pci,netdev=n0",
+		// banger's VMs have it: without it sshd's host keys wait on the
+		// guest's entropy pool, and the reference would be slow for a
+		// reason banger does not share.
+		"-device", "virtio-rng-pci")
 	start := time.Now()
 	if err := e2etest.Start(cmd); err != nil {
 		t.Fatal(err)
