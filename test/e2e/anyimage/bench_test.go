@@ -28,7 +28,9 @@ import (
 //     minbase images (banger's PID 1), the systemd Debian image, and the
 //     systemd image with --init banger;
 //   - the baseline: raw QEMU, same kernel and initramfs, an ext4 whose
-//     /sbin/init prints a marker, to that marker (the kernels benchmark);
+//     /sbin/init prints a marker, to that marker (the kernels benchmark),
+//     on banger's machine (2 vCPUs, 1 GiB) and on the kernels issue's (1
+//     vCPU, 512 MiB);
 //   - raw QEMU of the systemd image (same kernel, initramfs, machine and
 //     memory; a restricted slirp network with a hostfwd) to its sshd banner.
 //
@@ -73,7 +75,8 @@ func TestBenchAnyImageBoot(t *testing.T) {
 		}
 	}
 	variants := []variant{
-		{"baseline: raw QEMU, initramfs to marker", func(int) time.Duration { return rawMarker(t, k, marker) }},
+		{"baseline: raw QEMU, initramfs to marker", func(int) time.Duration { return rawMarker(t, k, marker, 2, "1024M") }},
+		{"baseline, kernels issue's machine (1 vCPU, 512 MiB)", func(int) time.Duration { return rawMarker(t, k, marker, 1, "512M") }},
 		{"busybox (banger init) ready", vmReady("busybox")},
 		{"scratch (banger init) ready", vmReady("scratch")},
 		{"debian minbase (banger init) ready", vmReady("minbase")},
@@ -94,10 +97,10 @@ func TestBenchAnyImageBoot(t *testing.T) {
 		slices.Sort(s)
 		return s[len(s)/2]
 	}
-	base, banner := med(0), med(len(variants)-1)
+	base, base1, banner := med(0), med(1), med(len(variants)-1)
 	for j, v := range variants {
-		t.Logf("median of %d: %-40s %8s  %.2fx baseline  %.2fx raw sshd banner", rounds, v.name, med(j).Round(10*time.Millisecond),
-			float64(med(j))/float64(base), float64(med(j))/float64(banner))
+		t.Logf("median of %d: %-52s %8s  %.2fx baseline  %.2fx kernels-issue baseline  %.2fx raw sshd banner", rounds, v.name, med(j).Round(10*time.Millisecond),
+			float64(med(j))/float64(base), float64(med(j))/float64(base1), float64(med(j))/float64(banner))
 	}
 }
 
@@ -124,11 +127,15 @@ func markerDisk(t *testing.T) string {
 	return img
 }
 
-// rawMarker boots the marker disk with raw QEMU and returns the time from
-// QEMU's start to the marker on the console.
-func rawMarker(t *testing.T, k model.Kernel, disk string) time.Duration {
+// rawMarker boots the marker disk with raw QEMU (cpus vCPUs, mem of
+// memory, the disk its only device) and returns the time from QEMU's start
+// to the marker on the console. With banger's machine (2 vCPUs, 1 GiB) it
+// is the baseline banger's VMs are held to; with the kernels issue's (1
+// vCPU, 512 MiB, internal/kernels' boot test) it is the 5.4 s that issue
+// measured.
+func rawMarker(t *testing.T, k model.Kernel, disk string, cpus int, mem string) time.Duration {
 	t.Helper()
-	cmd := exec.Command("qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", "1024M", "-smp", "2",
+	cmd := exec.Command("qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", mem, "-smp", strconv.Itoa(cpus),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
 		"-kernel", k.Kernel.Path, "-initrd", k.Initrd.Path, "-append", "console=ttyS0 root=/dev/vda panic=-1 quiet loglevel=4",
 		"-drive", "file="+disk+",if=none,id=d0,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=d0")
