@@ -34,6 +34,7 @@ func TestJailedStartAndRelease(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(short) })
+	clearStaleJails(t)
 	cgv := 1
 	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
 		cgv = 2
@@ -52,6 +53,9 @@ func TestJailedStartAndRelease(t *testing.T) {
 	})
 	id := model.NewID()
 	jail := filepath.Join(short, "jail", "banger-fake-firecracker", id)
+	// Whatever a failure midway left in the jail goes too: the monitor
+	// (its parent is init, it would outlive the test) and its cgroups.
+	t.Cleanup(func() { removeJail(filepath.Join(short, "jail"), jail) })
 	fresh := func() model.VM {
 		t.Helper()
 		for _, dir := range []string{s.RuntimeDir(id), s.VMDir(id)} {
@@ -148,4 +152,50 @@ func TestJailedStartAndRelease(t *testing.T) {
 			}
 		}
 	}
+}
+
+// removeJail kills what runs in the jail dir of base and removes the jail
+// and its cgroups.
+func removeJail(base, dir string) {
+	jailer.KillInside(filepath.Join(dir, "root"))
+	if inv, err := jailer.FromJailDir(base, dir); err == nil {
+		_ = jailer.Remove(inv)
+	}
+}
+
+// clearStaleJails removes the jails a killed run of this test left in
+// /tmp/bjl* (its monitors run on as init's children, in their cgroups).
+func clearStaleJails(t *testing.T) {
+	dirs, _ := filepath.Glob("/tmp/bjl*/jail/banger-fake-firecracker/*")
+	for _, dir := range dirs {
+		if parentAlive(filepath.Join(dir, "root")) {
+			continue // a run of this test going on now
+		}
+		base := filepath.Dir(filepath.Dir(dir))
+		t.Logf("removing the stale jail %s of an earlier run", dir)
+		removeJail(base, dir)
+		_ = os.RemoveAll(filepath.Dir(base))
+	}
+}
+
+// parentAlive reports whether a process in the jail root has a parent
+// other than init: the test that started it still runs.
+func parentAlive(root string) bool {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || !jailer.RootIs(pid, root) {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces and parentheses.
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		if len(f) > 1 && f[1] != "1" {
+			return true
+		}
+	}
+	return false
 }

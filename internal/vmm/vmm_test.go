@@ -99,7 +99,8 @@ func TestProcStatOddComm(t *testing.T) {
 	h := p.Handle
 	alive, err := Alive(h)
 	if err != nil || !alive {
-		t.Fatalf("Alive = %v, %v; want true", alive, err)
+		now, ierr := Identify(h.PID)
+		t.Fatalf("Alive = %v, %v; want true\nstarted as %+v\nnow       %+v (%v)", alive, err, h, now, ierr)
 	}
 	// setsid: the child leads its own session.
 	if sid, err := unix.Getsid(h.PID); err != nil || sid != h.PID {
