@@ -118,11 +118,11 @@ func (s *Syncer) Flushing(ctx context.Context, disk string) error {
 type UnflushedOutcome int
 
 const (
-	// UnflushedFlushed: written in this boot, the disk was whole; it is
-	// flushed now and the marker removed.
+	// UnflushedFlushed means the disk was written in this boot and is
+	// whole: it is flushed now and the marker removed.
 	UnflushedFlushed UnflushedOutcome = iota
-	// UnflushedRemoved: written in another boot (the host went down
-	// before the flush), the disk was removed with its marker.
+	// UnflushedRemoved means the disk was written in another boot (the
+	// host went down before the flush): it was removed with its marker.
 	UnflushedRemoved
 )
 

@@ -32,11 +32,32 @@ func setReadAhead(root, dir string) error {
 	if dev == "" {
 		return fmt.Errorf("read-ahead of %s: not in mountinfo", dir)
 	}
+	if !isDevNumber(dev) {
+		return fmt.Errorf("read-ahead of %s: device %q in mountinfo is not MAJOR:MINOR", dir, dev)
+	}
 	p := filepath.Join(root, "sys/class/bdi", dev, "read_ahead_kb")
-	if err := os.WriteFile(p, []byte(strconv.Itoa(readAheadKB)), 0); err != nil {
+	if err := os.WriteFile(p, []byte(strconv.Itoa(readAheadKB)), 0); err != nil { //nolint:gosec // dev is checked to be MAJOR:MINOR (digits only)
 		return fmt.Errorf("read-ahead of %s: %w", dir, err)
 	}
 	return nil
+}
+
+// isDevNumber reports whether s is MAJOR:MINOR in decimal, so that it can
+// name nothing but a sysfs bdi entry.
+func isDevNumber(s string) bool {
+	maj, minor, ok := strings.Cut(s, ":")
+	digits := func(x string) bool {
+		if x == "" || len(x) > 10 {
+			return false
+		}
+		for _, c := range x {
+			if c < '0' || c > '9' {
+				return false
+			}
+		}
+		return true
+	}
+	return ok && digits(maj) && digits(minor)
 }
 
 // mountDevice returns the MAJOR:MINOR of the last mount at dir in a

@@ -50,3 +50,11 @@ func TestSetReadAhead(t *testing.T) {
 		t.Error("setReadAhead of a folder that is not mounted: no error")
 	}
 }
+
+func TestIsDevNumber(t *testing.T) {
+	for s, want := range map[string]bool{"0:52": true, "259:0": true, "": false, "0:": false, ":1": false, "../../x": false, "0:52/../..": false, "a:b": false} {
+		if got := isDevNumber(s); got != want {
+			t.Errorf("isDevNumber(%q) = %v, want %v", s, got, want)
+		}
+	}
+}
