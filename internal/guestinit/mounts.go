@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/mounts"
 )
 
 // systemMounts are the file systems banger's PID 1 mounts, in order.
@@ -78,38 +80,10 @@ func mountPoints() []string {
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		if fields := strings.Fields(sc.Text()); len(fields) >= 2 {
-			out = append(out, unescapeMount(fields[1]))
+			out = append(out, mounts.UnescapeMountPath(fields[1]))
 		}
 	}
 	return out
-}
-
-// unescapeMount undoes the octal escapes of /proc/self/mounts.
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			var v byte
-			ok := true
-			for _, c := range s[i+1 : i+4] {
-				if c < '0' || c > '7' {
-					ok = false
-					break
-				}
-				v = v*8 + byte(c-'0')
-			}
-			if ok {
-				b.WriteByte(v)
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // unmountAll unmounts everything but the root, innermost first, then

@@ -15,6 +15,8 @@ import (
 
 	"github.com/bangerdev/banger/internal/guestabi"
 	"github.com/bangerdev/banger/internal/testutil"
+
+	"github.com/bangerdev/banger/internal/mounts"
 )
 
 func writeRoot(t *testing.T, root string, files map[string]string) {
@@ -157,8 +159,8 @@ func TestWriteHosts(t *testing.T) {
 
 func TestUnescapeMount(t *testing.T) {
 	for in, want := range map[string]string{`/a\040b`: "/a b", `/plain`: "/plain", `/x\134y`: `/x\y`, `/bad\9`: `/bad\9`} {
-		if got := unescapeMount(in); got != want {
-			t.Errorf("unescapeMount(%q) = %q, want %q", in, got, want)
+		if got := mounts.UnescapeMountPath(in); got != want {
+			t.Errorf("UnescapeMountPath(%q) = %q, want %q", in, got, want)
 		}
 	}
 }

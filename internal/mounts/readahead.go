@@ -67,16 +67,16 @@ func mountDevice(mountinfo []byte, dir string) string {
 	sc := bufio.NewScanner(bytes.NewReader(mountinfo))
 	for sc.Scan() {
 		f := strings.Fields(sc.Text())
-		if len(f) >= 5 && unescapeMountinfo(f[4]) == filepath.Clean(dir) {
+		if len(f) >= 5 && UnescapeMountPath(f[4]) == filepath.Clean(dir) {
 			dev = f[2]
 		}
 	}
 	return dev
 }
 
-// unescapeMountinfo undoes the kernel's octal escapes (\040 for a space,
-// \011, \012, \134) in a mountinfo path.
-func unescapeMountinfo(s string) string {
+// UnescapeMountPath undoes the kernel's octal escapes (\040 for a space,
+// \011, \012, \134) in a path of /proc/self/mountinfo or /proc/self/mounts.
+func UnescapeMountPath(s string) string {
 	if !strings.Contains(s, `\`) {
 		return s
 	}
