@@ -39,16 +39,23 @@ func RunNetwork(args []string) int {
 	if err := upLoopback(); err != nil {
 		return fail("network", err)
 	}
-	iface, err := configureNetwork(c.Network, *wait)
-	if err != nil {
-		return fail("network", err)
-	}
+	// The names first, as banger's PID 1 does: once the address shows, the
+	// hostname and /etc/hosts are already the VM's (the agent reports
+	// both, and a second vCPU runs it alongside).
 	var dns []string
 	for _, a := range c.Network.DNS {
 		dns = append(dns, a.String())
 	}
-	if err := writeNameFiles("/", c.Hostname, dns); err != nil {
-		return fail("names", err)
+	namesErr := writeNameFiles("/", c.Hostname, dns)
+	if namesErr != nil {
+		fail("names", namesErr)
+	}
+	iface, err := configureNetwork(c.Network, *wait)
+	if err != nil {
+		return fail("network", err)
+	}
+	if namesErr != nil {
+		return 1
 	}
 	fmt.Fprintf(os.Stderr, "banger-network: done: %s on %s via %s\n", c.Network.Address, iface, c.Network.Gateway)
 	return 0
