@@ -1,17 +1,14 @@
 package guestinit
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
+	"github.com/bangerdev/banger/internal/mountinfo"
 	"os"
 	"slices"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/bangerdev/banger/internal/mounts"
 )
 
 // systemMounts are the file systems banger's PID 1 mounts, in order.
@@ -63,7 +60,7 @@ func mountSystem() error {
 	return errors.Join(errs...)
 }
 
-// mounted reports whether dir is a mount point, from /proc/self/mounts
+// mounted reports whether dir is a mount point, from /proc/self/mountinfo
 // (false while /proc itself is not mounted).
 func mounted(dir string) bool {
 	return slices.Contains(mountPoints(), dir)
@@ -71,19 +68,11 @@ func mounted(dir string) bool {
 
 // mountPoints lists the mount points in mount order.
 func mountPoints() []string {
-	f, err := os.Open("/proc/self/mounts")
+	ms, err := mountinfo.Read()
 	if err != nil {
 		return nil
 	}
-	defer f.Close()
-	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if fields := strings.Fields(sc.Text()); len(fields) >= 2 {
-			out = append(out, mounts.UnescapeMountPath(fields[1]))
-		}
-	}
-	return out
+	return mountinfo.Points(ms)
 }
 
 // unmountAll unmounts everything but the root, innermost first, then

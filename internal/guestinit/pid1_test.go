@@ -16,7 +16,6 @@ import (
 	"github.com/bangerdev/banger/internal/guestabi"
 	"github.com/bangerdev/banger/internal/testutil"
 
-	"github.com/bangerdev/banger/internal/mounts"
 )
 
 func writeRoot(t *testing.T, root string, files map[string]string) {
@@ -154,14 +153,6 @@ func TestWriteHosts(t *testing.T) {
 	b, _ = os.ReadFile(filepath.Join(root, "etc/resolv.conf"))
 	if err != nil || !st.Mode().IsRegular() || !strings.Contains(string(b), "nameserver 10.0.0.1\nnameserver 9.9.9.9\n") {
 		t.Errorf("resolv.conf: %v %v %q", st.Mode(), err, b)
-	}
-}
-
-func TestUnescapeMount(t *testing.T) {
-	for in, want := range map[string]string{`/a\040b`: "/a b", `/plain`: "/plain", `/x\134y`: `/x\y`, `/bad\9`: `/bad\9`} {
-		if got := mounts.UnescapeMountPath(in); got != want {
-			t.Errorf("UnescapeMountPath(%q) = %q, want %q", in, got, want)
-		}
 	}
 }
 

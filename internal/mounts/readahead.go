@@ -1,9 +1,8 @@
 package mounts
 
 import (
-	"bufio"
-	"bytes"
 	"fmt"
+	"github.com/bangerdev/banger/internal/mountinfo"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -62,34 +61,12 @@ func isDevNumber(s string) bool {
 
 // mountDevice returns the MAJOR:MINOR of the last mount at dir in a
 // mountinfo listing, or "".
-func mountDevice(mountinfo []byte, dir string) string {
+func mountDevice(mi []byte, dir string) string {
 	dev := ""
-	sc := bufio.NewScanner(bytes.NewReader(mountinfo))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) >= 5 && UnescapeMountPath(f[4]) == filepath.Clean(dir) {
-			dev = f[2]
+	for _, m := range mountinfo.Parse(mi) {
+		if m.Point == filepath.Clean(dir) {
+			dev = m.Device
 		}
 	}
 	return dev
-}
-
-// UnescapeMountPath undoes the kernel's octal escapes (\040 for a space,
-// \011, \012, \134) in a path of /proc/self/mountinfo or /proc/self/mounts.
-func UnescapeMountPath(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }

@@ -42,15 +42,6 @@ func TestNetnsNames(t *testing.T) {
 	}
 }
 
-func TestUnescapeMount(t *testing.T) {
-	if got := unescapeMount(`/tmp/a\040b\011c\134d`); got != "/tmp/a b\tc\\d" {
-		t.Errorf("unescapeMount = %q", got)
-	}
-	if got := unescapeMount(`/plain`); got != "/plain" {
-		t.Errorf("unescapeMount(/plain) = %q", got)
-	}
-}
-
 // TestRunAlive: a run is alive only while its owner record names this very
 // process (pid and start time) on this boot.
 func TestRunAlive(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/bangerdev/banger/internal/mountinfo"
 	"io"
 	"io/fs"
 	"os"
@@ -274,9 +275,9 @@ func Remove(inv Invocation) error {
 }
 
 // CgroupMounts lists the mount points of cgroup (v1) or cgroup2 (v2) file
-// systems, from /proc/mounts.
+// systems, from /proc/self/mountinfo.
 func CgroupMounts(version int) ([]string, error) {
-	b, err := os.ReadFile("/proc/mounts")
+	ms, err := mountinfo.Read()
 	if err != nil {
 		return nil, err
 	}
@@ -285,18 +286,12 @@ func CgroupMounts(version int) ([]string, error) {
 		want = "cgroup2"
 	}
 	var out []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 3 && f[2] == want {
-			out = append(out, unescapeMount(f[1]))
+	for _, m := range ms {
+		if m.FSType == want {
+			out = append(out, m.Point)
 		}
 	}
 	return out, nil
-}
-
-func unescapeMount(s string) string {
-	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
-	return r.Replace(s)
 }
 
 // removeCgroups removes <mount>/<parent>/<id> under every cgroup mount of
