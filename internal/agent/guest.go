@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/bangerdev/banger/internal/atomicfile"
 	"io"
 	"io/fs"
 	"net"
@@ -262,7 +263,7 @@ func (s *Server) authorizeKey(line string) (bool, error) {
 	// Not synced: the boot waiter authorizes the key again at every boot,
 	// so a write a guest crash loses (even as an empty file) is made good
 	// at the next start, and the two fsyncs stay off the boot's path.
-	if err := writeFileReplace(file, content, 0o600, false); err != nil {
+	if err := atomicfile.Replace(file, content, 0o600); err != nil {
 		return false, err
 	}
 	return true, nil
@@ -317,58 +318,6 @@ func fixOwnerMode(path string, mode os.FileMode) error {
 		if err := os.Lchown(path, 0, 0); err != nil {
 			return fmt.Errorf("chown %s: %w", path, err)
 		}
-	}
-	return nil
-}
-
-// writeFileAtomic replaces path with content: temp file, fsync, rename,
-// fsync of the directory.
-func writeFileAtomic(path string, content []byte, mode os.FileMode) error {
-	return writeFileReplace(path, content, mode, true)
-}
-
-// writeFileReplace replaces path with content through a temp file and a
-// rename (readers see the old content or the new, never a part); with
-// durable, the file and then its directory are fsynced.
-func writeFileReplace(path string, content []byte, mode os.FileMode, durable bool) (err error) {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer func() {
-		if err != nil {
-			_ = tmp.Close()
-			_ = os.Remove(tmp.Name())
-		}
-	}()
-	if _, err = tmp.Write(content); err != nil {
-		return fmt.Errorf("write %s: %w", tmp.Name(), err)
-	}
-	if err = fixOwnerMode(tmp.Name(), mode); err != nil {
-		return err
-	}
-	if durable {
-		if err = tmp.Sync(); err != nil {
-			return fmt.Errorf("sync %s: %w", tmp.Name(), err)
-		}
-	}
-	if err = tmp.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", tmp.Name(), err)
-	}
-	if err = os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("rename to %s: %w", path, err)
-	}
-	if !durable {
-		return nil
-	}
-	d, err := os.Open(dir) //nolint:gosec // directory of a fixed guest path
-	if err != nil {
-		return fmt.Errorf("open %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err = d.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/bangerdev/banger/internal/atomicfile"
 	"io"
 	"io/fs"
 	"net"
@@ -63,10 +64,10 @@ func (s *Server) EnsureHostKey() error {
 	if err := os.MkdirAll(dir, 0o755); err != nil { //nolint:gosec // /etc/ssh is world-readable
 		return fmt.Errorf("create %s: %w", dir, err)
 	}
-	if err := writeFileAtomic(priv, pem.EncodeToMemory(block), 0o600); err != nil {
+	if err := atomicfile.WriteFile(priv, pem.EncodeToMemory(block), 0o600); err != nil {
 		return err
 	}
-	return writeFileAtomic(s.path(HostKeyFile), ssh.MarshalAuthorizedKey(spub), 0o644)
+	return atomicfile.WriteFile(s.path(HostKeyFile), ssh.MarshalAuthorizedKey(spub), 0o644)
 }
 
 func (s *Server) hostSigner() (ssh.Signer, error) {

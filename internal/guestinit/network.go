@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,7 +12,9 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/atomicfile"
 	"github.com/bangerdev/banger/internal/guestabi"
+	"github.com/bangerdev/banger/internal/guestnet"
 )
 
 // upLoopback brings lo up.
@@ -40,7 +41,7 @@ func configureNetwork(n guestabi.Network, wait time.Duration) (string, error) {
 	var link netlink.Link
 	for {
 		var err error
-		if link, err = findEthernet(n.MAC); err == nil {
+		if link, err = guestnet.FindEthernet(n.MAC); err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -48,44 +49,7 @@ func configureNetwork(n guestabi.Network, wait time.Duration) (string, error) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	name := link.Attrs().Name
-	if err := netlink.LinkSetUp(link); err != nil {
-		return name, fmt.Errorf("set %s up: %w", name, err)
-	}
-	addr := &netlink.Addr{IPNet: &net.IPNet{IP: n.Address.Addr().AsSlice(), Mask: net.CIDRMask(n.Address.Bits(), 32)}}
-	if err := netlink.AddrReplace(link, addr); err != nil {
-		return name, fmt.Errorf("address %s on %s: %w", n.Address, name, err)
-	}
-	if n.Gateway.IsValid() {
-		r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: n.Gateway.AsSlice(), Scope: netlink.SCOPE_UNIVERSE}
-		if err := netlink.RouteReplace(r); err != nil {
-			return name, fmt.Errorf("default route via %s on %s: %w", n.Gateway, name, err)
-		}
-	}
-	return name, nil
-}
-
-// findEthernet returns the interface with the MAC mac, or the first
-// Ethernet interface that is not loopback when mac is empty.
-func findEthernet(mac net.HardwareAddr) (netlink.Link, error) {
-	links, err := netlink.LinkList()
-	if err != nil {
-		return nil, fmt.Errorf("list interfaces: %w", err)
-	}
-	for _, l := range links {
-		a := l.Attrs()
-		if a.EncapType != "ether" || a.Flags&net.FlagLoopback != 0 {
-			continue
-		}
-		if len(mac) > 0 && !bytes.Equal(a.HardwareAddr, mac) {
-			continue
-		}
-		return l, nil
-	}
-	if len(mac) > 0 {
-		return nil, fmt.Errorf("no interface with MAC %s", mac)
-	}
-	return nil, errors.New("no Ethernet interface")
+	return link.Attrs().Name, guestnet.SetAddress(link, n.Address, n.Gateway, false)
 }
 
 // writeNameFiles sets the hostname and writes /etc/hosts and (when dns is
@@ -123,32 +87,10 @@ func writeHosts(path, hostname string) error {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("read %s: %w", path, err)
 	}
-	content := string(old)
-	has := func(name string) bool {
-		for _, line := range strings.Split(content, "\n") {
-			f := strings.Fields(line)
-			for _, n := range f[min(1, len(f)):] {
-				if n == name {
-					return true
-				}
-			}
-		}
-		return false
+	if b := guestnet.Hosts(old, hostname); !bytes.Equal(b, old) {
+		return writeFileAtomic(path, b, 0o644)
 	}
-	add := ""
-	if !has("localhost") {
-		add += "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-	}
-	if hostname != "" && !has(hostname) {
-		add += "127.0.1.1\t" + hostname + "\n"
-	}
-	if add == "" {
-		return nil
-	}
-	if content != "" && !strings.HasSuffix(content, "\n") {
-		content += "\n"
-	}
-	return writeFileAtomic(path, []byte(content+add), 0o644)
+	return nil
 }
 
 // writeFileAtomic writes data to path through a temporary file and a
@@ -157,13 +99,5 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	tmp := path + ".banger.tmp"
-	if err := os.WriteFile(tmp, data, mode); err != nil { //nolint:gosec // fixed guest paths under the guest root
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		_ = os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
+	return atomicfile.Replace(path, data, mode)
 }

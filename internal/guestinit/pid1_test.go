@@ -15,7 +15,6 @@ import (
 
 	"github.com/bangerdev/banger/internal/guestabi"
 	"github.com/bangerdev/banger/internal/testutil"
-
 )
 
 func writeRoot(t *testing.T, root string, files map[string]string) {
