@@ -59,12 +59,27 @@ type Identity struct {
 	// NewHostKeys replaces the SSH host keys with a fresh ed25519 key and
 	// makes a running sshd load it.
 	NewHostKeys bool `json:"new_host_keys,omitempty"`
+	// HostKey, with NewHostKeys, is that key, made by the host
+	// (NewHostKey): the ed25519 private key in OpenSSH's PEM form. Without
+	// it the guest makes the key itself, as agents before it did (an
+	// older agent ignores it and does so too); under emulation, making
+	// the key in a just-restored guest cost as much as the rest of the
+	// identity.
+	HostKey []byte `json:"host_key,omitempty"`
 }
+
+// maxIdentityKeyBytes bounds Identity.HostKey (an ed25519 key's PEM is
+// about 400 bytes).
+const maxIdentityKeyBytes = 4096
 
 // IdentityResult is the reply to OpSetIdentity.
 type IdentityResult struct {
 	// Applied lists the steps done, in order.
 	Applied []string `json:"applied"`
+	// Took is how long each step of Applied took in the guest, and "sync"
+	// the flush of the new files (the network runs beside the file
+	// steps, so the times may overlap).
+	Took map[string]time.Duration `json:"took_ns,omitempty"`
 	// ClockStep is how far the guest clock was moved.
 	ClockStep time.Duration `json:"clock_step_ns,omitempty"`
 	// HostKey is the new ed25519 host key (authorized_keys format). It
@@ -120,6 +135,17 @@ func (id *Identity) Validate() error {
 	if id.HostTime < 0 {
 		return bad("host time %d is negative", id.HostTime)
 	}
+	if len(id.HostKey) > 0 {
+		if !id.NewHostKeys {
+			return bad("a host key without new_host_keys")
+		}
+		if len(id.HostKey) > maxIdentityKeyBytes {
+			return bad("host key of %d bytes (at most %d)", len(id.HostKey), maxIdentityKeyBytes)
+		}
+		if _, err := parseHostKey(id.HostKey); err != nil {
+			return bad("host key: %v", err)
+		}
+	}
 	return nil
 }
 
@@ -135,10 +161,11 @@ type identitySys interface {
 	reloadSSHD() error
 }
 
-// setIdentity applies id in order: clock first (so file times and key
-// generation see the right time), then randomness (before any key is
-// made), network, names, machine id, host keys. It stops at the first
-// failure; Applied says how far it got.
+// setIdentity applies id: clock first (so file times and key generation
+// see the right time), then randomness (before any key is made); then the
+// network while the names, machine id and host keys are written. It stops
+// at the first failure; Applied says what was done, Took how long each
+// step took.
 func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
 	if id == nil {
 		return nil, fmt.Errorf("set_identity without an identity: %w", ErrInvalidArgument)
@@ -146,7 +173,7 @@ func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
 	if err := id.Validate(); err != nil {
 		return nil, err
 	}
-	res := &IdentityResult{}
+	res := &IdentityResult{Took: map[string]time.Duration{}}
 	sys := identitySystem
 	if _, real := sys.(realSystem); real && s.Root != "" && s.Root != "/" {
 		// An agent serving a directory tree (the fake Firecracker's, an
@@ -155,33 +182,47 @@ func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
 		// it runs on.
 		sys = filesOnly{}
 	}
-	step := func(name string, err error) error {
+	step := func(name string, began time.Time, err error) error {
 		if err != nil {
 			return fmt.Errorf("set identity: %s (after %v): %w", name, res.Applied, err)
 		}
 		res.Applied = append(res.Applied, name)
+		res.Took[name] = time.Since(began)
 		return nil
 	}
 	if id.HostTime > 0 {
 		host := time.Unix(0, id.HostTime)
 		res.ClockStep = time.Until(host)
-		if err := step("clock", sys.setClock(host)); err != nil {
+		began := time.Now()
+		if err := step("clock", began, sys.setClock(host)); err != nil {
 			return res, err
 		}
 	}
 	if len(id.Seed) > 0 {
-		if err := step("random-seed", sys.reseed(id.Seed)); err != nil {
+		began := time.Now()
+		if err := step("random-seed", began, sys.reseed(id.Seed)); err != nil {
 			return res, err
 		}
 	}
-	// The new host key is made from the reseeded pool while the network
-	// and the names are changed (under emulation the key costs as much as
-	// they do); nothing is written until its step.
+	// The network is changed, and a host key the host did not send is
+	// made from the reseeded pool, while the names are written: right
+	// after a restore each of them runs guest code that emulation has to
+	// translate first (netlink and the first file written took 50-60 ms
+	// each on busybox, the key as much as the rest), and on two vCPUs
+	// they overlap. Nothing of the key is written until its step.
 	var keyMade chan newHostKey
 	if id.NewHostKeys {
 		keyMade = make(chan newHostKey, 1)
-		go func() { keyMade <- makeHostKey() }()
+		if len(id.HostKey) > 0 {
+			k, err := parseHostKey(id.HostKey) // checked by Validate
+			k.err = err
+			keyMade <- k
+		} else {
+			go func() { keyMade <- makeHostKey() }()
+		}
 	}
+	var netDone chan error
+	netBegan := time.Now()
 	if id.MAC != "" || id.Address != "" {
 		oldMAC, _ := net.ParseMAC(id.OldMAC)
 		mac, _ := net.ParseMAC(id.MAC)
@@ -193,44 +234,72 @@ func (s *Server) setIdentity(id *Identity) (*IdentityResult, error) {
 		if id.Gateway != "" {
 			gw = netip.MustParseAddr(id.Gateway)
 		}
-		if err := step("network", sys.setNetwork(oldMAC, mac, addr, gw)); err != nil {
-			return res, err
-		}
+		netDone = make(chan error, 1)
+		go func() { netDone <- sys.setNetwork(oldMAC, mac, addr, gw) }()
 	}
-	if id.Hostname != "" {
-		err := sys.setHostname(id.Hostname)
-		if err == nil {
-			err = s.writeHostname(id.Hostname)
+	// The network step is always waited for, even when a file step fails
+	// first: set_identity leaves nothing running behind its reply.
+	network := func() error {
+		if netDone == nil {
+			return nil
 		}
-		if err := step("hostname", err); err != nil {
-			return res, err
-		}
+		err := <-netDone
+		netDone = nil
+		return step("network", netBegan, err)
 	}
-	if id.MachineID != "" {
-		if err := step("machine-id", s.writeMachineID(id.MachineID)); err != nil {
-			return res, err
-		}
+	if err := s.writeNames(id, sys, keyMade, res, step); err != nil {
+		_ = network()
+		return res, err
 	}
-	if id.NewHostKeys {
-		key, err := s.replaceHostKeys(<-keyMade)
-		if err == nil {
-			res.HostKey = key
-			err = sys.reloadSSHD()
-		}
-		if err := step("ssh-host-keys", err); err != nil {
-			return res, err
-		}
+	if err := network(); err != nil {
+		return res, err
 	}
 	// The files above are written and renamed without a flush each; one
 	// syncfs makes them all durable before the host marks the VM ready
 	// (a guest that crashes later boots with its own identity, not its
 	// source's). A flush per file cost a host fdatasync each.
 	if id.Hostname != "" || id.MachineID != "" || id.NewHostKeys {
+		began := time.Now()
 		if err := s.syncRoot(); err != nil {
 			return res, fmt.Errorf("set identity: sync the new files (after %v): %w", res.Applied, err)
 		}
+		res.Took["sync"] = time.Since(began)
 	}
 	return res, nil
+}
+
+// writeNames is the part of setIdentity that runs while the network
+// changes: the hostname, the machine id and the host keys (made by
+// keyMade), each a step.
+func (s *Server) writeNames(id *Identity, sys identitySys, keyMade <-chan newHostKey, res *IdentityResult, step func(string, time.Time, error) error) error {
+	if id.Hostname != "" {
+		began := time.Now()
+		err := sys.setHostname(id.Hostname)
+		if err == nil {
+			err = s.writeHostname(id.Hostname)
+		}
+		if err := step("hostname", began, err); err != nil {
+			return err
+		}
+	}
+	if id.MachineID != "" {
+		began := time.Now()
+		if err := step("machine-id", began, s.writeMachineID(id.MachineID)); err != nil {
+			return err
+		}
+	}
+	if id.NewHostKeys {
+		began := time.Now()
+		key, err := s.replaceHostKeys(<-keyMade)
+		if err == nil {
+			res.HostKey = key
+			err = sys.reloadSSHD()
+		}
+		if err := step("ssh-host-keys", began, err); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // syncRoot flushes the filesystem that holds the agent's /etc.
@@ -306,6 +375,32 @@ func makeHostKey() newHostKey {
 		return newHostKey{err: err}
 	}
 	return newHostKey{privPEM: pem.EncodeToMemory(block), line: strings.TrimSpace(string(ssh.MarshalAuthorizedKey(sshPub)))}
+}
+
+// NewHostKey makes a fresh ed25519 SSH host key for Identity.HostKey: the
+// private key in OpenSSH's PEM form and the public one as an
+// authorized_keys line ("ssh-ed25519 AAAA...").
+func NewHostKey() (privPEM []byte, line string, err error) {
+	k := makeHostKey()
+	return k.privPEM, k.line, k.err
+}
+
+// parseHostKey reads an ed25519 private key in OpenSSH's PEM form, as
+// Identity.HostKey holds it.
+func parseHostKey(privPEM []byte) (newHostKey, error) {
+	raw, err := ssh.ParseRawPrivateKey(privPEM)
+	if err != nil {
+		return newHostKey{}, err
+	}
+	priv, ok := raw.(*ed25519.PrivateKey)
+	if !ok {
+		return newHostKey{}, fmt.Errorf("a %T, not an ed25519 key", raw)
+	}
+	sshPub, err := ssh.NewPublicKey(priv.Public())
+	if err != nil {
+		return newHostKey{}, err
+	}
+	return newHostKey{privPEM: privPEM, line: strings.TrimSpace(string(ssh.MarshalAuthorizedKey(sshPub)))}, nil
 }
 
 // replaceHostKeys removes every SSH host key (they are the saved VM's, and

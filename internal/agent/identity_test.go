@@ -7,7 +7,9 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +22,7 @@ import (
 
 // recordingSystem stands in for the running guest in the protocol test.
 type recordingSystem struct {
+	mu    sync.Mutex // the network step runs beside the file steps
 	calls []string
 	clock time.Time
 	seed  []byte
@@ -27,6 +30,8 @@ type recordingSystem struct {
 }
 
 func (r *recordingSystem) do(name string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	r.calls = append(r.calls, name)
 	if r.fail == name {
 		return errors.New(name + " failed (test)")
@@ -88,11 +93,23 @@ func TestSetIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatalf("SetIdentity: %v", err)
 	}
-	if got, want := strings.Join(res.Applied, ","), "clock,random-seed,network,hostname,machine-id,ssh-host-keys"; got != want {
+	// The network changes while the names are written: it is the last
+	// step waited for.
+	if got, want := strings.Join(res.Applied, ","), "clock,random-seed,hostname,machine-id,ssh-host-keys,network"; got != want {
 		t.Errorf("Applied = %s, want %s", got, want)
 	}
-	if got, want := strings.Join(sys.calls, ","), "clock,reseed,network,hostname,sshd"; got != want {
-		t.Errorf("system calls = %s, want %s", got, want)
+	for _, name := range append(res.Applied, "sync") {
+		if _, ok := res.Took[name]; !ok {
+			t.Errorf("Took has no time for step %s: %v", name, res.Took)
+		}
+	}
+	calls := slices.Clone(sys.calls)
+	if got, want := strings.Join(calls[:2], ","), "clock,reseed"; got != want {
+		t.Errorf("first system calls = %s, want %s (before any key or name)", got, want)
+	}
+	slices.Sort(calls)
+	if got, want := strings.Join(calls, ","), "clock,hostname,network,reseed,sshd"; got != want {
+		t.Errorf("system calls (sorted) = %s, want %s", got, want)
 	}
 	if !sys.clock.Equal(time.Unix(0, now.UnixNano())) || string(sys.seed) != string(id.Seed) {
 		t.Errorf("clock %v seed %q, want %v and the seed sent", sys.clock, sys.seed, now)
@@ -133,14 +150,58 @@ func TestSetIdentity(t *testing.T) {
 		t.Errorf("private host key mode: %v %v", fi.Mode(), err)
 	}
 
-	// A failing step stops there and says what was done.
-	sys.calls, sys.fail = nil, "network"
-	_, err = c.SetIdentity(ctx, id)
-	if err == nil || !strings.Contains(err.Error(), "network") || !strings.Contains(err.Error(), "random-seed") {
-		t.Errorf("SetIdentity with a failing network step = %v, want it to name the step and what was applied", err)
+	// A failing step says which and what was done; no file step starts
+	// after a failed one, and the network is waited for either way.
+	for _, tc := range []struct{ fail, wantCalls string }{
+		{"network", "clock,hostname,network,reseed,sshd"},
+		{"hostname", "clock,hostname,network,reseed"},
+	} {
+		sys.calls, sys.fail = nil, tc.fail
+		_, err = c.SetIdentity(ctx, id)
+		if err == nil || !strings.Contains(err.Error(), tc.fail) || !strings.Contains(err.Error(), "random-seed") {
+			t.Errorf("SetIdentity with a failing %s step = %v, want it to name the step and what was applied", tc.fail, err)
+		}
+		calls := slices.Clone(sys.calls)
+		slices.Sort(calls)
+		if got := strings.Join(calls, ","); got != tc.wantCalls {
+			t.Errorf("calls (sorted) after a failing %s step = %s, want %s", tc.fail, got, tc.wantCalls)
+		}
 	}
-	if strings.Join(sys.calls, ",") != "clock,reseed,network" {
-		t.Errorf("calls after a failure = %v, want it to stop at network", sys.calls)
+}
+
+// hostKeyPEM is a fresh ed25519 host key as the host sends it.
+func hostKeyPEM(t *testing.T) []byte {
+	t.Helper()
+	priv, _, err := NewHostKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return priv
+}
+
+// TestSetIdentityHostMadeKey: a host key sent with the identity is the
+// one written and reported, not one the guest makes.
+func TestSetIdentityHostMadeKey(t *testing.T) {
+	useSystem(t, &recordingSystem{})
+	s := newTestServer(t)
+	priv, line, err := NewHostKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp := s.Handle(context.Background(), Request{V: ProtocolVersion, ID: 1, Op: OpSetIdentity, Identity: &Identity{NewHostKeys: true, HostKey: priv}})
+	if resp.Error != nil || resp.Identity == nil {
+		t.Fatalf("set_identity with a host key: %+v", resp.Error)
+	}
+	if resp.Identity.HostKey != line {
+		t.Errorf("reported host key %q, want the one sent %q", resp.Identity.HostKey, line)
+	}
+	b, err := os.ReadFile(filepath.Join(s.Root, "/etc/ssh/ssh_host_ed25519_key"))
+	if err != nil || string(b) != string(priv) {
+		t.Errorf("private host key written = %q (%v), want the one sent", b, err)
+	}
+	pub, err := os.ReadFile(filepath.Join(s.Root, guestabi.HostKey))
+	if err != nil || !strings.HasPrefix(string(pub), line+" ") {
+		t.Errorf("%s = %q (%v), want %s", guestabi.HostKey, pub, err, line)
 	}
 }
 
@@ -160,6 +221,9 @@ func TestSetIdentityRefusesBadInput(t *testing.T) {
 		"machine id upper":  {MachineID: strings.Repeat("A", 32)},
 		"seed too large":    {Seed: make([]byte, 4096)},
 		"negative time":     {HostTime: -1},
+		"host key not pem":  {NewHostKeys: true, HostKey: []byte("not a key")},
+		"host key alone":    {HostKey: hostKeyPEM(t)},
+		"host key too long": {NewHostKeys: true, HostKey: make([]byte, 8192)},
 	} {
 		t.Run(name, func(t *testing.T) {
 			if err := id.Validate(); !errors.Is(err, ErrInvalidArgument) {
