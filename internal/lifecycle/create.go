@@ -282,10 +282,12 @@ func (s *Service) copyDisk(ctx context.Context, vm model.VM, src string, report 
 	if _, err := s.store.UpdateVM(vm.ID, func(v *model.VM) error { v.Runtime.Phase, v.Runtime.Disk = "disk:creating", dk; return nil }); err != nil {
 		return vm, err
 	}
+	began := time.Now()
 	how, err := s.copyDiskUnflushed(ctx, src, dst)
 	if err != nil {
 		return vm, fmt.Errorf("copy the disk of VM %q: %w", vm.Name, err)
 	}
+	s.log.Debug("disk copied", "vm", vm.Name, "from", src, "how", how, "took", time.Since(began).Round(time.Millisecond))
 	failpoint.Reach("clone:disk")
 	driver := blockdev.DriverCopy
 	if how == snapshot.CopiedByReflink {

@@ -247,7 +247,7 @@ func (r *restoreRun) monitor(s *Service) startStep {
 			_, _ = run.mon.Stop(context.WithoutCancel(ctx), h, 0)
 			return fmt.Errorf("record the VM monitor: %w", err)
 		}
-		run.log.Info("VM restored from snapshot", "snapshot", r.snap.Name, "pid", h.PID, "load", loaded.Round(time.Millisecond), "overhead", time.Since(run.began).Round(time.Millisecond))
+		run.log.Info("VM restored from snapshot", "snapshot", r.snap.Name, "pid", h.PID, "load", loaded.Round(time.Millisecond), "overhead", time.Since(run.began).Round(time.Millisecond), "steps", run.took)
 		report.Report(progress.Event{Phase: "vmm", Item: vm.VMM, Done: true, Message: fmt.Sprintf("pid %d, restored", h.PID)})
 		return nil
 	}
