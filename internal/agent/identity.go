@@ -19,11 +19,12 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/atomicfile"
 	"github.com/bangerdev/banger/internal/guestabi"
+	"github.com/bangerdev/banger/internal/guestnet"
 )
 
 // OpSetIdentity gives a guest restored from a snapshot an identity of its
@@ -323,20 +324,7 @@ func (s *Server) writeHostname(name string) error {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	var lines []string
-	found := false
-	for _, line := range strings.Split(strings.TrimRight(string(old), "\n"), "\n") {
-		if f := strings.Fields(line); len(f) > 0 && f[0] == "127.0.1.1" {
-			line, found = "127.0.1.1\t"+name, true
-		}
-		if line != "" || len(lines) > 0 {
-			lines = append(lines, line)
-		}
-	}
-	if !found {
-		lines = append(lines, "127.0.1.1\t"+name)
-	}
-	return replaceFile(hostsPath, []byte(strings.Join(lines, "\n")+"\n"), 0o644)
+	return replaceFile(hostsPath, guestnet.Hosts(old, name), 0o644)
 }
 
 // writeMachineID replaces /etc/machine-id, and D-Bus's copy when it is a
@@ -437,27 +425,7 @@ func replaceFile(path string, data []byte, mode os.FileMode) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	tmp := path + ".banger-new"
-	_ = os.Remove(tmp)
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_EXCL|os.O_WRONLY|unix.O_NOFOLLOW, mode) //nolint:gosec // a fixed guest path under the agent's root
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Chmod(mode)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
+	return atomicfile.Replace(path, data, mode)
 }
 
 func readBounded(path string, limit int64) ([]byte, error) {
@@ -534,71 +502,17 @@ func (realSystem) reseed(seed []byte) error {
 // a live MAC change), replaces its IPv4 addresses with addr and the
 // default route with one through gw.
 func (realSystem) setNetwork(oldMAC, mac net.HardwareAddr, addr netip.Prefix, gw netip.Addr) error {
-	link, err := ethernetLink(oldMAC)
+	link, err := guestnet.FindEthernet(oldMAC)
 	if err != nil {
 		return err
 	}
-	name := link.Attrs().Name
-	if len(mac) > 0 && !bytes.Equal(link.Attrs().HardwareAddr, mac) {
-		if err := netlink.LinkSetHardwareAddr(link, mac); err != nil {
-			// Some drivers refuse a live change: down, change, up.
-			if derr := netlink.LinkSetDown(link); derr != nil {
-				return fmt.Errorf("set MAC %s on %s: %w", mac, name, err)
-			}
-			err = netlink.LinkSetHardwareAddr(link, mac)
-			if uerr := netlink.LinkSetUp(link); err == nil {
-				err = uerr
-			}
-			if err != nil {
-				return fmt.Errorf("set MAC %s on %s: %w", mac, name, err)
-			}
-		}
+	if err := guestnet.SetMAC(link, mac); err != nil {
+		return err
 	}
 	if !addr.IsValid() {
 		return nil
 	}
-	olds, err := netlink.AddrList(link, netlink.FAMILY_V4)
-	if err != nil {
-		return fmt.Errorf("addresses of %s: %w", name, err)
-	}
-	// The old addresses go first: deleting a primary address also deletes
-	// the secondaries of its subnet, which the new one would be.
-	want := &netlink.Addr{IPNet: &net.IPNet{IP: addr.Addr().AsSlice(), Mask: net.CIDRMask(addr.Bits(), 32)}}
-	for _, a := range olds {
-		if !a.IP.Equal(want.IP) {
-			if err := netlink.AddrDel(link, &a); err != nil {
-				return fmt.Errorf("remove old address %s from %s: %w", a.IPNet, name, err)
-			}
-		}
-	}
-	if err := netlink.AddrReplace(link, want); err != nil {
-		return fmt.Errorf("address %s on %s: %w", addr, name, err)
-	}
-	if gw.IsValid() {
-		r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: gw.AsSlice(), Scope: netlink.SCOPE_UNIVERSE}
-		if err := netlink.RouteReplace(r); err != nil {
-			return fmt.Errorf("default route via %s on %s: %w", gw, name, err)
-		}
-	}
-	return nil
-}
-
-func ethernetLink(mac net.HardwareAddr) (netlink.Link, error) {
-	links, err := netlink.LinkList()
-	if err != nil {
-		return nil, fmt.Errorf("list interfaces: %w", err)
-	}
-	for _, l := range links {
-		a := l.Attrs()
-		if a.EncapType != "ether" || a.Flags&net.FlagLoopback != 0 {
-			continue
-		}
-		if len(mac) > 0 && !bytes.Equal(a.HardwareAddr, mac) {
-			continue
-		}
-		return l, nil
-	}
-	return nil, fmt.Errorf("no Ethernet interface with MAC %s", mac)
+	return guestnet.SetAddress(link, addr, gw, true)
 }
 
 func (realSystem) setHostname(name string) error { return unix.Sethostname([]byte(name)) }
