@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/bangerdev/banger/internal/atomicfile"
 	"io"
 	"io/fs"
 	"net"
@@ -16,6 +15,8 @@ import (
 	"unicode/utf8"
 
 	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/atomicfile"
 )
 
 // Guest-side limits on what the agent reads from the guest filesystem.

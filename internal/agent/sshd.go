@@ -8,7 +8,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"github.com/bangerdev/banger/internal/atomicfile"
 	"io"
 	"io/fs"
 	"net"
@@ -21,6 +20,8 @@ import (
 
 	"github.com/pkg/sftp"
 	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/atomicfile"
 )
 
 // sftpServers are where images keep OpenSSH's sftp-server, used for a user

@@ -3,12 +3,13 @@ package guestinit
 import (
 	"errors"
 	"fmt"
-	"github.com/bangerdev/banger/internal/mountinfo"
 	"os"
 	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/mountinfo"
 )
 
 // systemMounts are the file systems banger's PID 1 mounts, in order.

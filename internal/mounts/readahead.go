@@ -2,11 +2,12 @@ package mounts
 
 import (
 	"fmt"
-	"github.com/bangerdev/banger/internal/mountinfo"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/bangerdev/banger/internal/mountinfo"
 )
 
 // readAheadKB is the guest kernel's read-ahead for a mount, in KiB. A FUSE

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"github.com/bangerdev/banger/internal/mountinfo"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/bangerdev/banger/internal/mountinfo"
 )
 
 // What a harness run can leave behind when its test binary is killed (by

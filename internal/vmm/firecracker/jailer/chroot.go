@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/bangerdev/banger/internal/mountinfo"
 	"io"
 	"io/fs"
 	"os"
@@ -17,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/mountinfo"
 	"github.com/bangerdev/banger/internal/privdir"
 	"github.com/bangerdev/banger/internal/vmm"
 )
