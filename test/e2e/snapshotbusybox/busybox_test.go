@@ -88,6 +88,16 @@ func TestE2ESnapshotBusybox(t *testing.T) {
 	t.Logf("BENCH busybox image (banger PID 1), 256 MiB, QEMU TCG: cold vm run to ready %v; vm clone to ready %v (%.1fx faster); vm start --from-snapshot to ready %v (%.1fx faster); pause %v; snapshot %s on disk",
 		cold.Round(100*time.Millisecond), clone.Round(100*time.Millisecond), float64(cold)/float64(clone),
 		restore.Round(100*time.Millisecond), float64(cold)/float64(restore), res.Snapshot.Pause.Round(time.Millisecond), mib(res.Snapshot.SizeOnDisk))
+	// Where the time went, from the daemon's log.
+	if log, err := os.ReadFile(d.LogPath); err == nil {
+		for _, line := range strings.Split(string(log), "\n") {
+			for _, m := range []string{"disk copied", "restored from snapshot", "restored VM ready", "clone created"} {
+				if strings.Contains(line, m) {
+					t.Logf("phase: %.400s", line)
+				}
+			}
+		}
+	}
 	d.MustCLI(ctx, "vm", "rm", "--force", "bb", "bb2")
 	d.MustCLI(ctx, "snapshot", "rm", "bbsnap")
 	e2etest.AssertNoVMResources(t, e, true)
