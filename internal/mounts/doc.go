@@ -13,6 +13,11 @@
 // kernel. Files the guest creates are therefore the caller's, and what the
 // caller may not do on the host, the guest may not do through the mount.
 //
+// A second stream per folder, the read stream (reads.go), carries the
+// reads of files the guest opens read-only, in a small protocol of its own
+// answered by the same server process from the same Root: SFTP's replies
+// cost a guest under TCG two byte-by-byte copies of every byte read.
+//
 // SFTP v3 has few status codes; the server puts the errno in the status
 // message ("errno=17 ...") and the guest side gives the same errno back to
 // the guest program (EEXIST, ENOTEMPTY, EROFS, EACCES), and EIO for

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -168,6 +169,9 @@ type guestClient struct {
 	sftp *sftp.Client
 	ro   bool
 	ttl  time.Duration
+	// reads is the mount's read stream, once the host has opened one:
+	// handles opened read-only read through it.
+	reads atomic.Pointer[readsClient]
 
 	// listings remembers each directory's last listing for ttl, so the
 	// lookups that follow a readdir (ls -l, find, git status) need no round
@@ -447,6 +451,13 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if n.c.ro && int(flags)&(os.O_WRONLY|os.O_RDWR|os.O_TRUNC) != 0 {
 		return nil, 0, syscall.EROFS
 	}
+	if rc := n.c.reads.Load(); rc != nil && int(flags)&(os.O_WRONLY|os.O_RDWR|os.O_TRUNC) == 0 {
+		fh, err := rc.open(n.path())
+		if err != nil {
+			return nil, 0, toErrno(err)
+		}
+		return &handle{rc: rc, fh: fh, c: n.c, p: n.path()}, n.keepCache(), 0
+	}
 	f, err := n.c.sftp.OpenFile(n.path(), int(flags)&(os.O_WRONLY|os.O_RDWR|os.O_TRUNC))
 	if err != nil {
 		return nil, 0, toErrno(err)
@@ -612,10 +623,13 @@ func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
 	return 0
 }
 
-// handle is an open host file.
+// handle is an open host file: an SFTP handle, or for a read-only open
+// on a mount with a read stream, a handle on that stream.
 type handle struct {
 	mu sync.Mutex // the read-ahead windows; Close against in-flight I/O
 	f  *sftp.File
+	rc *readsClient
+	fh uint32
 	c  *guestClient
 	p  string
 
@@ -670,7 +684,7 @@ func (h *handle) fetchAhead(off int64) {
 	h.ahead = w
 	go func() {
 		defer close(w.done)
-		n, err := h.f.ReadAt(w.data, off)
+		n, err := h.readAt(w.data, off)
 		w.data = w.data[:n]
 		if err != nil && !errors.Is(err, io.EOF) {
 			w.err = err
@@ -733,14 +747,14 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 			} else {
 				buf = getWindow()
 			}
-			m, err := h.f.ReadAt(buf, pos)
+			m, err := h.readAt(buf, pos)
 			if err != nil && !errors.Is(err, io.EOF) {
 				return nil, toErrno(err)
 			}
 			h.buf, h.bufOff = buf[:m], pos
 			n += copy(rest, h.buf)
 		} else {
-			m, err := h.f.ReadAt(rest, pos)
+			m, err := h.readAt(rest, pos)
 			if err != nil && !errors.Is(err, io.EOF) {
 				return nil, toErrno(err)
 			}
@@ -755,7 +769,18 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 	return fuse.ReadResultData(dest[:n]), 0
 }
 
+// readAt reads the host file through the handle's stream.
+func (h *handle) readAt(b []byte, off int64) (int, error) {
+	if h.rc != nil {
+		return h.rc.readAt(h.fh, b, off)
+	}
+	return h.f.ReadAt(b, off)
+}
+
 func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	if h.f == nil {
+		return 0, syscall.EBADF // opened read-only
+	}
 	h.mu.Lock()
 	h.dropAhead() // what was read ahead may be stale now
 	h.mu.Unlock()
@@ -780,7 +805,11 @@ func (h *handle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 	if flags&1 != 0 { // FUSE_FSYNC_FDATASYNC
 		data = "data"
 	}
-	return toErrno(h.f.SetExtendedData(h.p, []sftp.StatExtended{{ExtType: FsyncExtension, ExtData: data}}))
+	ext := []sftp.StatExtended{{ExtType: FsyncExtension, ExtData: data}}
+	if h.f == nil {
+		return toErrno(h.c.sftp.SetExtendedData(h.p, ext))
+	}
+	return toErrno(h.f.SetExtendedData(h.p, ext))
 }
 
 func (h *handle) Release(ctx context.Context) syscall.Errno {
@@ -789,5 +818,8 @@ func (h *handle) Release(ctx context.Context) syscall.Errno {
 	h.dropAhead()
 	putWindow(h.buf)
 	h.buf = nil
+	if h.f == nil {
+		return toErrno(h.rc.close(h.fh))
+	}
 	return toErrno(h.f.Close())
 }

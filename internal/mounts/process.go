@@ -111,51 +111,89 @@ type Process struct {
 // stream to the guest's FUSE mount) through a socket pair, until either
 // end closes or ctx is done. Its stderr goes to log.
 func (l Launcher) Start(ctx context.Context, caller Caller, s Spec, stream io.ReadWriteCloser, log io.Writer) (*Process, error) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("mount %s: socket pair: %w", s, err)
+	return l.StartReads(ctx, caller, s, stream, nil, log)
+}
+
+// StartReads is Start that also serves the folder's read stream (DialReads)
+// when reads is not nil, from the same server process.
+func (l Launcher) StartReads(ctx context.Context, caller Caller, s Spec, stream, reads io.ReadWriteCloser, log io.Writer) (*Process, error) {
+	streams := []io.ReadWriteCloser{stream}
+	if reads != nil {
+		streams = append(streams, reads)
 	}
-	child := os.NewFile(uintptr(fds[1]), "mount-server")
-	parent := os.NewFile(uintptr(fds[0]), "mount-daemon")
-	cmd := l.cmd(ctx, caller, s, "--fd", "3")
-	cmd.ExtraFiles = []*os.File{child}
+	var children, parents []*os.File
+	closeAll := func() {
+		for _, f := range append(children, parents...) {
+			_ = f.Close()
+		}
+	}
+	for range streams {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("mount %s: socket pair: %w", s, err)
+		}
+		children = append(children, os.NewFile(uintptr(fds[1]), "mount-server"))
+		parents = append(parents, os.NewFile(uintptr(fds[0]), "mount-daemon"))
+	}
+	args := []string{"--fd", "3"}
+	if reads != nil {
+		args = append(args, "--reads-fd", "4")
+	}
+	cmd := l.cmd(ctx, caller, s, args...)
+	cmd.ExtraFiles = children
 	cmd.Stderr = log
 	if err := cmd.Start(); err != nil {
-		_ = child.Close()
-		_ = parent.Close()
+		closeAll()
 		return nil, fmt.Errorf("mount %s: start server: %w", s, err)
 	}
-	_ = child.Close()
-	conn, err := net.FileConn(parent)
-	_ = parent.Close()
-	if err != nil {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		return nil, fmt.Errorf("mount %s: %w", s, err)
+	var conns []net.Conn
+	for i, parent := range parents {
+		_ = children[i].Close()
+		conn, err := net.FileConn(parent)
+		_ = parent.Close()
+		if err != nil {
+			for _, c := range conns {
+				_ = c.Close()
+			}
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+			return nil, fmt.Errorf("mount %s: %w", s, err)
+		}
+		conns = append(conns, conn)
 	}
 	p := &Process{cmd: cmd, done: make(chan struct{})}
 	go func() {
 		var wg sync.WaitGroup
-		wg.Add(2)
-		// Large buffers: each read of the server's socket becomes one
-		// agent-channel frame, and a guest under TCG pays per frame.
-		go func() {
-			defer wg.Done()
-			_, _ = io.CopyBuffer(conn, onlyReader{stream}, make([]byte, relayBuffer))
-			_ = conn.Close()
-		}()
-		go func() {
-			defer wg.Done()
-			_, _ = io.CopyBuffer(stream, onlyReader{conn}, make([]byte, relayBuffer))
-			_ = stream.Close()
-		}()
+		for i, conn := range conns {
+			relay(&wg, conn, streams[i])
+		}
 		p.err = cmd.Wait()
-		_ = conn.Close()
-		_ = stream.Close()
+		for i, conn := range conns {
+			_ = conn.Close()
+			_ = streams[i].Close()
+		}
 		wg.Wait()
 		close(p.done)
 	}()
 	return p, nil
+}
+
+// relay copies between a server's socket and its agent stream, both ways.
+func relay(wg *sync.WaitGroup, conn net.Conn, stream io.ReadWriteCloser) {
+	wg.Add(2)
+	// Large buffers: each read of the server's socket becomes one
+	// agent-channel frame, and a guest under TCG pays per frame.
+	go func() {
+		defer wg.Done()
+		_, _ = io.CopyBuffer(conn, onlyReader{stream}, make([]byte, relayBuffer))
+		_ = conn.Close()
+	}()
+	go func() {
+		defer wg.Done()
+		_, _ = io.CopyBuffer(stream, onlyReader{conn}, make([]byte, relayBuffer))
+		_ = stream.Close()
+	}()
 }
 
 // relayBuffer is the relay's copy buffer: a server reply of a 128 KiB
@@ -209,6 +247,7 @@ func ServerMain(args []string, stderr io.Writer) int {
 	ro := fl.Bool("ro", false, "read-only")
 	check := fl.Bool("check", false, "only check access and exit")
 	fd := fl.Int("fd", -1, "descriptor of the SFTP stream")
+	readsFD := fl.Int("reads-fd", -1, "descriptor of the read stream (none: -1)")
 	if err := fl.Parse(args); err != nil {
 		return 2
 	}
@@ -228,6 +267,14 @@ func ServerMain(args []string, stderr io.Writer) int {
 	if *fd < 3 {
 		fmt.Fprintln(stderr, "mount server: --fd is required")
 		return 2
+	}
+	if *readsFD >= 3 && *readsFD != *fd {
+		rf := os.NewFile(uintptr(*readsFD), "reads")
+		go func() {
+			if err := ServeReads(rf, r); err != nil {
+				fmt.Fprintf(stderr, "mount server %s: read stream: %v\n", r.Dir(), err)
+			}
+		}()
 	}
 	f := os.NewFile(uintptr(*fd), "sftp")
 	if err := Serve(f, r); err != nil {

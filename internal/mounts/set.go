@@ -3,6 +3,7 @@ package mounts
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 )
 
@@ -28,9 +29,22 @@ func Attach(ctx context.Context, st Streamer, l Launcher, caller Caller, specs [
 			_ = set.Close()
 			return nil, err
 		}
-		p, err := l.Start(ctx, caller, s, conn, log)
+		// A folder without its read stream still works, through SFTP.
+		reads, err := DialReads(ctx, st, s, conn)
+		if err != nil {
+			fmt.Fprintf(log, "mount %s: no read stream (reads go through SFTP): %v\n", s, err)
+			reads = nil
+		}
+		var rw io.ReadWriteCloser
+		if reads != nil {
+			rw = reads
+		}
+		p, err := l.StartReads(ctx, caller, s, conn, rw, log)
 		if err != nil {
 			_ = conn.Close()
+			if reads != nil {
+				_ = reads.Close()
+			}
 			_ = set.Close()
 			return nil, err
 		}

@@ -33,19 +33,25 @@ const handshakeTimeout = 20 * time.Second
 // A mount stream starts with one JSON line each way, then carries SFTP:
 //
 //	host → guest  {"v":1,"guest_dir":"/src","read_only":true,"name":"/home/me/src"}
-//	guest → host  {"ok":true}   or   {"error":"..."}
+//	guest → host  {"ok":true,"reads":1}   or   {"error":"..."}
 //
 // The guest replies once its FUSE mount is in place, so a host that reads
-// "ok" knows the folder is visible in the guest.
+// "ok" knows the folder is visible in the guest. "reads" is the read
+// stream version the guest speaks (reads.go); a host that knows it then
+// opens a second stream for the same folder, {"v":1,"guest_dir":"/src",
+// "reads":1}, answered {"ok":true}, which carries that protocol. An older
+// guest says no "reads" and is served by SFTP alone.
 type request struct {
 	V        int    `json:"v"`
 	GuestDir string `json:"guest_dir"`
 	ReadOnly bool   `json:"read_only,omitempty"`
 	Name     string `json:"name,omitempty"`
+	Reads    int    `json:"reads,omitempty"`
 }
 
 type reply struct {
 	OK    bool   `json:"ok,omitempty"`
+	Reads int    `json:"reads,omitempty"`
 	Error string `json:"error,omitempty"`
 }
 
@@ -62,22 +68,43 @@ var ErrGuest = errors.New("guest refused the mount")
 // it. The returned conn then carries the guest's SFTP requests: give it to
 // Launcher.Start.
 func Dial(ctx context.Context, st Streamer, s Spec) (net.Conn, error) {
+	c, _, err := dial(ctx, st, s, request{V: WireVersion, GuestDir: s.GuestDir, ReadOnly: s.ReadOnly, Name: s.HostDir})
+	return c, err
+}
+
+// DialReads opens the read stream of a folder the guest has mounted
+// through Dial. It returns nil and no error when the guest has none.
+func DialReads(ctx context.Context, st Streamer, s Spec, main net.Conn) (net.Conn, error) {
+	if rc, ok := main.(*dialedConn); !ok || rc.reads != ReadsVersion {
+		return nil, nil
+	}
+	c, _, err := dial(ctx, st, s, request{V: WireVersion, GuestDir: s.GuestDir, Reads: ReadsVersion})
+	return c, err
+}
+
+// dialedConn is a mount stream that remembers what the guest said.
+type dialedConn struct {
+	net.Conn
+	reads int
+}
+
+func dial(ctx context.Context, st Streamer, s Spec, req request) (net.Conn, reply, error) {
 	ctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 	defer cancel()
 	c, err := st.OpenService(ctx, ServiceName)
 	if err != nil {
-		return nil, fmt.Errorf("mount %s: open stream: %w", s, err)
+		return nil, reply{}, fmt.Errorf("mount %s: open stream: %w", s, err)
 	}
 	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Unix(1, 0)) })
-	fail := func(err error) (net.Conn, error) {
+	fail := func(err error) (net.Conn, reply, error) {
 		stop()
 		_ = c.Close()
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w: %w", ctx.Err(), err)
 		}
-		return nil, fmt.Errorf("mount %s: %w", s, err)
+		return nil, reply{}, fmt.Errorf("mount %s: %w", s, err)
 	}
-	if err := writeJSONLine(c, request{V: WireVersion, GuestDir: s.GuestDir, ReadOnly: s.ReadOnly, Name: s.HostDir}); err != nil {
+	if err := writeJSONLine(c, req); err != nil {
 		return fail(err)
 	}
 	var rep reply
@@ -90,7 +117,7 @@ func Dial(ctx context.Context, st Streamer, s Spec) (net.Conn, error) {
 	if !rep.OK {
 		return fail(fmt.Errorf("%w: %.300s", ErrGuest, rep.Error))
 	}
-	return c, nil
+	return &dialedConn{Conn: c, reads: rep.Reads}, rep, nil
 }
 
 func writeJSONLine(w io.Writer, v any) error {
@@ -135,8 +162,9 @@ type Guest struct {
 	// CacheTimeout is passed to MountGuest.
 	CacheTimeout time.Duration
 
-	mu   sync.Mutex
-	boot map[string]*bootMount // MountAtBoot's mounts no stream has claimed yet
+	mu     sync.Mutex
+	boot   map[string]*bootMount   // MountAtBoot's mounts no stream has claimed yet
+	served map[string]*guestClient // the mounts a stream serves, for their read streams
 }
 
 // bootMount is a folder mounted at boot, waiting for its host stream.
@@ -248,13 +276,35 @@ func (g *Guest) ServeStream(ctx context.Context, c net.Conn) error {
 	if _, err := ParseSpec("/:" + req.GuestDir); err != nil || filepath.Clean(req.GuestDir) != req.GuestDir {
 		return refuse(fmt.Errorf("guest folder %.200q: not a clean absolute path other than /", req.GuestDir))
 	}
+	if req.Reads != 0 {
+		return g.serveReads(ctx, c, req, refuse)
+	}
 	pm, err := g.mountFor(req)
 	if err != nil {
 		return refuse(err)
 	}
+	// The mount takes a read stream from now on: the host may open it
+	// before it starts the SFTP server.
+	gc := pm.root.c
+	g.mu.Lock()
+	if g.served == nil {
+		g.served = map[string]*guestClient{}
+	}
+	g.served[req.GuestDir] = gc
+	g.mu.Unlock()
+	defer func() {
+		g.mu.Lock()
+		if g.served[req.GuestDir] == gc {
+			delete(g.served, req.GuestDir)
+		}
+		g.mu.Unlock()
+		if rc := gc.reads.Swap(nil); rc != nil {
+			_ = rc.conn.Close()
+		}
+	}()
 	// The reply goes before the SFTP session starts: the host hands the
 	// stream to its SFTP server only after reading it.
-	if err := writeJSONLine(c, reply{OK: true}); err != nil {
+	if err := writeJSONLine(c, reply{OK: true, Reads: ReadsVersion}); err != nil {
 		_ = c.Close()
 		_, _ = pm.attach(c) // a closed stream: serves EIO just long enough to unmount
 		return err
@@ -266,6 +316,38 @@ func (g *Guest) ServeStream(ctx context.Context, c net.Conn) error {
 	}
 	g.log().Info("mounted host folder", "dir", req.GuestDir, "host", sanitizeName(req.Name), "read_only", req.ReadOnly)
 	return g.serve(ctx, m)
+}
+
+// serveReads gives the mount served at req.GuestDir the read stream c
+// until c or the mount ends.
+func (g *Guest) serveReads(ctx context.Context, c net.Conn, req request, refuse func(error) error) error {
+	if req.Reads != ReadsVersion {
+		return refuse(fmt.Errorf("guest speaks read stream v%d, request is v%d", ReadsVersion, req.Reads))
+	}
+	// The host opens the read stream once it has read the folder's "ok",
+	// sent once the mount takes it.
+	g.mu.Lock()
+	m := g.served[req.GuestDir]
+	g.mu.Unlock()
+	if m == nil {
+		return refuse(errors.New("no folder is served there"))
+	}
+	if err := writeJSONLine(c, reply{OK: true}); err != nil {
+		_ = c.Close()
+		return err
+	}
+	_ = c.SetDeadline(time.Time{})
+	rc := newReadsClient(c)
+	if old := m.reads.Swap(rc); old != nil {
+		_ = old.conn.Close()
+	}
+	defer m.reads.CompareAndSwap(rc, nil)
+	select {
+	case <-ctx.Done():
+		_ = c.Close()
+	case <-rc.done:
+	}
+	return nil
 }
 
 // mountFor is the FUSE mount to serve req: the one made at boot for the

@@ -1,7 +1,9 @@
 package mounts
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"net"
@@ -121,5 +123,46 @@ func TestStreamMountRefusals(t *testing.T) {
 			}
 			t.Errorf("Dial(%q): %v; want ErrGuest", s.GuestDir, err)
 		}
+	}
+}
+
+// TestStreamMountReads: Attach opens the folder's read stream next to its
+// SFTP stream, and a file opened read-only in the guest reads through it
+// (a large one whole, and the end of it).
+func TestStreamMountReads(t *testing.T) {
+	w := newWorld(t)
+	requireFUSE(t)
+	data := make([]byte, 9<<20+777)
+	if _, err := rand.Read(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(w.share, "big.bin"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	guestDir := filepath.Join(w.base, "guest/src")
+	spec := Spec{HostDir: w.share, GuestDir: guestDir}
+	g := &Guest{CacheTimeout: 100 * time.Millisecond}
+	set, err := Attach(t.Context(), &pairStreamer{guest: g}, w.launcher, nobody, []Spec{spec}, os.Stderr)
+	if err != nil {
+		t.Fatalf("Attach: %v", err)
+	}
+	defer set.Close()
+	g.mu.Lock()
+	m := g.served[guestDir]
+	g.mu.Unlock()
+	for deadline := time.Now().Add(5 * time.Second); m == nil || m.reads.Load() == nil; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the guest mount has no read stream 5 s after Attach")
+		}
+		g.mu.Lock()
+		m = g.served[guestDir]
+		g.mu.Unlock()
+	}
+	got, err := os.ReadFile(filepath.Join(guestDir, "big.bin"))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read through the read stream: %d bytes, %v; want %d bytes", len(got), err, len(data))
+	}
+	if b, err := os.ReadFile(filepath.Join(guestDir, "hello.txt")); err != nil || string(b) != "hello from the host" {
+		t.Fatalf("small read: %q, %v", b, err)
 	}
 }
