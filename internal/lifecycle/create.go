@@ -332,11 +332,15 @@ func (s *Service) copyDiskUnflushed(ctx context.Context, src, dst string) (how s
 	if err := blockdev.MarkUnflushed(dst, boot); err != nil {
 		return "", err
 	}
-	if err := os.Rename(tmp, dst); err != nil {
+	// A restore replaces the VM's old disk: freeing it (its blocks and page
+	// cache) is left to the background, off the path to ready.
+	drop, err := blockdev.RenameOver(tmp, dst)
+	if err != nil {
 		// dst is as it was: whole and flushed, or absent.
 		_ = os.Remove(dst + blockdev.UnflushedSuffix)
 		return "", err
 	}
+	go drop()
 	s.syncs.Flush(dst)
 	return how, nil
 }

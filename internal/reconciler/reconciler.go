@@ -291,7 +291,8 @@ func (r *Reconciler) killStrays(ctx context.Context, procs []vmm.Handle, keep in
 //   - VM monitor processes naming an unknown VM's runtime dir;
 //   - the banger nftables table when no VM runs;
 //   - runtime dirs and VM dirs of unknown VMs, half-copied disks
-//     (*.partial) in VM dirs, and new disk copies whose flush the dead
+//     (*.partial) in VM dirs, old disks a restore replaced and had not
+//     freed yet (*.replaced), and new disk copies whose flush the dead
 //     daemon had not finished (*.unsynced: after a host crash they hold
 //     whatever reached the disk; the VM's start copies the image again).
 //
@@ -476,6 +477,12 @@ func (r *Reconciler) removeOrphanDirs(known map[string]model.VM) {
 				for _, f := range partials {
 					if err := os.Remove(f); err == nil {
 						r.Log.Info("removed half-copied disk of an interrupted start", "file", f)
+					}
+				}
+				replaced, _ := filepath.Glob(filepath.Join(p, "*"+blockdev.ReplacedSuffix))
+				for _, f := range replaced {
+					if err := os.Remove(f); err == nil {
+						r.Log.Info("removed the old disk a restore had replaced", "file", f)
 					}
 				}
 				r.reconcileUnflushed(known[e.Name()], p)

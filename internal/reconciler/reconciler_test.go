@@ -429,12 +429,13 @@ func TestReconcileAtStartup(t *testing.T) {
 	if err := os.MkdirAll(r.vmDir(deleting.ID), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	// A stopped VM keeps its disk; a half-copied one is removed.
+	// A stopped VM keeps its disk; a half-copied one and the old disk a
+	// restore replaced are removed.
 	stopped := r.vm("stopped", model.VMStopped, model.Runtime{}, true)
 	if err := os.MkdirAll(r.vmDir(stopped.ID), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	for _, f := range []string{"disk.ext4", "disk.ext4.partial"} {
+	for _, f := range []string{"disk.ext4", "disk.ext4.partial", "disk.ext4" + blockdev.ReplacedSuffix} {
 		if err := os.WriteFile(filepath.Join(r.vmDir(stopped.ID), f), []byte("disk"), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -511,6 +512,9 @@ func TestReconcileAtStartup(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(r.vmDir(stopped.ID), "disk.ext4.partial")); !os.IsNotExist(err) {
 		t.Errorf("half-copied disk left (%v)", err)
+	}
+	if _, err := os.Stat(filepath.Join(r.vmDir(stopped.ID), "disk.ext4"+blockdev.ReplacedSuffix)); !os.IsNotExist(err) {
+		t.Errorf("replaced old disk left (%v)", err)
 	}
 	for _, p := range []string{r.rtDir(orphanID), r.vmDir("deadbeefdeadbeefdeadbeef")} {
 		if _, err := os.Stat(p); !os.IsNotExist(err) {
