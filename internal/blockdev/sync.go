@@ -38,6 +38,17 @@ type syncJob struct {
 	began    time.Time
 	mu       sync.Mutex // held from the cancel check through the rename
 	canceled bool
+	// now, for a flush that waits before it starts (FlushAfter), is
+	// closed to start it at once: someone waits for it, or it is canceled.
+	now     chan struct{}
+	nowOnce sync.Once
+}
+
+// hurry starts a delayed flush now (nothing for another job).
+func (j *syncJob) hurry() {
+	if j != nil && j.now != nil {
+		j.nowOnce.Do(func() { close(j.now) })
+	}
 }
 
 // errSyncCanceled is a flush whose disk was removed (or replaced) before it
@@ -165,6 +176,7 @@ func (s *Syncer) Cancel(disk string) {
 			j.mu.Lock()
 			j.canceled = true
 			j.mu.Unlock()
+			j.hurry()
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/bangerdev/banger/internal/blockdev"
 )
@@ -41,6 +42,37 @@ func TestUnflushedDisk(t *testing.T) {
 		}
 		if !exists(disk) || exists(disk+blockdev.UnflushedSuffix) {
 			t.Errorf("after Flush: disk exists %v, marker exists %v; want the disk only", exists(disk), exists(disk+blockdev.UnflushedSuffix))
+		}
+	})
+	t.Run("delayed flush", func(t *testing.T) {
+		// A delayed flush has not started before its delay ends; someone
+		// waiting for it (Flushing) starts it at once.
+		_, disk := setup(t)
+		s := &blockdev.Syncer{}
+		s.FlushAfter(disk, time.Hour)
+		time.Sleep(50 * time.Millisecond)
+		if !exists(disk + blockdev.UnflushedSuffix) {
+			t.Fatal("a flush delayed by an hour ran at once")
+		}
+		began := time.Now()
+		if err := s.Flushing(ctx, disk); err != nil {
+			t.Fatal(err)
+		}
+		if time.Since(began) > 10*time.Second || exists(disk+blockdev.UnflushedSuffix) {
+			t.Errorf("Flushing a delayed flush: took %v, marker exists %v; want it started at once and done", time.Since(began), exists(disk+blockdev.UnflushedSuffix))
+		}
+	})
+	t.Run("delayed flush canceled", func(t *testing.T) {
+		// Canceled while it waits: it ends without touching the marker.
+		_, disk := setup(t)
+		s := &blockdev.Syncer{}
+		s.FlushAfter(disk, time.Hour)
+		s.Cancel(disk)
+		if err := s.Flushing(ctx, disk); err != nil {
+			t.Fatal(err)
+		}
+		if !exists(disk + blockdev.UnflushedSuffix) {
+			t.Error("a canceled flush removed the marker")
 		}
 	})
 	t.Run("same boot", func(t *testing.T) {

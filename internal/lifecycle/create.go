@@ -302,6 +302,11 @@ func (s *Service) copyDisk(ctx context.Context, vm model.VM, src string, report 
 	return vm, err
 }
 
+// diskFlushDelay is how long the flush of a disk copied for a restore or
+// a clone waits before it starts, so that the start's records (fsynced
+// commits) do not wait behind the copy's writeback (blockdev.FlushAfter).
+const diskFlushDelay = 2 * time.Second
+
 // copyDiskUnflushed makes dst a copy of the disk file src without waiting
 // for the copy's flush, which runs in the background: the copy is written
 // beside dst (dst.partial, removed on failure or by start-up recovery), the
@@ -332,8 +337,8 @@ func (s *Service) copyDiskUnflushed(ctx context.Context, src, dst string) (how s
 	if err := blockdev.MarkUnflushed(dst, boot); err != nil {
 		return "", err
 	}
-	// A restore replaces the VM's old disk: freeing it (its blocks and page
-	// cache) is left to the background, off the path to ready.
+	// A restore replaces the VM's old disk: see RenameOver for why it is
+	// not a plain rename; freeing the old one is left to the background.
 	drop, err := blockdev.RenameOver(tmp, dst)
 	if err != nil {
 		// dst is as it was: whole and flushed, or absent.
@@ -341,7 +346,7 @@ func (s *Service) copyDiskUnflushed(ctx context.Context, src, dst string) (how s
 		return "", err
 	}
 	go drop()
-	s.syncs.Flush(dst)
+	s.syncs.FlushAfter(dst, diskFlushDelay)
 	return how, nil
 }
 

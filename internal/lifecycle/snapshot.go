@@ -213,9 +213,8 @@ func (r *restoreRun) disk(s *Service) startStep {
 		if err != nil {
 			return fmt.Errorf("restore disk from snapshot %q: %w", r.snap.Name, err)
 		}
-		if err := run.record(s.setRuntime(vm.ID, func(rt *model.Runtime) { rt.Phase = "disk:ready" })); err != nil {
-			return err
-		}
+		// The disk was recorded whole before the copy; its rename into
+		// place changes nothing the record holds, so no second commit.
 		run.disk = disk
 		run.log.Debug("disk copied from snapshot", "snapshot", r.snap.Name, "how", how, "took", time.Since(began).Round(time.Millisecond))
 		report.Report(progress.Event{Phase: "disk", Item: vm.Name, Done: true, Message: how})

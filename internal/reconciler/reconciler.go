@@ -292,7 +292,8 @@ func (r *Reconciler) killStrays(ctx context.Context, procs []vmm.Handle, keep in
 //   - the banger nftables table when no VM runs;
 //   - runtime dirs and VM dirs of unknown VMs, half-copied disks
 //     (*.partial) in VM dirs, old disks a restore replaced and had not
-//     freed yet (*.replaced), and new disk copies whose flush the dead
+//     freed yet (*.replaced; put back when the new one never took the
+//     disk's name), and new disk copies whose flush the dead
 //     daemon had not finished (*.unsynced: after a host crash they hold
 //     whatever reached the disk; the VM's start copies the image again).
 //
@@ -479,10 +480,17 @@ func (r *Reconciler) removeOrphanDirs(known map[string]model.VM) {
 						r.Log.Info("removed half-copied disk of an interrupted start", "file", f)
 					}
 				}
+				// Before the unflushed rule: a disk put back here drops the
+				// marker that was written for the copy replacing it.
 				replaced, _ := filepath.Glob(filepath.Join(p, "*"+blockdev.ReplacedSuffix))
 				for _, f := range replaced {
-					if err := os.Remove(f); err == nil {
-						r.Log.Info("removed the old disk a restore had replaced", "file", f)
+					disk := strings.TrimSuffix(f, blockdev.ReplacedSuffix)
+					what, err := blockdev.RecoverReplaced(disk)
+					switch {
+					case err != nil:
+						r.Log.Warn("start-up: cannot recover a disk a restore was replacing", "disk", disk, "err", err)
+					case what != "":
+						r.Log.Info("start-up: "+what, "disk", disk)
 					}
 				}
 				r.reconcileUnflushed(known[e.Name()], p)

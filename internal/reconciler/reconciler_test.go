@@ -440,6 +440,16 @@ func TestReconcileAtStartup(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A restore that died between its renames: the old disk comes back.
+	restoring := r.vm("restoring", model.VMStopped, model.Runtime{}, true)
+	if err := os.MkdirAll(r.vmDir(restoring.ID), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for f, content := range map[string]string{"disk.ext4" + blockdev.ReplacedSuffix: "old disk", "disk.ext4" + blockdev.UnflushedSuffix: "another-boot\n"} {
+		if err := os.WriteFile(filepath.Join(r.vmDir(restoring.ID), f), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// Orphans: a runtime dir and a monitor of a VM no record knows, a VM dir.
 	orphanID := id()
 	orphanRT := r.monitor(orphanID)
@@ -515,6 +525,12 @@ func TestReconcileAtStartup(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(r.vmDir(stopped.ID), "disk.ext4"+blockdev.ReplacedSuffix)); !os.IsNotExist(err) {
 		t.Errorf("replaced old disk left (%v)", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(r.vmDir(restoring.ID), "disk.ext4")); err != nil || string(b) != "old disk" {
+		t.Errorf("the disk of an interrupted restore was not put back: %q, %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(r.vmDir(restoring.ID), "disk.ext4"+blockdev.UnflushedSuffix)); !os.IsNotExist(err) {
+		t.Errorf("the marker of the copy that never took the name is left (%v)", err)
 	}
 	for _, p := range []string{r.rtDir(orphanID), r.vmDir("deadbeefdeadbeefdeadbeef")} {
 		if _, err := os.Stat(p); !os.IsNotExist(err) {
