@@ -16,7 +16,8 @@ import (
 // (40-70 ms for a 45 MiB copy, measured here), and dropping the old file's
 // last link frees its page cache and blocks on the spot (about 0.26 ms per
 // cached MiB). RenameOver therefore moves the old file aside first and
-// renames the new one to a free name; the caller frees the old one later.
+// renames the new one to a free name; the caller frees the old one when
+// it chooses (drop).
 //
 // Start-up recovery (package reconciler, RecoverReplaced) removes a
 // <disk>.replaced beside its disk, and puts it back when the disk itself

