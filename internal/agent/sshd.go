@@ -3,9 +3,6 @@ package agent
 import (
 	"bytes"
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -49,26 +46,18 @@ func (s *Server) EnsureHostKey() error {
 			return err
 		}
 	}
-	pub, key, err := ed25519.GenerateKey(rand.Reader)
+	privPEM, line, err := NewHostKey()
 	if err != nil {
 		return fmt.Errorf("generate host key: %w", err)
-	}
-	block, err := ssh.MarshalPrivateKey(key, "")
-	if err != nil {
-		return fmt.Errorf("encode host key: %w", err)
-	}
-	spub, err := ssh.NewPublicKey(pub)
-	if err != nil {
-		return err
 	}
 	dir := filepath.Dir(priv)
 	if err := os.MkdirAll(dir, 0o755); err != nil { //nolint:gosec // /etc/ssh is world-readable
 		return fmt.Errorf("create %s: %w", dir, err)
 	}
-	if err := atomicfile.WriteFile(priv, pem.EncodeToMemory(block), 0o600); err != nil {
+	if err := atomicfile.WriteFile(priv, privPEM, 0o600); err != nil {
 		return err
 	}
-	return atomicfile.WriteFile(s.path(HostKeyFile), ssh.MarshalAuthorizedKey(spub), 0o644)
+	return atomicfile.WriteFile(s.path(HostKeyFile), []byte(line+"\n"), 0o644)
 }
 
 func (s *Server) hostSigner() (ssh.Signer, error) {

@@ -1,9 +1,6 @@
 package guestinit
 
 import (
-	"crypto/ed25519"
-	"crypto/rand"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"net"
@@ -15,9 +12,9 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/guestabi"
 )
 
@@ -238,23 +235,15 @@ func ensureHostKeys(p *pid1) error {
 
 // writeHostKey writes a new ed25519 host key pair at priv and priv.pub.
 func writeHostKey(priv string) error {
-	pub, key, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return err
-	}
-	block, err := ssh.MarshalPrivateKey(key, "")
-	if err != nil {
-		return err
-	}
-	spub, err := ssh.NewPublicKey(pub)
+	privPEM, line, err := agent.NewHostKey()
 	if err != nil {
 		return err
 	}
 	if err := os.MkdirAll(filepath.Dir(priv), 0o755); err != nil {
 		return err
 	}
-	if err := writeFileAtomic(priv, pem.EncodeToMemory(block), 0o600); err != nil {
+	if err := writeFileAtomic(priv, privPEM, 0o600); err != nil {
 		return err
 	}
-	return errors.Join(writeFileAtomic(priv+".pub", ssh.MarshalAuthorizedKey(spub), 0o644))
+	return writeFileAtomic(priv+".pub", []byte(line+"\n"), 0o644)
 }
